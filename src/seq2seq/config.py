@@ -1,0 +1,290 @@
+"""Settings: one dataclass per section, read by YAML files, CLI flags and the Python API.
+
+A config file has the sections ``data``, ``model``, ``train`` and ``decode``; every key is a
+field below. ``--set train.lr=0.0005`` on the command line and ``Config.override`` in Python
+go through the same checks, so an unknown or mistyped key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CELLS = ("rnn", "gru", "lstm")
+ATTENTIONS = ("bahdanau", "dot", "general")
+ATTENTION_ALIASES = {"luong": "general", "none": None, "": None}
+TOKENIZERS = ("sentencepiece", "word", "char")
+
+
+class ConfigError(ValueError):
+    """A setting that is unknown, of the wrong type or out of range."""
+
+
+def normalize_attention(name: str | None) -> str | None:
+    """'luong' means Luong's 'general' score; None or 'none' means no attention."""
+    if name is None:
+        return None
+    key = str(name).lower()
+    if key in ATTENTION_ALIASES:
+        return ATTENTION_ALIASES[key]
+    if key not in ATTENTIONS:
+        raise ConfigError(
+            f"unknown attention {name!r}: expected one of None, 'bahdanau', 'luong', "
+            f"'dot', 'general'"
+        )
+    return key
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel text is and how it becomes token ids.
+
+    Paths are relative to ``--data-dir`` (or the config file's folder). A source path ending
+    in ``.tsv`` with no target path is read as one tab-separated file of pairs.
+    """
+
+    train_src: str = ""
+    train_tgt: str = ""
+    valid_src: str = ""
+    valid_tgt: str = ""
+    test_src: str = ""
+    test_tgt: str = ""
+    src_lang: str = "src"
+    tgt_lang: str = "tgt"
+    tokenizer: str = "sentencepiece"  # sentencepiece | word | char
+    vocab_size: int = 8000  # subword vocabulary size (per side, or joint)
+    joint_vocab: bool = True  # one sentencepiece model for both languages
+    lowercase: bool = False
+    max_len: int = 100  # tokens per side; longer training pairs are skipped or truncated
+    long_pairs: str = "skip"  # skip | truncate
+    max_line_chars: int = 100_000  # lines longer than this are refused with an error
+
+    def validate(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.long_pairs not in ("skip", "truncate"):
+            raise ConfigError(f"data.long_pairs must be 'skip' or 'truncate', got {self.long_pairs!r}")
+        _positive("data.max_len", self.max_len)
+        _positive("data.vocab_size", self.vocab_size)
+        _positive("data.max_line_chars", self.max_line_chars)
+
+
+@dataclass
+class ModelConfig:
+    """The architecture of the encoder-decoder."""
+
+    cell: str = "gru"  # rnn | gru | lstm
+    embed_size: int = 256
+    hidden_size: int = 256  # per direction in the encoder; the decoder's state size
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    bidirectional: bool = True
+    attention: str | None = "bahdanau"  # bahdanau | dot | general (luong) | none
+    attention_size: int = 0  # Bahdanau's hidden layer; 0 means hidden_size
+    input_feeding: bool = True  # feed the last attentional vector into the next step
+    dropout: float = 0.2
+    tie_embeddings: bool = True  # target embedding shared with the output layer
+
+    def validate(self) -> None:
+        if self.cell not in CELLS:
+            raise ConfigError(f"model.cell must be one of {CELLS}, got {self.cell!r}")
+        self.attention = normalize_attention(self.attention)
+        for name in ("embed_size", "hidden_size", "encoder_layers", "decoder_layers"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.attention_size < 0:
+            raise ConfigError("model.attention_size must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budget, checkpoints and validation."""
+
+    seed: int = 1
+    batch_tokens: int = 2000  # target tokens per batch (per process), padding excluded
+    max_sentences: int = 256  # cap on sentences per batch
+    accumulate: int = 1  # gradient accumulation steps per update
+    epochs: int = 30
+    max_minutes: float = 0.0  # 0 means no time budget
+    max_steps: int = 0  # 0 means no step budget
+    lr: float = 1e-3
+    warmup_steps: int = 0  # linear warm-up
+    plateau_factor: float = 0.5  # multiply the lr by this when validation BLEU stalls
+    plateau_patience: int = 1  # validations without improvement before the lr drops
+    min_lr: float = 1e-5
+    clip_grad: float = 1.0  # max gradient norm, 0 for none
+    label_smoothing: float = 0.1
+    sampling_ratio: float = 0.0  # scheduled sampling: share of steps fed the model's prediction
+    patience: int = 5  # early stopping: validations without a better BLEU
+    valid_every: int = 0  # steps between validations; 0 means once per epoch
+    valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fast)
+    log_every: int = 50  # steps between metrics.jsonl lines
+    max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops
+    threads: int = 0  # torch threads on CPU; 0 means the number of physical cores
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    backend: str = "auto"  # torch.distributed backend: auto | gloo | nccl
+    checkpoint_delay_s: float = 0.0  # test hook: sleep while a checkpoint is half written
+
+    def validate(self) -> None:
+        for name in ("batch_tokens", "max_sentences", "accumulate", "epochs", "log_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("train.label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.sampling_ratio <= 1.0:
+            raise ConfigError("train.sampling_ratio must be in [0, 1]")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"train.backend must be auto, gloo or nccl, got {self.backend!r}")
+
+
+@dataclass
+class DecodeConfig:
+    """Beam search and output settings."""
+
+    beam: int = 5
+    length_penalty: float = 1.0  # GNMT's alpha; 0 means raw log-probability
+    max_len_ratio: float = 1.5  # output length limit: ratio * source length + 10
+    batch_size: int = 64  # sentences per decoding batch
+    n_best: int = 1
+    ban_unk: bool = True  # never emit <unk>
+    quantize: bool = False  # int8 dynamic quantization of linear layers (CPU decoding)
+
+    def validate(self) -> None:
+        for name in ("beam", "batch_size", "n_best"):
+            _positive(f"decode.{name}", getattr(self, name))
+        if self.n_best > self.beam:
+            raise ConfigError(f"decode.n_best ({self.n_best}) must be <= decode.beam ({self.beam})")
+        if self.max_len_ratio <= 0:
+            raise ConfigError("decode.max_len_ratio must be > 0")
+
+
+@dataclass
+class Config:
+    """A whole run: ``data``, ``model``, ``train`` and ``decode`` sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def validate(self) -> Config:
+        for section in self.sections():
+            getattr(self, section).validate()
+        return self
+
+    @staticmethod
+    def sections() -> tuple[str, ...]:
+        return ("data", "model", "train", "decode")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> Config:
+        """Build a config from nested dicts; unknown sections or keys are errors."""
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        config = cls()
+        for section, values in raw.items():
+            if section not in cls.sections():
+                raise ConfigError(
+                    f"{source}: unknown section {section!r}; expected {', '.join(cls.sections())}"
+                )
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                config.set(f"{section}.{key}", value, source=source)
+        return config.validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        from seq2seq.checkpoint import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def set(self, dotted_key: str, value: Any, source: str = "--set") -> None:
+        """Set ``section.key`` to ``value``, converting and checking its type."""
+        section, _, key = dotted_key.partition(".")
+        if section not in self.sections() or not key:
+            raise ConfigError(
+                f"{source}: {dotted_key!r} must look like section.key with section one of "
+                f"{', '.join(self.sections())}"
+            )
+        target = getattr(self, section)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown setting {dotted_key!r}; {section} has: {', '.join(fields)}"
+            )
+        hint = typing.get_type_hints(type(target))[key]
+        setattr(target, key, _coerce(value, hint, f"{source}: {dotted_key}"))
+
+    def override(self, assignments: list[str]) -> Config:
+        """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+        for assignment in assignments:
+            if "=" not in assignment:
+                raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+            key, _, text = assignment.partition("=")
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
+            self.set(key.strip(), value)
+        return self.validate()
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML value to the field's type, or raise a ConfigError naming the field."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    for kind in allowed:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+                return value.lower() in ("true", "yes")
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")

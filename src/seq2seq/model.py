@@ -1,0 +1,133 @@
+"""The encoder-decoder model that both faces of the library use.
+
+Sources and targets are either token ids (translation: embeddings in, vocabulary scores out)
+or real vectors (the NumPy ``EncoderDecoderRNN``: vectors in, class scores or values out).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from seq2seq.config import ModelConfig
+from seq2seq.decoder import Decoder, DecoderState, Memory
+
+
+class Seq2Seq(nn.Module):
+    """Embeddings (or vector inputs), encoder, decoder with attention, output layer.
+
+    Give ``src_vocab`` for token sources or ``src_features`` for vector sources, and
+    ``tgt_vocab`` for token targets or ``tgt_features`` for vector targets.
+    """
+
+    def __init__(self, config: ModelConfig, *, src_vocab: int = 0, tgt_vocab: int = 0,
+                 src_features: int = 0, tgt_features: int = 0, pad_id: int = 0,
+                 vector_feedback: str = "onehot") -> None:
+        super().__init__()
+        from seq2seq.encoder import Encoder
+
+        if (src_vocab > 0) == (src_features > 0) or (tgt_vocab > 0) == (tgt_features > 0):
+            raise ValueError("give exactly one of src_vocab/src_features and of "
+                             "tgt_vocab/tgt_features")
+        config.validate()
+        self.config = config
+        self.pad_id = pad_id
+        if vector_feedback not in ("onehot", "identity"):
+            raise ValueError(f"vector_feedback must be 'onehot' or 'identity', got {vector_feedback!r}")
+        self.vector_feedback = vector_feedback
+        self.tgt_vocab = tgt_vocab
+        hidden, embed = config.hidden_size, config.embed_size
+
+        self.src_embed = nn.Embedding(src_vocab, embed, padding_idx=pad_id) if src_vocab else None
+        self.tgt_embed = nn.Embedding(tgt_vocab, embed, padding_idx=pad_id) if tgt_vocab else None
+        self.encoder = Encoder(config.cell, embed if src_vocab else src_features, hidden,
+                               config.encoder_layers, config.bidirectional, config.dropout)
+        tie = bool(config.tie_embeddings and tgt_vocab)
+        output_size = embed if tie else hidden
+        self.decoder = Decoder(
+            config.cell, embed if tgt_vocab else tgt_features, hidden, output_size,
+            encoder_output_size=self.encoder.output_size,
+            encoder_state_size=self.encoder.output_size, num_layers=config.decoder_layers,
+            attention=config.attention, attention_size=config.attention_size,
+            input_feeding=config.input_feeding, dropout=config.dropout,
+        )
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
+        if tie:
+            self.generator.weight = self.tgt_embed.weight
+
+    # -- encoder side -------------------------------------------------------------------
+    def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, DecoderState]:
+        """Encode a batch and prepare the decoder.
+
+        Args:
+            src: (batch, src_len) token ids, or (batch, src_len, src_features) vectors.
+            src_lengths: (batch,) real lengths, each >= 1.
+
+        Returns:
+            memory for attention and the decoder's initial state.
+        """
+        inputs = self.src_embed(src) if self.src_embed is not None else src
+        outputs, final = self.encoder(inputs, src_lengths)
+        positions = torch.arange(src.size(1), device=src.device)
+        mask = positions.unsqueeze(0) < src_lengths.to(src.device).unsqueeze(1)  # (batch, src_len)
+        return self.decoder.prepare(outputs, mask), self.decoder.init_state(final)
+
+    # -- decoder side -------------------------------------------------------------------
+    def embed_target(self, prev: Tensor) -> Tensor:
+        """(batch, steps) ids or (batch, steps, tgt_features) vectors -> decoder inputs."""
+        return self.embed_dropout(self.tgt_embed(prev) if self.tgt_embed is not None else prev)
+
+    def decode(self, prev: Tensor, state: DecoderState,
+               memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features)."""
+        outputs, state, weights = self.decoder(self.embed_target(prev), state, memory)
+        return self.generator(outputs), state, weights
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
+                sampling_ratio: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced scores for every target step.
+
+        Args:
+            src: (batch, src_len) ids or (batch, src_len, src_features) vectors.
+            src_lengths: (batch,).
+            tgt_in: decoder inputs, the target shifted right: (batch, tgt_len) ids starting
+                with bos, or (batch, tgt_len, tgt_features) vectors starting with zeros.
+            sampling_ratio: scheduled sampling; at each step after the first, each sequence
+                is fed the model's own previous prediction with this probability.
+
+        Returns:
+            scores: (batch, tgt_len, tgt_vocab or tgt_features).
+            weights: (batch, tgt_len, src_len) attention weights, or None.
+        """
+        memory, state = self.encode(src, src_lengths)
+        if sampling_ratio <= 0.0:
+            scores, _, weights = self.decode(tgt_in, state, memory)
+            return scores, weights
+        steps, weights_per_step = [], []
+        prev = tgt_in[:, :1]
+        for t in range(tgt_in.size(1)):
+            scores, state, weights = self.decode(prev, state, memory)
+            steps.append(scores)
+            weights_per_step.append(weights)
+            if t + 1 < tgt_in.size(1):
+                gold = tgt_in[:, t + 1:t + 2]
+                use_model = torch.rand(gold.size(0), device=gold.device) < sampling_ratio
+                guess = self.prediction_to_input(scores.detach())
+                shape = (-1,) + (1,) * (gold.dim() - 1)
+                prev = torch.where(use_model.view(shape), guess, gold)
+        weights = None if weights_per_step[0] is None else torch.cat(weights_per_step, 1)
+        return torch.cat(steps, 1), weights
+
+    def prediction_to_input(self, scores: Tensor) -> Tensor:
+        """What the next step is fed after a prediction: the argmax id for tokens; for vectors
+        the one-hot argmax (``vector_feedback='onehot'``, class scores) or the prediction
+        itself (``'identity'``, real values)."""
+        if self.tgt_embed is not None:
+            return scores.argmax(-1)
+        if self.vector_feedback == "onehot":
+            return nn.functional.one_hot(scores.argmax(-1), scores.size(-1)).to(scores.dtype)
+        return scores
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
