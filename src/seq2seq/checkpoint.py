@@ -1,0 +1,240 @@
+"""Checkpoints: safetensors files written atomically, read without running any code.
+
+A checkpoint is one ``.safetensors`` file: the model's weights under ``model.*``, and for a
+training checkpoint also the optimizer's tensors under ``optim.*`` and the random generators'
+states under ``rng.*``. Everything that is not a tensor (step, epoch, schedule, optimizer
+hyper-parameters) is JSON in the file's metadata. One file means one atomic rename: a reader
+sees the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX = "model.", "optim.", "rng."
+FORMAT = "seq2seq-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""
+
+
+# -- atomic writes -------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is never partial.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then the
+    file is renamed over ``path``. ``delay_s`` sleeps half-way through the write: a test hook
+    that makes the write window reachable for a kill.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            half = len(data) // 2
+            handle.write(data[:half])
+            if delay_s > 0:
+                handle.flush()
+                time.sleep(delay_s)
+            handle.write(data[half:])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- model weights -------------------------------------------------------------------------
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without repeats: a tied weight is stored once, under its first name."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``model``, checking every name and shape against the model."""
+    expected = model.state_dict()
+    stored = model_tensors(model)  # the names a save of this model would hold
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown weight {unknown[0]!r} (not in this model)")
+    missing = sorted(set(stored) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{source}: weight {missing[0]!r} is missing")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+        if tensor.dtype != expected[name].dtype:
+            raise CheckpointError(f"{source}: weight {name!r} has dtype {tensor.dtype}, "
+                                  f"expected {expected[name].dtype}")
+    model.load_state_dict(tensors, strict=False)
+
+
+# -- checkpoint files ----------------------------------------------------------------------
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None,
+                    delay_s: float = 0.0) -> None:
+    """Write the model (and, for training checkpoints, optimizer and RNG states) atomically.
+
+    ``meta`` is any JSON-serialisable training state (step, epoch, schedule...).
+    """
+    tensors = {MODEL_PREFIX + k: v for k, v in model_tensors(model).items()}
+    meta = dict(meta)
+    if optimizer is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+        tensors.update(optim_tensors)
+        meta["optimizer"] = optim_meta
+        rng_tensors, rng_meta = _rng_state()
+        tensors.update(rng_tensors)
+        meta["rng"] = rng_meta
+    header = {"format": FORMAT, "meta": json.dumps(meta)}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header), delay_s=delay_s)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint file: (tensors by full name, meta). Never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a seq2seq checkpoint (format {header.get('format')!r})")
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object")
+    return tensors, meta
+
+
+def load_model(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Load only the model weights of a checkpoint into ``model``; returns its meta."""
+    tensors, meta = read_checkpoint(path)
+    weights = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    load_model_tensors(model, weights, str(path))
+    return meta
+
+
+def load_training_state(path: str | Path, model: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and random generators; returns the training meta."""
+    tensors, meta = read_checkpoint(path)
+    weights = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    load_model_tensors(model, weights, str(path))
+    if "optimizer" not in meta or "rng" not in meta:
+        raise CheckpointError(f"{path}: holds no training state (optimizer, rng) to resume from")
+    _restore_optimizer(optimizer, tensors, meta["optimizer"], str(path))
+    _restore_rng(tensors, meta["rng"])
+    return meta
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       meta: dict[str, Any], source: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith(OPTIM_PREFIX):
+            index, _, key = name[len(OPTIM_PREFIX):].partition(".")
+            state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{source}: optimizer state does not match the model ({error})") from None
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {RNG_PREFIX + "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{RNG_PREFIX}cuda.{i}"] = cuda_state
+    version, values, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return tensors, {"python": [version, list(values), gauss], "numpy": _jsonable(np_state)}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors[RNG_PREFIX + "torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith(RNG_PREFIX + "cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    version, values, gauss = meta["python"]
+    random.setstate((version, tuple(values), gauss))
+    np_state = dict(meta["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

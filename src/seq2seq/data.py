@@ -1,0 +1,222 @@
+"""Parallel text in, padded batches of token ids out.
+
+``read_parallel`` reads aligned files (plain or gzip, strict UTF-8) with errors that name the
+file and line; ``encode_corpus`` turns the lines into ids and drops or truncates what the model
+should not train on; ``make_batches`` groups examples of similar length under a token budget
+(length bucketing as in OpenNMT-py and fairseq); ``collate`` pads one batch into tensors.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class DataError(ValueError):
+    """A problem in an input file; the message names the file (and line)."""
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_lines(path: str | Path, max_line_chars: int = 100_000) -> list[str]:
+    """The lines of a UTF-8 text file (gzip'ed or not), without line endings or a leading BOM."""
+    return list(_iter_lines(Path(path), max_line_chars))
+
+
+def _iter_lines(path: Path, max_line_chars: int) -> Iterator[str]:
+    try:
+        with path.open("rb") as probe:
+            zipped = path.suffix == ".gz" or probe.read(2) == GZIP_MAGIC
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+    # A line of N characters has at most 4N bytes in UTF-8 (+3 for a BOM, +2 for "\r\n"): reading
+    # that much at a time keeps memory bounded however long a broken file's lines are.
+    limit = 4 * max_line_chars + 6
+    number = 0
+    try:
+        with gzip.open(path, "rb") if zipped else path.open("rb") as handle:
+            while raw := handle.readline(limit):
+                number += 1
+                if len(raw) == limit and not raw.endswith(b"\n"):
+                    n = _line_chars(raw, handle)
+                    raise DataError(_too_long(path, number, n, max_line_chars))
+                if number == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM):]
+                raw = raw[:-1] if raw.endswith(b"\n") else raw
+                raw = raw[:-1] if raw.endswith(b"\r") else raw
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}:{number}: invalid UTF-8 at byte {error.start} of the "
+                                    f"line ({raw[error.start:error.start + 4]!r})") from None
+                if len(line) > max_line_chars:
+                    raise DataError(_too_long(path, number, len(line), max_line_chars))
+                yield line
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        what = "corrupt or truncated gzip file" if zipped else "read error"
+        raise DataError(f"{path}:{number + 1}: {what}: {error}") from None
+
+
+def _line_chars(start: bytes, handle: BinaryIO) -> int:
+    """Characters in the line that begins with ``start``, reading the rest in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    count = len(decoder.decode(start))
+    while not start.endswith(b"\n") and (start := handle.readline(1 << 20)):
+        count += len(decoder.decode(start))
+    count += len(decoder.decode(b"", final=True))
+    return count - (1 if start.endswith(b"\n") else 0)
+
+
+def _too_long(path: Path, number: int, n: int, limit: int) -> str:
+    return (f"{path}:{number}: line of {n} characters exceeds the limit of {limit} "
+            f"(data.max_line_chars)")
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path | None,
+                  max_line_chars: int = 100_000) -> tuple[list[str], list[str]]:
+    """Aligned (source, target) lines: two files, or one TSV of ``src<TAB>tgt`` when no target."""
+    if not tgt_path:
+        src, tgt = [], []
+        for number, line in enumerate(read_lines(src_path, max_line_chars), start=1):
+            if line.count("\t") != 1:
+                raise DataError(f"{src_path}:{number}: expected source<TAB>target, found "
+                                f"{line.count(chr(9))} tabs")
+            left, right = line.split("\t")
+            src.append(left)
+            tgt.append(right)
+        return src, tgt
+    src, tgt = read_lines(src_path, max_line_chars), read_lines(tgt_path, max_line_chars)
+    if len(src) != len(tgt):
+        raise DataError(f"parallel files differ in length: {src_path} has {len(src)} lines, "
+                        f"{tgt_path} has {len(tgt)}")
+    return src, tgt
+
+
+# -- encoding ---------------------------------------------------------------------------------
+@dataclass
+class EncodedCorpus:
+    """Token ids of a parallel corpus, and what was left out or cut to get them."""
+
+    src: list[list[int]]  # source ids, each ending with EOS_ID (so length >= 1)
+    tgt: list[list[int]]  # target ids without bos/eos
+    skipped_empty: int = 0
+    skipped_long: int = 0
+    truncated: int = 0
+
+
+def encode_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str], src_tok: Tokenizer,
+                  tgt_tok: Tokenizer, max_len: int, long_pairs: str = "skip", drop_empty: bool = True,
+                  log: Callable[[str], None] = print) -> EncodedCorpus:
+    """Encode aligned lines; pairs with an empty side or a side over ``max_len`` tokens are
+    dropped (or, for long ones with ``long_pairs='truncate'``, cut), counted and logged."""
+    if long_pairs not in ("skip", "truncate"):
+        raise ValueError(f"long_pairs must be 'skip' or 'truncate', got {long_pairs!r}")
+    corpus = EncodedCorpus([], [])
+    for src_line, tgt_line in zip(src_lines, tgt_lines, strict=True):
+        src, tgt = src_tok.encode(src_line), tgt_tok.encode(tgt_line)
+        if drop_empty and not (src_line.strip() and tgt_line.strip() and src and tgt):
+            corpus.skipped_empty += 1
+            continue
+        if len(src) > max_len or len(tgt) > max_len:
+            if long_pairs == "skip":
+                corpus.skipped_long += 1
+                continue
+            src, tgt = src[:max_len], tgt[:max_len]
+            corpus.truncated += 1
+        corpus.src.append(src + [EOS_ID])
+        corpus.tgt.append(tgt)
+    log(f"encoded {len(corpus.src)} of {len(src_lines)} pairs: skipped {corpus.skipped_empty} "
+        f"with an empty side, {corpus.skipped_long} longer than {max_len} tokens; "
+        f"truncated {corpus.truncated}")
+    return corpus
+
+
+# -- batching ---------------------------------------------------------------------------------
+def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_tokens: int,
+                 max_sentences: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Group example indices into batches of similar length.
+
+    Examples are ordered by (target length, source length), ties broken at random, and cut into
+    consecutive runs with ``len(batch) * longest_target <= batch_tokens`` (target length + 1 for
+    EOS) and ``len(batch) <= max_sentences``; an example over the budget alone forms its own
+    batch. The batches' order is then shuffled. Deterministic for a given (seed, epoch).
+    """
+    if len(src_lengths) != len(tgt_lengths):
+        raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths")
+    rng = np.random.default_rng([seed, epoch])
+    tgt = np.asarray(tgt_lengths, dtype=np.int64) + 1
+    src = np.asarray(src_lengths, dtype=np.int64)
+    order = np.lexsort((rng.random(len(tgt)), src, tgt))  # the last key sorts first
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for index, length in zip(order.tolist(), tgt[order].tolist()):
+        grown = max(longest, length)
+        if batch and ((len(batch) + 1) * grown > batch_tokens or len(batch) >= max_sentences):
+            batches.append(batch)
+            batch, grown = [], length
+        batch.append(index)
+        longest = grown
+    if batch:
+        batches.append(batch)
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@dataclass
+class Batch:
+    """One padded batch. ``tgt_in``/``tgt_out`` are (batch, 0) when there is no target."""
+
+    src: Tensor  # (batch, src_len) long, PAD_ID padded
+    src_lengths: Tensor  # (batch,) long
+    tgt_in: Tensor  # (batch, tgt_len + 1): BOS + target, PAD_ID padded
+    tgt_out: Tensor  # (batch, tgt_len + 1): target + EOS, PAD_ID padded
+    n_tokens: int  # real target tokens, EOS included: (tgt_out != PAD_ID).sum()
+    indices: list[int]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.src.to(device), self.src_lengths.to(device), self.tgt_in.to(device),
+                     self.tgt_out.to(device), self.n_tokens, self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(indices: Sequence[int], src: Sequence[list[int]],
+            tgt: Sequence[list[int]] | None = None) -> Batch:
+    """Pad the examples ``indices`` of ``src`` (and ``tgt``) into a ``Batch``."""
+    indices = list(indices)
+    sources = [src[i] for i in indices]
+    src_lengths = torch.tensor([len(s) for s in sources], dtype=torch.long)
+    if tgt is None:
+        empty = torch.zeros(len(indices), 0, dtype=torch.long)
+        return Batch(_pad(sources), src_lengths, empty, empty.clone(), 0, indices)
+    targets = [tgt[i] for i in indices]
+    tgt_in = _pad([[BOS_ID, *t] for t in targets])
+    tgt_out = _pad([[*t, EOS_ID] for t in targets])
+    n_tokens = sum(len(t) + 1 for t in targets)
+    return Batch(_pad(sources), src_lengths, tgt_in, tgt_out, n_tokens, indices)
+
+
+def _pad(sequences: list[list[int]]) -> Tensor:
+    """(len(sequences), longest) long tensor, PAD_ID after each sequence."""
+    out = torch.full((len(sequences), max(map(len, sequences), default=0)), PAD_ID, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out

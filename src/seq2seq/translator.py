@@ -1,0 +1,192 @@
+"""The translation API: a trained model with its tokenizers, loaded once, used many times.
+
+    translator = Translator.train("configs/multi30k_en_de.yaml", "runs/en_de", data_dir=...)
+    translator = Translator.load("runs/en_de")
+    translator.translate(["A man rides a bike."], beam=5)
+    translator.evaluate("test.en", "test.de")
+    translator.plot_attention("A man rides a bike.", "attention.png")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.config import Config, ConfigError
+from seq2seq.data import collate, read_lines
+from seq2seq.metrics import score_translations
+from seq2seq.model import Seq2Seq
+from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
+from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
+
+CONFIG_FILE, BEST, LAST = "config.yaml", "best.safetensors", "last.safetensors"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for, but CUDA is not available")
+    return device
+
+
+def build_model(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
+    return Seq2Seq(config.model, src_vocab=len(src_tok), tgt_vocab=len(tgt_tok), pad_id=PAD_ID)
+
+
+class Translator:
+    """A translation model, its tokenizers and its decoding settings."""
+
+    def __init__(self, model: Seq2Seq, src_tok: Tokenizer, tgt_tok: Tokenizer, config: Config,
+                 device: torch.device | None = None) -> None:
+        self.config = config
+        self.src_tok, self.tgt_tok = src_tok, tgt_tok
+        self.device = device or next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def train(cls, config: Config | str | Path, model_dir: str | Path,
+              data_dir: str | Path | None = None, resume: bool = False,
+              overrides: Sequence[str] = ()) -> Translator:
+        """Train a model into ``model_dir`` (see ``seq2seq.train``) and load its best checkpoint."""
+        from seq2seq.train import train
+
+        if not isinstance(config, Config):
+            path = Path(config)
+            config = Config.load(path)
+            data_dir = data_dir if data_dir is not None else path.parent
+        config.override(list(overrides))
+        train(config, Path(model_dir), data_dir=data_dir, resume=resume)
+        return cls.load(model_dir)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, checkpoint: str = "best", device: str = "auto",
+             quantize: bool | None = None) -> Translator:
+        """Load ``best`` (or ``last``) weights, config and tokenizers from a model directory.
+
+        ``quantize`` (default: the config's ``decode.quantize``) applies int8 dynamic
+        quantization to the linear layers for CPU decoding.
+        """
+        model_dir = Path(model_dir)
+        config_path = model_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{model_dir}: not a model directory (no {CONFIG_FILE})")
+        config = Config.load(config_path)
+        src_tok, tgt_tok = load_tokenizers(model_dir)
+        model = build_model(config, src_tok, tgt_tok)
+        weights = model_dir / (BEST if checkpoint == "best" else LAST)
+        if checkpoint == "best" and not weights.is_file():
+            weights = model_dir / LAST
+        load_model(weights, model)
+        translator = cls(model, src_tok, tgt_tok, config, resolve_device(device))
+        if quantize is not None:
+            config.decode.quantize = quantize
+        if config.decode.quantize and translator.device.type == "cpu":
+            translator.model = torch.ao.quantization.quantize_dynamic(
+                translator.model, {torch.nn.Linear}, dtype=torch.qint8)
+        return translator
+
+    # -- translation -----------------------------------------------------------------------
+    def translate(self, sentences: Sequence[str], beam: int | None = None,
+                  n_best: int = 1, batch_size: int | None = None) -> list[str] | list[list[str]]:
+        """Translate sentences; returns one string each, or ``n_best`` strings each if n_best > 1."""
+        results = self.hypotheses(sentences, beam=beam, n_best=n_best, batch_size=batch_size)
+        texts = [[self.tgt_tok.decode(h.tokens) for h in hyps] for hyps in results]
+        return [t[0] for t in texts] if n_best == 1 else texts
+
+    def hypotheses(self, sentences: Sequence[str], beam: int | None = None, n_best: int = 1,
+                   batch_size: int | None = None,
+                   return_attention: bool = False) -> list[list[Hypothesis]]:
+        """Decode in batches of similar length; results come back in input order."""
+        if isinstance(sentences, str):
+            raise TypeError("translate() takes a list of sentences, not one string")
+        decode = self.config.decode
+        beam = beam or decode.beam
+        if n_best > beam:
+            raise ValueError(f"n_best ({n_best}) must be <= beam ({beam})")
+        batch_size = batch_size or decode.batch_size
+        src_ids = [self.encode_source(s) for s in sentences]
+        order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
+        banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
+        results: list[list[Hypothesis]] = [[] for _ in sentences]
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = collate(indices, src_ids).to(self.device)
+            limits = max_output_lengths(batch.src_lengths, decode.max_len_ratio)
+            with torch.inference_mode(), self._autocast():
+                if beam == 1:
+                    found = [[h] for h in greedy_search(
+                        self.model, batch.src, batch.src_lengths, bos=BOS_ID, eos=EOS_ID,
+                        max_lengths=limits, banned=banned, return_attention=return_attention)]
+                else:
+                    found = beam_search(
+                        self.model, batch.src, batch.src_lengths, beam=beam, bos=BOS_ID,
+                        eos=EOS_ID, max_lengths=limits, alpha=decode.length_penalty,
+                        n_best=n_best, banned=banned, return_attention=return_attention)
+            for index, hyps in zip(indices, found):
+                results[index] = hyps
+        return results
+
+    def encode_source(self, sentence: str) -> list[int]:
+        """Source ids with eos. Decoding takes any length: no limit is applied here."""
+        return self.src_tok.encode(sentence) + [EOS_ID]
+
+    def _autocast(self):
+        if self.config.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, src: Sequence[str] | str | Path, ref: Sequence[str] | str | Path,
+                 beam: int | None = None, lowercase: bool = False) -> dict[str, Any]:
+        """sacreBLEU BLEU and chrF of the translations of ``src`` against ``ref`` (lists or files)."""
+        sources = read_lines(src) if isinstance(src, str | Path) else list(src)
+        references = read_lines(ref) if isinstance(ref, str | Path) else list(ref)
+        if len(sources) != len(references):
+            raise ValueError(f"{len(sources)} source lines but {len(references)} reference lines")
+        start = time.perf_counter()
+        hypotheses = self.translate(sources, beam=beam)
+        seconds = time.perf_counter() - start
+        scores = score_translations(hypotheses, references, lowercase=lowercase)
+        return {**scores, "beam": beam or self.config.decode.beam, "sentences": len(sources),
+                "seconds": round(seconds, 3),
+                "sentences_per_s": round(len(sources) / max(seconds, 1e-9), 2)}
+
+    # -- attention -------------------------------------------------------------------------
+    def attention(self, text: str, beam: int = 1) -> Alignment:
+        """Translate one sentence and return its attention weights with the token labels."""
+        if self.model.config.attention is None:
+            raise ValueError("this model has no attention (model.attention is none)")
+        hyp = self.hypotheses([text], beam=beam, return_attention=True)[0][0]
+        src_pieces = self.src_tok.pieces(text) + ["</s>"]
+        tgt_pieces = [self.tgt_tok.id_to_piece(i) for i in hyp.tokens] + ["</s>"]
+        weights = hyp.attention.float().numpy()[: len(tgt_pieces), : len(src_pieces)]
+        return Alignment(weights, src_pieces, tgt_pieces, self.tgt_tok.decode(hyp.tokens))
+
+    def plot_attention(self, text: str, path: str | Path, beam: int = 1) -> Path:
+        """Write a heatmap PNG of source pieces against target pieces."""
+        from seq2seq.plot import plot_attention
+
+        alignment = self.attention(text, beam=beam)
+        return plot_attention(alignment.weights, alignment.source_pieces, alignment.target_pieces,
+                              path, title=f"{text}  →  {alignment.translation}")
+
+
+@dataclass
+class Alignment:
+    """weights: (len(target_pieces), len(source_pieces)), eos row and column included."""
+
+    weights: np.ndarray
+    source_pieces: list[str]
+    target_pieces: list[str]
+    translation: str

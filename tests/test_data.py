@@ -1,0 +1,214 @@
+"""Reading parallel text, encoding it, length-bucketed batching and padding."""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seq2seq.data import (
+    GZIP_MAGIC,
+    DataError,
+    EncodedCorpus,
+    collate,
+    encode_corpus,
+    make_batches,
+    read_lines,
+    read_parallel,
+)
+from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer
+
+MULTI30K = Path(__file__).resolve().parents[1].parent / "shared/data/multi30k"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+# -- read_lines -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["text.txt", "text.gz"])
+def test_read_lines_plain_and_gzip(tmp_path, name):
+    path = _write(tmp_path / name, "\ufeffEin Hund.\r\nZwei Katzen\n\nüber\x00all\r".encode())
+    assert read_lines(path) == ["Ein Hund.", "Zwei Katzen", "", "über\x00all"]
+
+
+def test_gzip_is_detected_by_its_magic_bytes(tmp_path):
+    path = tmp_path / "zipped.txt"
+    path.write_bytes(gzip.compress(b"a\nb\n"))
+    assert read_lines(path) == ["a", "b"]
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = _write(tmp_path / "latin1.txt", "ok\nstill ok\nMädchen\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt:3: invalid UTF-8"):
+        read_lines(path)
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    data = gzip.compress("".join(f"line {i} with some text\n" for i in range(20000)).encode())
+    path = tmp_path / "cut.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.gz:\d+: corrupt or truncated gzip"):
+        read_lines(path)
+    path.write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(DataError, match=r"cut\.gz"):
+        read_lines(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nothing\.txt: no such file"):
+        read_lines(tmp_path / "nothing.txt")
+    with pytest.raises(DataError, match="cannot read"):
+        read_lines(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize("line", ["x" * 11, "é" * 11, "😀" * 30, "y" * 200_000])
+def test_overlong_line_names_file_line_and_limit(tmp_path, line):
+    path = _write(tmp_path / "long.txt", f"short\n{line}\nshort\n".encode())
+    message = rf"long\.txt:2: line of {len(line)} characters exceeds the limit of 10 \(data.max_line_chars\)"
+    with pytest.raises(DataError, match=message):
+        read_lines(path, max_line_chars=10)
+    assert read_lines(path, max_line_chars=len(line))[1] == line
+
+
+def test_long_lines_and_files_are_fine(tmp_path):
+    lines = ["w" * 100_000, "", "kurz"] * 3
+    path = _write(tmp_path / "big.gz", ("\n".join(lines) + "\n").encode())
+    assert read_lines(path) == lines
+
+
+ANY_BYTES = st.one_of(
+    st.binary(max_size=300),
+    st.binary(max_size=300).map(lambda data: GZIP_MAGIC + data),
+    st.tuples(st.binary(max_size=300), st.floats(0, 1)).map(  # gzip, maybe cut short
+        lambda pair: gzip.compress(pair[0])[: int(len(gzip.compress(pair[0])) * pair[1]) or None]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=ANY_BYTES, gz_name=st.booleans(), limit=st.integers(1, 50))
+def test_read_lines_on_any_bytes_returns_lines_or_data_error(tmp_path, data, gz_name, limit):
+    path = tmp_path / ("any.gz" if gz_name else "any.txt")
+    path.write_bytes(data)
+    try:
+        lines = read_lines(path, max_line_chars=limit)
+    except DataError as error:
+        assert str(path) in str(error)
+    else:
+        assert all(isinstance(line, str) and "\n" not in line and len(line) <= limit for line in lines)
+
+
+# -- read_parallel ----------------------------------------------------------------------------
+def test_read_parallel_files_must_have_the_same_length(tmp_path):
+    src = _write(tmp_path / "a.en", b"one\ntwo\nthree\n")
+    tgt = _write(tmp_path / "b.de.gz", b"eins\nzwei\n")
+    with pytest.raises(DataError) as error:
+        read_parallel(src, tgt)
+    assert all(part in str(error.value) for part in ("a.en", "b.de.gz", "3", "2"))
+    _write(tgt, b"eins\nzwei\ndrei\n")
+    assert read_parallel(src, tgt) == (["one", "two", "three"], ["eins", "zwei", "drei"])
+
+
+def test_read_parallel_tsv(tmp_path):
+    path = _write(tmp_path / "pairs.tsv", b"a dog\tein Hund\n\t\nx\ty\n")
+    assert read_parallel(path, None) == (["a dog", "", "x"], ["ein Hund", "", "y"])
+    assert read_parallel(path, "") == read_parallel(path, None)
+    for bad in (b"a\tb\nno tab here\n", b"a\tb\nthree\tfields\there\n"):
+        _write(path, bad)
+        with pytest.raises(DataError, match=r"pairs\.tsv:2: expected source<TAB>target"):
+            read_parallel(path, None)
+
+
+# -- encode_corpus ----------------------------------------------------------------------------
+WORDS = Tokenizer("word", tokens=[*SPECIALS, "a", "b", "c"])
+
+
+def test_encode_corpus_counts_skipped_and_truncated():
+    src = ["a b", "", "a a a a a", "c", "b b b b b b", "  "]
+    tgt = ["c", "b", "b", "a a a a a a", "a", "a"]
+    logged = []
+    corpus = encode_corpus(src, tgt, WORDS, WORDS, max_len=4, log=logged.append)
+    assert (corpus.skipped_empty, corpus.skipped_long, corpus.truncated) == (2, 3, 0)
+    assert corpus.src == [[4, 5, EOS_ID]] and corpus.tgt == [[6]]
+    assert len(logged) == 1 and "2 with an empty side" in logged[0] and "3 longer than 4" in logged[0]
+
+    corpus = encode_corpus(src, tgt, WORDS, WORDS, max_len=4, long_pairs="truncate", log=logged.append)
+    assert (corpus.skipped_empty, corpus.skipped_long, corpus.truncated) == (2, 0, 3)
+    assert corpus.src[1] == [4, 4, 4, 4, EOS_ID] and corpus.tgt[2] == [4, 4, 4, 4]
+    assert all(len(s) <= 5 and s[-1] == EOS_ID for s in corpus.src)
+
+    corpus = encode_corpus(src, tgt, WORDS, WORDS, max_len=10, drop_empty=False, log=logged.append)
+    assert len(corpus.src) == 6 and corpus.src[1] == [EOS_ID] and corpus.skipped_empty == 0
+    assert encode_corpus(["zzz"], ["a"], WORDS, WORDS, 4, log=logged.append).src == [[UNK_ID, EOS_ID]]
+
+
+# -- make_batches -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multi30k_lengths() -> tuple[list[int], list[int]]:
+    """Word counts of Multi30k's training sentences, a proxy for token lengths."""
+    src = [len(line.split()) for line in read_lines(MULTI30K / "train.en.gz")]
+    tgt = [len(line.split()) for line in read_lines(MULTI30K / "train.de.gz")]
+    return src, tgt
+
+
+def test_batches_cover_every_example_once_within_budget(multi30k_lengths):
+    src, tgt = multi30k_lengths
+    batches = make_batches(src, tgt, batch_tokens=2000, max_sentences=128, seed=1, epoch=0)
+    assert Counter(i for batch in batches for i in batch) == Counter(range(len(tgt)))
+    for batch in batches:
+        assert len(batch) <= 128
+        assert len(batch) * max(tgt[i] + 1 for i in batch) <= 2000
+    real = sum(tgt) + len(tgt)
+    padded = sum(len(b) * max(tgt[i] + 1 for i in b) for b in batches)
+    print(f"Multi30k target padding: {real / padded:.4f} real tokens per padded position, "
+          f"{len(batches)} batches")
+    assert real / padded >= 0.9
+
+
+def test_batches_are_deterministic_per_seed_and_epoch(multi30k_lengths):
+    src, tgt = multi30k_lengths
+    first = make_batches(src, tgt, 2000, 256, seed=3, epoch=1)
+    assert make_batches(src, tgt, 2000, 256, seed=3, epoch=1) == first
+    assert make_batches(src, tgt, 2000, 256, seed=3, epoch=2) != first
+    assert make_batches(src, tgt, 2000, 256, seed=4, epoch=1) != first
+    unshuffled = make_batches(src, tgt, 2000, 256, seed=3, epoch=1, shuffle=False)
+    longest = [max(tgt[i] for i in batch) for batch in unshuffled]
+    assert longest == sorted(longest)  # without shuffling, batches go from short to long
+
+
+def test_an_overlong_example_gets_its_own_batch():
+    batches = make_batches([3, 50, 4], [2, 99, 3], batch_tokens=10, max_sentences=8, seed=0, epoch=0,
+                           shuffle=False)
+    assert batches == [[0, 2], [1]]
+    assert make_batches([1] * 5, [1] * 5, 100, 2, seed=0, epoch=0) != []
+    assert sorted(map(len, make_batches([1] * 5, [1] * 5, 100, 2, seed=0, epoch=0))) == [1, 2, 2]
+    assert make_batches([], [], 100, 2, seed=0, epoch=0) == []
+
+
+# -- collate ----------------------------------------------------------------------------------
+def test_collate_pads_and_places_bos_eos():
+    corpus = EncodedCorpus(src=[[4, 5, EOS_ID], [6, EOS_ID], [4, 4, 4, 4, EOS_ID]],
+                           tgt=[[7], [8, 9, 10], []])
+    batch = collate([1, 0], corpus.src, corpus.tgt)
+    assert batch.indices == [1, 0] and len(batch) == 2
+    assert batch.src.tolist() == [[6, EOS_ID, PAD_ID], [4, 5, EOS_ID]]
+    assert batch.src_lengths.tolist() == [2, 3]
+    assert batch.tgt_in.tolist() == [[BOS_ID, 8, 9, 10], [BOS_ID, 7, PAD_ID, PAD_ID]]
+    assert batch.tgt_out.tolist() == [[8, 9, 10, EOS_ID], [7, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch.n_tokens == int((batch.tgt_out != PAD_ID).sum()) == 6
+    assert all(t.dtype == torch.long for t in (batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out))
+    assert collate([2], corpus.src, corpus.tgt).tgt_out.tolist() == [[EOS_ID]]
+    moved = batch.to("cpu")
+    assert torch.equal(moved.tgt_in, batch.tgt_in) and moved.n_tokens == 6
+
+
+def test_collate_without_targets():
+    batch = collate([0, 2], [[4, EOS_ID], [5, EOS_ID], [6, 6, 6, EOS_ID]])
+    assert batch.src.shape == (2, 4) and batch.tgt_in.shape == (2, 0) == batch.tgt_out.shape
+    assert batch.n_tokens == 0
