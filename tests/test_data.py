@@ -180,6 +180,9 @@ def test_batches_are_deterministic_per_seed_and_epoch(multi30k_lengths):
     unshuffled = make_batches(src, tgt, 2000, 256, seed=3, epoch=1, shuffle=False)
     longest = [max(tgt[i] for i in batch) for batch in unshuffled]
     assert longest == sorted(longest)  # without shuffling, batches go from short to long
+    # ties in length are broken at random, so the same lengths group differently each epoch
+    groups = [make_batches([5] * 40, [5] * 40, 24, 64, seed=3, epoch=e, shuffle=False) for e in (1, 2)]
+    assert groups[0] != groups[1] and sorted(map(len, groups[0])) == [4] * 10
 
 
 def test_an_overlong_example_gets_its_own_batch():

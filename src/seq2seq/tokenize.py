@@ -58,7 +58,7 @@ class Tokenizer:
         self._index = {t: i for i, t in enumerate(self.tokens) if i >= len(SPECIALS)}
 
     def _prepare(self, text: str) -> str:
-        pass
+        text = _SURROGATE.sub("\ufffd", text)
         return text.lower() if self.lowercase else text
 
     def pieces(self, text: str) -> list[str]:
