@@ -2,6 +2,9 @@
 
 from seq2seq.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig
 from seq2seq.model import Seq2Seq
+from seq2seq.simple import EncoderDecoderRNN
 
-__all__ = ["Config", "DataConfig", "DecodeConfig", "ModelConfig", "Seq2Seq", "TrainConfig"]
+__all__ = [
+    "Config", "DataConfig", "DecodeConfig", "EncoderDecoderRNN", "ModelConfig", "Seq2Seq", "TrainConfig",
+]
 __version__ = "0.1.0"

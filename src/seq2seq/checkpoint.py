@@ -9,11 +9,13 @@ sees the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX = "model.", "optim.", "rng."
 FORMAT = "seq2seq-checkpoint-1"
@@ -40,8 +43,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0) -> N
     that makes the write window reachable for a kill.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # a read-only or missing folder
+        raise _naming(error, path) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the files from other users
         with os.fdopen(fd, "wb") as handle:
             half = len(data) // 2
             handle.write(data[:half])
@@ -52,10 +59,26 @@ def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0) -> N
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # disk full: the message must say which file
+            raise _naming(error, path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same error (same errno and class) with ``path``, the file being written, as its filename."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -157,6 +180,61 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips in-place initialisation (normal_, uniform_ ...) of meta tensors, which have no data:
+    on meta, ``normal_`` alone would import torch's compiler stack (seconds)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes tensor=
+        if (name.endswith("_") and not name.endswith("__") and isinstance(target, torch.Tensor)
+                and target.is_meta):
+            return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Modules built inside get meta tensors: their shapes, without memory or initialisation.
+
+    For ``check_shapes`` before a real build: settings read from an untrusted file (say
+    hidden_size: 10**9) are compared with the weights' shapes before anything is allocated.
+    """
+    with torch.device("meta"), _SkipMetaInit():
+        yield
+
+
+def check_shapes(path: str | Path, model: nn.Module, prefix: str = MODEL_PREFIX) -> None:
+    """Compare the weight names and shapes in ``path``'s header with ``model``, reading no tensor.
+
+    ``model`` may live on the meta device (see ``shapes_only``). ``prefix`` is the one the
+    file's weight names carry (``model.`` in checkpoints).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            shapes = {name[len(prefix):]: tuple(handle.get_slice(name).get_shape())
+                      for name in handle.keys() if name.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    unknown = sorted(set(shapes) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown weight {unknown[0]!r} (not in this model)")
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"{path}: weight {name!r} has shape {shape}, the model that the "
+                                  f"settings describe expects {expected[name]}")
+    # named_parameters() gives a tied weight once, under the name a save stores it by
+    stored = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    missing = sorted((stored & set(expected)) - set(shapes))
+    if missing:
+        raise CheckpointError(f"{path}: weight {missing[0]!r} is missing")
+
+
 def load_model(path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load only the model weights of a checkpoint into ``model``; returns its meta."""
     tensors, meta = read_checkpoint(path)
@@ -201,8 +279,11 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     for index, values in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (KeyError, ValueError, TypeError) as error:
+        # JSON made tuples (Adam's betas) into lists; 'params' is the one list a group holds.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
+                   for k, v in group.items()} for group in meta["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{source}: optimizer state does not match the model ({error})") from None
 
 

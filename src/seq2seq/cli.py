@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from seq2seq.distributed import DistributedError
     from seq2seq.train import TrainingError, TrainingInterrupted
 
     try:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seq2seq: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as error:
+    except (ConfigError, DataError, CheckpointError, TrainingError, DistributedError, ValueError) as error:
         print(f"seq2seq: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:  # disk full, read-only folder, missing file ...
@@ -89,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from seq2seq.train import train
 
+    resume = args.resume or _restarted_by_torchrun(args.model_dir)
     if args.config is not None:
         config = Config.load(args.config)
-    elif args.resume:
+    elif resume:
+        if not (args.model_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {args.model_dir} is not a model directory (no config.yaml)")
         config = Config.load(args.model_dir / "config.yaml")
     else:
         raise ConfigError("train needs --config FILE (or --resume with an existing --model-dir)")
@@ -101,8 +106,20 @@ def run_train(args: argparse.Namespace) -> int:
     data_dir = args.data_dir
     if data_dir is None and args.config is None:
         data_dir = Path("/")  # a resumed run's saved paths are absolute
-    train(config, args.model_dir, data_dir=data_dir, resume=args.resume)
+    train(config, args.model_dir, data_dir=data_dir, resume=resume)
     return 0
+
+
+def _restarted_by_torchrun(model_dir: Path) -> bool:
+    """torchrun --max-restarts starts failed workers again: they resume from the last checkpoint
+    of the run (if it got that far) instead of refusing a model directory that holds one."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or not (model_dir / "last.safetensors").is_file():
+        return False
+    if os.environ.get("RANK", "0") == "0":
+        print(f"seq2seq: restart {attempt} by torchrun: resuming from {model_dir / 'last.safetensors'}",
+              file=sys.stderr)
+    return True
 
 
 def _load(args: argparse.Namespace):
@@ -122,16 +139,17 @@ def run_translate(args: argparse.Namespace) -> int:
     if args.input is not None:
         lines = read_lines(args.input, translator.config.data.max_line_chars)
     else:
-        lines = _read_stdin()
+        lines = _read_stdin(translator.config.data.max_line_chars)
+    source = str(args.input) if args.input is not None else "<stdin>"
     beam = args.beam or translator.config.decode.beam
     if args.n_best > 1:
-        results = translator.hypotheses(lines, beam=beam, n_best=args.n_best)
+        results = translator.hypotheses(lines, beam=beam, n_best=args.n_best, source=source)
         out = [
             "\t".join(f"{translator.tgt_tok.decode(h.tokens)}\t{h.score:.4f}" for h in hyps)
             for hyps in results
         ]
     else:
-        out = translator.translate(lines, beam=beam)
+        out = translator.translate(lines, beam=beam, source=source)
     text = "".join(line + "\n" for line in out)
     if args.output is not None:
         atomic_write_text(args.output, text)
@@ -141,15 +159,26 @@ def run_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_stdin() -> list[str]:
+def _read_stdin(max_line_chars: int) -> list[str]:
     lines = []
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
+    limit = 4 * max_line_chars + 6  # bytes: as read_lines, memory stays bounded on a huge line
+    for number, raw in enumerate(iter(lambda: sys.stdin.buffer.readline(limit), b""), start=1):
+        if len(raw) == limit and not raw.endswith(b"\n"):
+            raise DataError(f"<stdin>:{number}: line longer than the limit of {max_line_chars} "
+                            f"characters (data.max_line_chars)")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise DataError(f"<stdin>:{number}: invalid UTF-8 ({error.reason})") from None
-        lines.append(line.lstrip("\ufeff") if number == 1 else line)
-    return [line.rstrip("\n").rstrip("\r") for line in lines]
+        if number == 1 and line == "\ufeff":
+            break  # stdin of just a BOM is empty
+        lines.append(line.removeprefix("\ufeff") if number == 1 else line)
+    lines = [line.removesuffix("\n").removesuffix("\r") for line in lines]
+    for number, line in enumerate(lines, start=1):
+        if len(line) > max_line_chars:
+            raise DataError(f"<stdin>:{number}: line of {len(line)} characters exceeds the limit "
+                            f"of {max_line_chars} (data.max_line_chars)")
+    return lines
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

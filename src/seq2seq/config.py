@@ -8,6 +8,7 @@ go through the same checks, so an unknown or mistyped key is an error that names
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,9 +160,12 @@ class DecodeConfig:
     n_best: int = 1
     ban_unk: bool = True  # never emit <unk>
     quantize: bool = False  # int8 dynamic quantization of linear layers (CPU decoding)
+    # Tokens per sentence to translate; a longer one is cut or refused as data.long_pairs says.
+    # Decoding time grows with the square of the length: this bounds it.
+    max_input_len: int = 5000
 
     def validate(self) -> None:
-        for name in ("beam", "batch_size", "n_best"):
+        for name in ("beam", "batch_size", "n_best", "max_input_len"):
             _positive(f"decode.{name}", getattr(self, name))
         if self.n_best > self.beam:
             raise ConfigError(f"decode.n_best ({self.n_best}) must be <= decode.beam ({self.beam})")
@@ -262,9 +266,15 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
+# YAML 1.1 reads 1e-4 (no dot, no exponent sign) as a string; numeric fields accept it.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML value to the field's type, or raise a ConfigError naming the field."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, str) and str not in allowed and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
     if value is None:
         if type(None) in allowed:
             return None

@@ -53,10 +53,12 @@ def _iter_lines(path: Path, max_line_chars: int) -> Iterator[str]:
             while raw := handle.readline(limit):
                 number += 1
                 if len(raw) == limit and not raw.endswith(b"\n"):
-                    n = _line_chars(raw, handle)
+                    n = _line_chars(raw, handle) - (number == 1 and raw.startswith(UTF8_BOM))
                     raise DataError(_too_long(path, number, n, max_line_chars))
                 if number == 1 and raw.startswith(UTF8_BOM):
                     raw = raw[len(UTF8_BOM):]
+                    if not raw:  # a file of just a BOM is empty, as an editor shows it
+                        break
                 raw = raw[:-1] if raw.endswith(b"\n") else raw
                 raw = raw[:-1] if raw.endswith(b"\r") else raw
                 try:
@@ -73,13 +75,16 @@ def _iter_lines(path: Path, max_line_chars: int) -> Iterator[str]:
 
 
 def _line_chars(start: bytes, handle: BinaryIO) -> int:
-    """Characters in the line that begins with ``start``, reading the rest in chunks."""
+    """Characters in the line that begins with ``start``, reading the rest in chunks; its line
+    ending (\\n, \\r\\n, or a last \\r) is not counted, as ``read_lines`` drops it."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     count = len(decoder.decode(start))
-    while not start.endswith(b"\n") and (start := handle.readline(1 << 20)):
-        count += len(decoder.decode(start))
+    tail = start[-2:]
+    while not tail.endswith(b"\n") and (chunk := handle.readline(1 << 20)):
+        count += len(decoder.decode(chunk))
+        tail = (tail + chunk)[-2:]
     count += len(decoder.decode(b"", final=True))
-    return count - (1 if start.endswith(b"\n") else 0)
+    return count - (2 if tail == b"\r\n" else 1 if tail[-1:] in (b"\n", b"\r") else 0)
 
 
 def _too_long(path: Path, number: int, n: int, limit: int) -> str:

@@ -131,3 +131,35 @@ class Seq2Seq(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self, src_tokens: int, tgt_tokens: int, pairs: int) -> float:
+        """Forward-pass FLOPs of the matrix products for a batch, counted analytically.
+
+        Args:
+            src_tokens, tgt_tokens: source and target positions (padding included if run).
+            pairs: attention (target step, source position) pairs, sum of tgt_len * src_len.
+
+        A multiply-add counts 2. Training (forward + backward) costs about 3 times this.
+        """
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}[self.config.cell]
+        flops = 0.0
+        for rnn, tokens in ((self.encoder.rnn, src_tokens), (self.decoder.rnn, tgt_tokens)):
+            directions = 2 if rnn.bidirectional else 1
+            for layer in range(rnn.num_layers):
+                inputs = rnn.input_size if layer == 0 else rnn.hidden_size * directions
+                flops += 2 * tokens * directions * gates * rnn.hidden_size * (inputs + rnn.hidden_size)
+        decoder, keys = self.decoder, self.encoder.output_size
+        attention = decoder.attention
+        if attention is not None:
+            key_proj = getattr(attention, "key_layer", None)
+            if key_proj is not None:
+                flops += 2 * src_tokens * key_proj.in_features * key_proj.out_features
+            if hasattr(attention, "query_layer"):  # Bahdanau: query projection, energy
+                size = attention.query_layer.out_features
+                flops += 2 * tgt_tokens * decoder.hidden_size * size + 2 * pairs * size
+            else:  # Luong: one dot product per pair
+                flops += 2 * pairs * decoder.hidden_size
+            flops += 2 * pairs * keys  # context = weights @ values
+        flops += 2 * tgt_tokens * decoder.combine.in_features * decoder.combine.out_features
+        flops += 2 * tgt_tokens * self.generator.in_features * self.generator.out_features
+        return flops

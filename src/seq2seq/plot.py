@@ -40,7 +40,8 @@ def plot_attention(weights: np.ndarray, src_labels: Sequence[str], tgt_labels: S
         raise ValueError("nothing to plot: no source or no target tokens")
     src = [_visible(label) for label in src_labels]
     tgt = [_visible(label) for label in tgt_labels]
-    rotate = max(map(len, src)) > 2
+    # Words and subwords stand on end; characters stay upright (one '</s>' among them fits).
+    rotate = sum(map(len, src)) > 2 * len(src)
     # Room for the labels: rotated source labels grow down, target labels grow left.
     label_in = 0.09 * max(map(len, src)) if rotate else 0.25
     width = _clamp(len(src) * _CELL_INCHES + 0.09 * max(map(len, tgt)) + 1.8)

@@ -157,8 +157,14 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
         next_rows = cand_rows.gather(1, pick)
         next_tokens = cand_token.gather(1, pick)
 
-        done = at_limit | torch.tensor([len(finished[int(b)]) >= k for b in active.tolist()],
-                                       dtype=torch.bool, device=device)
+        # Done at the length limit, or with k finished hypotheses of which the best beats the
+        # best live one. Stopping at k finished alone returned worse translations than greedy
+        # search; live scores only fall, so for alpha 0 this is exact; for alpha > 0 the live
+        # score is normalised at its current length, as Hugging Face's beam search does.
+        best_live = (next_scores[:, 0] / length_penalty(step + 2, alpha)).tolist()
+        done = at_limit | torch.tensor(
+            [len(finished[b]) >= k and max(h.score for h in finished[b]) >= live
+             for b, live in zip(active.tolist(), best_live)], dtype=torch.bool, device=device)
         if bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)

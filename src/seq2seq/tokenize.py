@@ -127,7 +127,8 @@ class Tokenizer:
         except FileNotFoundError:
             raise ValueError(f"{model_path}: no such file (named by {path})") from None
         except (RuntimeError, OSError) as error:
-            raise ValueError(f"{model_path}: not a sentencepiece model: {error}") from None
+            raise ValueError(f"{model_path}: not a sentencepiece model (named by {path}): "
+                             f"{error}") from None
         if tokenizer.tokens[:len(SPECIALS)] != list(SPECIALS) or len(tokenizer) != size:
             raise ValueError(f"{model_path}: does not match {path} (field 'size' {size}, model has "
                              f"{len(tokenizer)} pieces starting {tokenizer.tokens[:4]})")

@@ -67,6 +67,7 @@ class TrainState:
     last_valid_step: int = -1
     finished: bool = False
     world_size: int = 1
+    accumulate: int = 1  # world_size * accumulate batches make one update
     stop_reason: str = ""
 
 
@@ -90,7 +91,16 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
     model_dir = Path(model_dir)
     dist = distributed.setup(config.train.backend, config.train.device)
     try:
+        resume = dist.broadcast(resume)  # rank 0 decides, so that every rank takes the same path
         return _Run(config, model_dir, data_dir, resume, dist).run()
+    except BaseException as error:
+        lost = dist.on_failure(error)  # tells the other ranks; a message if a peer is gone
+        if lost:
+            last = model_dir / LAST
+            then = (f"the last checkpoint is {last}: resume with --resume" if last.is_file()
+                    else "no checkpoint was written yet")
+            raise distributed.DistributedError(f"{lost}; {then}") from None
+        raise
     finally:
         dist.close()
 
@@ -108,7 +118,9 @@ class _Run:
         self.device = dist.device(t.device)
         self.config = self._prepare_config(config, data_dir, resume)
         self.t = self.config.train
-        self.interrupted = False
+        if dist.is_main:
+            self._remove_stale_temporary_files()
+        self.interrupted, self.interrupted_at = False, 0.0
         self.session_start = time.monotonic()
 
         data = self.config.data
@@ -134,7 +146,7 @@ class _Run:
         torch.manual_seed(t.seed)
         self.model = build_model(self.config, self.src_tok, self.tgt_tok).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr)
-        self.state = TrainState(world_size=dist.world_size)
+        self.state = TrainState(world_size=dist.world_size, accumulate=t.accumulate)
         self.metrics_path = model_dir / METRICS_FILE
         if resume:
             self._restore()
@@ -158,7 +170,8 @@ class _Run:
         last, saved_path = self.model_dir / LAST, self.model_dir / CONFIG_FILE
         if resume:
             if not last.is_file():
-                raise TrainingError(f"--resume: no checkpoint to resume from at {last}")
+                raise TrainingError(f"--resume: no checkpoint to resume from at {last} (the run "
+                                    f"stopped before its first one); start it again without --resume")
             saved = Config.load(saved_path)
             resolve_data_paths(config, data_dir)
             for section in ("data", "model"):
@@ -182,6 +195,12 @@ class _Run:
             config.save(saved_path)
         return config
 
+    def _remove_stale_temporary_files(self) -> None:
+        """Half-written checkpoints of a killed session: atomic writes leave them only then."""
+        for name in (LAST, BEST, METRICS_FILE):
+            for stale in self.model_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
     def _tokenizers(self, src_lines: list[str], tgt_lines: list[str], resume: bool):
         if resume:
             return load_tokenizers(self.model_dir)
@@ -195,11 +214,17 @@ class _Run:
         meta = load_training_state(self.model_dir / LAST, self.model, self.optimizer)
         known = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in meta["train_state"].items() if k in known})
-        if self.state.world_size != self.dist.world_size:
+        # The same batches per update (processes x accumulate) continue exactly, however split.
+        saved_group = self.state.world_size * self.state.accumulate
+        group = self.dist.world_size * self.t.accumulate
+        if saved_group != group:
+            done = self.state.position * saved_group  # batches of this epoch already trained on
+            self.state.position = -(-done // group)  # rounded up: no batch is seen twice
             if self.dist.is_main:
-                log(f"warning: the run was started with {self.state.world_size} process(es) and "
-                    f"resumes with {self.dist.world_size}: the data order changes from here")
-            self.state.world_size = self.dist.world_size
+                log(f"warning: the run was started with {self.state.world_size} process(es) x "
+                    f"{self.state.accumulate} accumulation and resumes with {self.dist.world_size} x "
+                    f"{self.t.accumulate}: the effective batch and the data order change from here")
+        self.state.world_size, self.state.accumulate = self.dist.world_size, self.t.accumulate
         if self.dist.is_main:
             self._truncate_metrics(self.state.step)
             log(f"resuming from step {self.state.step} (epoch {self.state.epoch + 1}, "
@@ -223,9 +248,14 @@ class _Run:
     def run(self) -> TrainState:
         state, t = self.state, self.t
         if state.finished:
+            if not self._budget_left():
+                if self.dist.is_main:
+                    log(f"this run already finished ({state.stop_reason}); nothing to do")
+                return state
             if self.dist.is_main:
-                log(f"this run already finished ({state.stop_reason}); nothing to do")
-            return state
+                log(f"the run had stopped ({state.stop_reason}); the new budget allows more: "
+                    f"continuing")
+            state.finished, state.stop_reason = False, ""
         previous = signal.signal(signal.SIGINT, self._on_sigint) if self._can_handle_signals() else None
         try:
             while state.epoch < t.epochs and not state.stop_reason:
@@ -233,7 +263,8 @@ class _Run:
                 if not state.stop_reason:
                     state.epoch, state.position = state.epoch + 1, 0
                     if t.valid_every == 0:
-                        self._validate()
+                        if state.last_valid_step != state.step:  # a step budget may have stopped here
+                            self._validate()
                         self._save_last()
             if not state.stop_reason:
                 state.stop_reason = f"{t.epochs} epochs done"
@@ -355,17 +386,14 @@ class _Run:
         t, state = self.t, self.state
         if state.stop_reason:  # early stopping, decided by validation on every rank
             return True
-        reason = ""
-        if self.interrupted:
-            reason = "interrupted"
-        elif t.max_steps and state.step >= t.max_steps:
-            reason = f"{t.max_steps} steps done"
-        elif t.max_minutes and self._elapsed() >= t.max_minutes * 60:
-            reason = f"time budget of {t.max_minutes:g} minutes used"
-        stop = self.dist.any(bool(reason), self.device)
-        if not stop:
+        # Ranks may disagree (a Ctrl-C reaches one, clocks differ): all take the most urgent reason.
+        reasons = ("", f"time budget of {t.max_minutes:g} minutes used", f"{t.max_steps} steps done",
+                   "interrupted")
+        code = (3 if self.interrupted else 2 if t.max_steps and state.step >= t.max_steps
+                else 1 if t.max_minutes and self._elapsed() >= t.max_minutes * 60 else 0)
+        reason = reasons[self.dist.maximum(code, self.device)]
+        if not reason:
             return False
-        reason = self.dist.broadcast(reason) or "another process stopped"
         if reason == "interrupted":
             self._save_last()
             raise TrainingInterrupted(
@@ -373,6 +401,16 @@ class _Run:
                 f"Resume with: seq2seq train --model-dir {self.model_dir} --resume")
         state.stop_reason = reason
         return True
+
+    def _budget_left(self) -> bool:
+        """Whether this session's budget allows more training than the run has done: a run that
+        finished for its epochs, steps or minutes goes on when resumed with a bigger budget,
+        one that stopped early (no better validation BLEU) does not."""
+        t, state = self.t, self.state
+        if t.patience and state.bad_validations >= t.patience:
+            return False
+        return (state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps)
+                and not (t.max_minutes and state.elapsed_s >= t.max_minutes * 60))
 
     def _elapsed(self) -> float:
         return self.state.elapsed_s + time.monotonic() - self.session_start
@@ -424,7 +462,10 @@ class _Run:
                 scores, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in)
             loss_sum += float(nll(scores.reshape(-1, scores.size(-1)).float(), batch.tgt_out.reshape(-1)))
             tokens += batch.n_tokens
-        translator = Translator(self.model, self.src_tok, self.tgt_tok, self.config, self.device)
+        # Validation sources over decode.max_input_len are cut, never refused: training goes on.
+        config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data,
+                                                                           long_pairs="truncate"))
+        translator = Translator(self.model, self.src_tok, self.tgt_tok, config, self.device)
         hypotheses = translator.translate(self.valid_src, beam=self.t.valid_beam)
         self.model.train()
         scores = score_translations(hypotheses, self.valid_ref)
@@ -439,6 +480,7 @@ class _Run:
             save_checkpoint(self.model_dir / LAST, self.model,
                             {"train_state": dataclasses.asdict(self.state)},
                             optimizer=self.optimizer, delay_s=self.t.checkpoint_delay_s)
+        self.dist.barrier()  # the others wait patiently, not in a lock-step collective's timeout
 
     def _log_metrics(self, entry: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -457,9 +499,13 @@ class _Run:
         return threading.current_thread() is threading.main_thread()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.interrupted:  # a second Ctrl-C stops at once
+        # A second Ctrl-C stops at once; within a second it is the first one, which torchrun
+        # forwards to workers that the terminal has already signalled.
+        if self.interrupted and time.monotonic() - self.interrupted_at > 1.0:
             raise KeyboardInterrupt
-        self.interrupted = True
+        if self.interrupted:
+            return
+        self.interrupted, self.interrupted_at = True, time.monotonic()
         if self.dist.is_main:
             log("\ninterrupt: finishing the current update and writing a checkpoint "
                 "(Ctrl-C again to stop at once) ...")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.checkpoint import CheckpointError, check_shapes, load_model, shapes_only
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import collate, read_lines
 from seq2seq.metrics import score_translations
@@ -41,6 +41,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def build_model(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
     return Seq2Seq(config.model, src_vocab=len(src_tok), tgt_vocab=len(tgt_tok), pad_id=PAD_ID)
+
+
+def _skeleton(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
+    """The model a config describes, without memory, so that a tampered config (say
+    hidden_size: 10**9) is refused by ``check_shapes``, not allocated."""
+    with shapes_only():
+        return build_model(config, src_tok, tgt_tok)
 
 
 class Translator:
@@ -83,10 +90,15 @@ class Translator:
             raise CheckpointError(f"{model_dir}: not a model directory (no {CONFIG_FILE})")
         config = Config.load(config_path)
         src_tok, tgt_tok = load_tokenizers(model_dir)
-        model = build_model(config, src_tok, tgt_tok)
         weights = model_dir / (BEST if checkpoint == "best" else LAST)
         if checkpoint == "best" and not weights.is_file():
             weights = model_dir / LAST
+        try:
+            skeleton = _skeleton(config, src_tok, tgt_tok)
+        except (RuntimeError, ValueError) as error:  # sizes past int64, impossible settings
+            raise ConfigError(f"{config_path}: cannot build the model it describes: {error}") from None
+        check_shapes(weights, skeleton)  # before any allocation
+        model = build_model(config, src_tok, tgt_tok)
         load_model(weights, model)
         translator = cls(model, src_tok, tgt_tok, config, resolve_device(device))
         if quantize is not None:
@@ -98,15 +110,20 @@ class Translator:
 
     # -- translation -----------------------------------------------------------------------
     def translate(self, sentences: Sequence[str], beam: int | None = None,
-                  n_best: int = 1, batch_size: int | None = None) -> list[str] | list[list[str]]:
-        """Translate sentences; returns one string each, or ``n_best`` strings each if n_best > 1."""
-        results = self.hypotheses(sentences, beam=beam, n_best=n_best, batch_size=batch_size)
+                  n_best: int = 1, batch_size: int | None = None,
+                  source: str = "input") -> list[str] | list[list[str]]:
+        """Translate sentences; returns one string each, or ``n_best`` strings each if n_best > 1.
+
+        ``source`` names the sentences in errors (a file name): see ``encode_source``.
+        """
+        results = self.hypotheses(sentences, beam=beam, n_best=n_best, batch_size=batch_size,
+                                  source=source)
         texts = [[self.tgt_tok.decode(h.tokens) for h in hyps] for hyps in results]
         return [t[0] for t in texts] if n_best == 1 else texts
 
     def hypotheses(self, sentences: Sequence[str], beam: int | None = None, n_best: int = 1,
-                   batch_size: int | None = None,
-                   return_attention: bool = False) -> list[list[Hypothesis]]:
+                   batch_size: int | None = None, return_attention: bool = False,
+                   source: str = "input") -> list[list[Hypothesis]]:
         """Decode in batches of similar length; results come back in input order."""
         if isinstance(sentences, str):
             raise TypeError("translate() takes a list of sentences, not one string")
@@ -115,7 +132,7 @@ class Translator:
         if n_best > beam:
             raise ValueError(f"n_best ({n_best}) must be <= beam ({beam})")
         batch_size = batch_size or decode.batch_size
-        src_ids = [self.encode_source(s) for s in sentences]
+        src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(sentences, start=1)]
         order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
         banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
         results: list[list[Hypothesis]] = [[] for _ in sentences]
@@ -137,9 +154,23 @@ class Translator:
                 results[index] = hyps
         return results
 
-    def encode_source(self, sentence: str) -> list[int]:
-        """Source ids with eos. Decoding takes any length: no limit is applied here."""
-        return self.src_tok.encode(sentence) + [EOS_ID]
+    def encode_source(self, sentence: str, where: str = "input") -> list[int]:
+        """Source ids with eos, at most ``decode.max_input_len`` tokens before it.
+
+        Decoding time grows with the square of the length (every output step attends to every
+        source token, and the output may be 1.5 times as long), so a longer sentence is cut
+        (``data.long_pairs: truncate``) or refused with a ValueError naming ``where`` (``skip``).
+        """
+        ids = self.src_tok.encode(sentence)
+        limit = self.config.decode.max_input_len
+        if len(ids) > limit:
+            if self.config.data.long_pairs != "truncate":
+                raise ValueError(f"{where}: {len(ids)} tokens, more than decode.max_input_len="
+                                 f"{limit}; raise it, or set data.long_pairs to 'truncate' to "
+                                 f"translate the first {limit} tokens of such lines (in the "
+                                 f"model's {CONFIG_FILE})")
+            ids = ids[:limit]
+        return ids + [EOS_ID]
 
     def _autocast(self):
         if self.config.train.precision == "bf16":
@@ -153,7 +184,10 @@ class Translator:
         sources = read_lines(src) if isinstance(src, str | Path) else list(src)
         references = read_lines(ref) if isinstance(ref, str | Path) else list(ref)
         if len(sources) != len(references):
-            raise ValueError(f"{len(sources)} source lines but {len(references)} reference lines")
+            src_name = src if isinstance(src, str | Path) else "the source list"
+            ref_name = ref if isinstance(ref, str | Path) else "the reference list"
+            raise ValueError(f"sources and references differ in length: {src_name} has "
+                             f"{len(sources)} lines, {ref_name} has {len(references)}")
         start = time.perf_counter()
         hypotheses = self.translate(sources, beam=beam)
         seconds = time.perf_counter() - start

@@ -1,0 +1,69 @@
+"""Shared by the benchmark scripts: machine facts, the matmul peak, and RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+DATA_DIR = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k"))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{os.cpu_count()} cores {cpu} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}{gpu}")
+
+
+def matmul_peak(seconds: float = 2.0, size: int = 2048, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of a square matrix product: the machine's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def record(title: str, rows: list[tuple[str, str]]) -> None:
+    """Print the figures and append them, dated, with command and machine, to RESULTS.md."""
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lines = [f"### {title}", "",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- machine: {machine()}", f"- command: `{command}`", ""]
+    lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if os.environ.get("NO_RECORD"):
+        return
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder.\n\n")
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write(text)

@@ -1,0 +1,82 @@
+"""Training throughput: target tokens/s, model FLOP/s, and their share of the matmul peak.
+
+    python benchmarks/train_speed.py --config configs/multi30k_en_de.yaml --steps 150
+
+Trains for ``warmup + steps`` updates on Multi30k (no validation) and times the last
+``steps`` from metrics.jsonl. FLOPs are counted analytically from the matrix products of the
+batches actually trained (``Seq2Seq.estimate_flops``, x3 for forward and backward) and set
+against the fp32 matrix-product peak measured in the same run, as nanoGPT's estimate_mfu does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
+
+from seq2seq.config import Config
+from seq2seq.data import encode_corpus, make_batches, read_parallel
+from seq2seq.tokenize import load_tokenizers
+from seq2seq.train import train
+from seq2seq.translator import build_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/multi30k_en_de.yaml"))
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+
+    config = Config.load(args.config).override(args.overrides)
+    config.train.max_steps = args.warmup + args.steps
+    config.train.log_every = 1
+    config.data.valid_src = config.data.valid_tgt = ""
+    with tempfile.TemporaryDirectory() as model_dir:
+        train(config, model_dir, data_dir=DATA_DIR)
+        saved = Config.load(Path(model_dir) / "config.yaml")
+        lines = [json.loads(x) for x in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+        src_tok, tgt_tok = load_tokenizers(Path(model_dir))
+    train_rss = peak_rss_gib()
+    by_step = {x["step"]: x for x in lines if "train_loss" in x}
+    first, last = by_step[args.warmup], by_step[args.warmup + args.steps]
+    seconds = last["elapsed_s"] - first["elapsed_s"]
+    tokens = last["tokens"] - first["tokens"]
+
+    # the same batches again, to count their FLOPs
+    src_lines, tgt_lines = read_parallel(saved.data.train_src, saved.data.train_tgt)
+    corpus = encode_corpus(src_lines, tgt_lines, src_tok, tgt_tok, saved.data.max_len,
+                           saved.data.long_pairs, log=lambda _m: None)
+    t = saved.train
+    batches = make_batches([len(s) for s in corpus.src], [len(s) for s in corpus.tgt],
+                           t.batch_tokens, t.max_sentences, seed=t.seed, epoch=0)
+    model = build_model(saved, src_tok, tgt_tok)
+    flops = 0.0
+    for indices in batches[args.warmup:args.warmup + args.steps]:
+        src_len = max(len(corpus.src[i]) for i in indices)
+        tgt_len = max(len(corpus.tgt[i]) for i in indices) + 1
+        n = len(indices)
+        flops += 3 * model.estimate_flops(n * src_len, n * tgt_len, n * src_len * tgt_len)
+    peak = matmul_peak()
+    achieved = flops / seconds
+    m = saved.model
+    title = f"Training throughput, {Path(args.config).name} {' '.join(args.overrides)}".strip()
+    record(title, [
+        ("model", f"{m.cell}, {m.encoder_layers}x{m.hidden_size} {'bi-' if m.bidirectional else ''}encoder, "
+                  f"attention {m.attention}, input feeding {m.input_feeding}, embed {m.embed_size}, "
+                  f"vocab {len(src_tok)}/{len(tgt_tok)}, {model.num_parameters():,} parameters"),
+        ("batch", f"{t.batch_tokens} target tokens, {args.steps} timed steps after {args.warmup}"),
+        ("target tokens/s", f"{tokens / seconds:,.0f}"),
+        ("model FLOP/s (analytic, x3 fwd+bwd)", f"{achieved / 1e9:.1f} GFLOP/s"),
+        ("fp32 matmul peak measured", f"{peak / 1e9:.1f} GFLOP/s"),
+        ("share of peak (MFU)", f"{100 * achieved / peak:.1f}%"),
+        ("peak resident memory (training process)", f"{train_rss:.2f} GiB"),
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Config: YAML files, --set strings and the Python API share one set of checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from seq2seq.config import Config, ConfigError, normalize_attention
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_load_sets_every_section(tmp_path):
+    config = Config.load(write(tmp_path, """
+data: {train_src: a.en, tokenizer: char, lowercase: yes}
+model: {cell: lstm, hidden_size: 32, attention: dot}
+train: {lr: 0.01, epochs: 3}
+decode: {beam: 4, n_best: 2}
+"""))
+    assert (config.data.train_src, config.data.tokenizer, config.data.lowercase) == ("a.en", "char", True)
+    assert (config.model.cell, config.model.hidden_size, config.model.attention) == ("lstm", 32, "dot")
+    assert (config.train.lr, config.train.epochs) == (0.01, 3)
+    assert (config.decode.beam, config.decode.n_best) == (4, 2)
+    assert config.model.embed_size == 256  # untouched keys keep their defaults
+
+
+def test_empty_file_and_empty_section_mean_defaults(tmp_path):
+    assert Config.load(write(tmp_path, "")) == Config()
+    assert Config.load(write(tmp_path, "model:\n")) == Config()
+
+
+def test_save_then_load_roundtrips(tmp_path):
+    config = Config().override(["model.attention=luong", "train.max_minutes=2.5", "data.src_lang=en"])
+    config.save(tmp_path / "saved.yaml")
+    assert Config.load(tmp_path / "saved.yaml") == config
+    assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("modle: {cell: gru}\n", r"unknown section 'modle'; expected data, model, train, decode"),
+    ("model: {hiden_size: 3}\n", r"unknown setting 'model\.hiden_size'; model has: cell, embed_size"),
+    ("train: [1, 2]\n", r"section 'train' must be a mapping"),
+    ("- 1\n- 2\n", r"expected a mapping of sections, got list"),
+    ("model: {cell: gru\n", r"not valid YAML"),
+])
+def test_unknown_or_malformed_yaml_names_the_problem(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=pattern) as error:
+        Config.load(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        Config.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.lr", 1, 1.0),  # int -> float
+    ("train.lr", "1e-4", 1e-4),  # YAML 1.1 reads 1e-4 as a string
+    ("train.epochs", 4.0, 4),  # integral float -> int
+    ("data.lowercase", "yes", True),
+    ("data.lowercase", "False", False),
+    ("model.attention", None, None),
+    ("model.attention", "bahdanau", "bahdanau"),
+])
+def test_type_coercion(key, value, expected):
+    config = Config()
+    config.set(key, value)
+    section, name = key.split(".")
+    got = getattr(getattr(config, section), name)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("train.epochs", 2.5, r"train\.epochs: expected int, got 2\.5"),
+    ("train.epochs", True, r"train\.epochs: expected int, got True"),
+    ("train.lr", "fast", r"train\.lr: expected float, got 'fast'"),
+    ("data.lowercase", 1, r"data\.lowercase: expected bool, got 1"),
+    ("data.train_src", 3, r"data\.train_src: expected str, got 3"),
+    ("train.lr", None, r"train\.lr: a value is required"),
+])
+def test_wrong_types_name_the_key(key, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        Config().set(key, value)
+
+
+def test_set_strings_are_parsed_as_yaml_scalars():
+    config = Config().override(["train.lr=5e-4", "train.epochs=3", "data.lowercase=true",
+                                "model.attention=none", "data.src_lang = en", "data.test_src="])
+    assert config.train.lr == 5e-4 and config.train.epochs == 3 and config.data.lowercase is True
+    assert config.model.attention is None and config.data.src_lang == "en" and config.data.test_src == ""
+
+
+@pytest.mark.parametrize("assignment, pattern", [
+    ("train.lr", r"--set 'train\.lr': expected section\.key=value"),
+    ("lr=0.1", r"'lr' must look like section\.key"),
+    ("train=0.1", r"'train' must look like section\.key"),
+    ("train.lrr=0.1", r"unknown setting 'train\.lrr'"),
+    ("train.epochs=0", r"train\.epochs must be > 0, got 0"),
+    ("decode.n_best=9", r"decode\.n_best \(9\) must be <= decode\.beam \(5\)"),
+    ("model.dropout=1.5", r"model\.dropout must be in \[0, 1\)"),
+    ("model.cell=transformer", r"model\.cell must be one of"),
+])
+def test_bad_set_is_an_error_naming_it(assignment, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        Config().override([assignment])
+
+
+def test_luong_is_an_alias_of_general(tmp_path):
+    assert normalize_attention("luong") == "general" and normalize_attention("Luong") == "general"
+    assert normalize_attention("none") is None and normalize_attention(None) is None
+    assert Config.load(write(tmp_path, "model: {attention: luong}\n")).model.attention == "general"
+    assert Config().override(["model.attention=luong"]).model.attention == "general"
+    with pytest.raises(ConfigError, match="unknown attention 'bahdanov'"):
+        Config().override(["model.attention=bahdanov"])

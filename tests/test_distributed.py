@@ -1,0 +1,211 @@
+"""Data-parallel training: two gloo processes on CPU train exactly as one process with gradient
+accumulation; a rank that dies ends the others with a clear error, not a hang; a restarted run
+resumes from its last checkpoint.
+
+The runs are real processes (torchrun, or two ranks started by hand with the environment torchrun
+would give them) on a tiny reversal corpus: word tokenizer, GRU 16/32, dropout 0.3, so that the
+equality of the weights also proves the per-micro-batch seeding of the dropout masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_reversal
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from seq2seq import distributed
+from seq2seq.config import ConfigError
+
+CONFIG = """\
+data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, valid_tgt: valid.tgt,
+       tokenizer: word, vocab_size: 100}
+model: {embed_size: 16, hidden_size: 32, attention: bahdanau, dropout: 0.3}
+train: {seed: 3, batch_tokens: 60, max_steps: 16, valid_every: 8, log_every: 1, lr: 0.005,
+        threads: 1, device: cpu, epochs: 100}
+"""
+# Stray variables of an enclosing torchrun would make the children join the wrong group.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    directory = write_reversal(tmp_path_factory.mktemp("dist"), {"train": 400, "valid": 16})
+    (directory / "cfg.yaml").write_text(CONFIG, encoding="utf-8")
+    return directory
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "PYTHONIOENCODING": "utf-8", **extra}
+
+
+def train_args(corpus: Path, model_dir: Path, *settings: str) -> list[str]:
+    args = ["-m", "seq2seq", "train", "--config", str(corpus / "cfg.yaml"), "--data-dir", str(corpus),
+            "--model-dir", str(model_dir)]
+    for setting in settings:
+        args += ["--set", setting]
+    return args
+
+
+def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(model_dir / "last.safetensors"))
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def checkpoint_step(model_dir: Path) -> int:
+    with safe_open(str(model_dir / "last.safetensors"), framework="pt") as handle:
+        return json.loads(handle.metadata()["meta"])["train_state"]["step"]
+
+
+def train_losses(model_dir: Path) -> list[float]:
+    lines = (model_dir / "metrics.jsonl").read_text("utf-8").splitlines()
+    return [entry["train_loss"] for entry in map(json.loads, lines) if "train_loss" in entry]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ranks(args: list[str], logs: Path, world_size: int = 2, **extra: str) -> list[subprocess.Popen]:
+    """The ranks of one run, started as torchrun would start them on one node."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                        LOCAL_WORLD_SIZE=str(world_size), **extra)
+        with open(logs / f"rank{rank}.log", "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=log))
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- the behaviour -----------------------------------------------------------------------------
+def test_two_processes_train_as_one_with_accumulation(corpus, tmp_path):
+    """2 ranks x accumulate 1 == 1 rank x accumulate 2: same batches, dropout masks and weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, *train_args(corpus, one, "train.accumulate=2")],
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = subprocess.run([*launcher, *train_args(corpus, two)], env=clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    assert "2 process(es) x 1 accumulation = effective batch of 2" in double.stderr
+    assert double.stderr.count("training finished: 16 steps done") == 1  # rank 0 alone reports
+    assert (two / "best.safetensors").is_file() and (two / "config.yaml").is_file()
+    losses = train_losses(two)
+    assert len(losses) == 16  # one line per step, written once
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.2
+    assert train_losses(one) == pytest.approx(losses, abs=1e-4)
+    a, b = model_weights(one), model_weights(two)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_lost_rank_ends_the_survivor_and_a_restart_resumes(corpus, tmp_path):
+    """Killing rank 1 makes rank 0 exit with an error naming it, well within the 60 s timeout;
+    started again as torchrun restarts them, the ranks go on from the last checkpoint."""
+    model_dir = tmp_path / "run"
+    args = train_args(corpus, model_dir, "train.max_steps=1000", "train.valid_every=2",
+                      "train.max_minutes=2")
+    procs = start_ranks(args, tmp_path)
+    try:
+        metrics = model_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not ((model_dir / "last.safetensors").is_file() and metrics.is_file()
+                   and metrics.read_text("utf-8").count("\n") >= 4):
+            assert all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = procs[0].wait(timeout=90)
+        waited = time.monotonic() - killed
+    finally:
+        stop(procs)
+    log = (tmp_path / "rank0.log").read_text("utf-8", errors="replace")
+    assert code == 1, log[-3000:]
+    assert waited < 60
+    assert "seq2seq: error: rank 0 lost contact with the other processes (rank 1 is gone" in log
+    assert "Traceback" not in log
+
+    # What torchrun --max-restarts does: the same command again, TORCHELASTIC_RESTART_COUNT=1.
+    resume_at = checkpoint_step(model_dir)
+    args = train_args(corpus, model_dir, f"train.max_steps={resume_at + 3}", "train.valid_every=2")
+    procs = start_ranks(args, tmp_path, TORCHELASTIC_RESTART_COUNT="1")
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        stop(procs)
+    log = (tmp_path / "rank0.log").read_text("utf-8", errors="replace")
+    assert codes == [0, 0], log[-3000:]
+    assert "restart 1 by torchrun: resuming from" in log
+    assert f"resuming from step {resume_at} " in log
+    assert checkpoint_step(model_dir) == resume_at + 3
+
+
+# -- the pieces --------------------------------------------------------------------------------
+def test_one_process_needs_no_process_group(monkeypatch):
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    dist = distributed.setup("gloo", "cpu")
+    assert not dist.enabled and dist.is_main
+    cpu = torch.device("cpu")
+    assert dist.broadcast({"a": 1}) == {"a": 1}
+    assert dist.maximum(3, cpu) == 3 and dist.any(True, cpu) and not dist.any(False, cpu)
+    assert dist.sum([1.5, 2.0], cpu) == [1.5, 2.0]
+    assert dist.on_failure(RuntimeError("boom")) == ""
+    dist.barrier()
+    dist.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_nccl_without_cuda_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="nccl"):
+        distributed.setup("nccl", "cpu")
+
+
+def test_communication_errors_are_told_apart():
+    gloo = RuntimeError("[/src/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:5339: Connection reset by peer. This is typically caused by ...")
+    assert distributed.is_communication_error(gloo)
+    assert distributed._first_line(gloo) == "Read error [127.0.0.1]:5339: Connection reset by peer"
+    assert not distributed.is_communication_error(RuntimeError("shape mismatch"))
+    assert not distributed.is_communication_error(ValueError("gloo"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_nccl_on_two_gpus(corpus, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, *train_args(corpus, tmp_path / "gpu", "train.device=cuda")],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "device cuda:0" in done.stderr
+    assert len(train_losses(tmp_path / "gpu")) == 16

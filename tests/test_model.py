@@ -1,0 +1,146 @@
+"""Seq2Seq: shapes for every cell and layout, teacher forcing, scheduled sampling, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seq2seq.config import ConfigError, ModelConfig
+from seq2seq.model import Seq2Seq
+
+VOCAB, FEATURES, LENGTHS, TGT_LEN = 11, 3, [6, 2, 4], 5
+
+
+def config(**kwargs) -> ModelConfig:
+    base = dict(embed_size=8, hidden_size=10, dropout=0.0)
+    base.update(kwargs)
+    return ModelConfig(**base)
+
+
+def token_model(**kwargs) -> Seq2Seq:
+    torch.manual_seed(0)
+    return Seq2Seq(config(**kwargs), src_vocab=VOCAB, tgt_vocab=VOCAB).eval()
+
+
+def vector_model(feedback: str = "onehot", **kwargs) -> Seq2Seq:
+    torch.manual_seed(0)
+    return Seq2Seq(config(**kwargs), src_features=FEATURES, tgt_features=4,
+                   vector_feedback=feedback).eval()
+
+
+def token_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """src (3, 6) ids padded with 0, lengths (3,), tgt_in (3, TGT_LEN) starting with bos 1."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(3, VOCAB, (len(LENGTHS), max(LENGTHS)), generator=g)
+    for row, n in enumerate(LENGTHS):
+        src[row, n:] = 0
+    tgt_in = torch.randint(3, VOCAB, (len(LENGTHS), TGT_LEN), generator=g)
+    tgt_in[:, 0] = 1
+    return src, torch.tensor(LENGTHS), tgt_in
+
+
+LAYOUTS = [
+    dict(cell=cell, encoder_layers=layers, decoder_layers=layers, bidirectional=bi)
+    for cell in ("rnn", "gru", "lstm") for layers in (1, 2) for bi in (False, True)
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: f"{d['cell']}-{d['encoder_layers']}"
+                         f"{'-bi' if d['bidirectional'] else ''}")
+@pytest.mark.parametrize("attention, feeding", [(None, False), ("bahdanau", True), ("general", False)])
+def test_forward_shapes_for_every_cell_and_layout(layout, attention, feeding):
+    model = token_model(attention=attention, input_feeding=feeding, **layout)
+    src, lengths, tgt_in = token_batch()
+    scores, weights = model(src, lengths, tgt_in)
+    assert scores.shape == (3, TGT_LEN, VOCAB)
+    if attention is None:
+        assert weights is None
+    else:
+        assert weights.shape == (3, TGT_LEN, max(LENGTHS))
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3, TGT_LEN))
+        for row, n in enumerate(LENGTHS):
+            assert torch.all(weights[row, :, n:] == 0)
+    # the decoder state has one entry per decoder layer
+    memory, state = model.encode(src, lengths)
+    hidden = state.hidden[0] if isinstance(state.hidden, tuple) else state.hidden
+    assert hidden.shape == (layout["decoder_layers"], 3, 10)
+    assert isinstance(state.hidden, tuple) == (layout["cell"] == "lstm")
+
+
+@pytest.mark.parametrize("attention, feeding", [(None, False), ("bahdanau", False),
+                                                ("bahdanau", True), ("dot", True)])
+def test_teacher_forcing_equals_decoding_step_by_step(attention, feeding):
+    model = token_model(attention=attention, input_feeding=feeding, bidirectional=attention != "dot")
+    src, lengths, tgt_in = token_batch()
+    scores, weights = model(src, lengths, tgt_in)
+    memory, state = model.encode(src, lengths)
+    steps = []
+    for t in range(TGT_LEN):
+        step, state, _ = model.decode(tgt_in[:, t:t + 1], state, memory)
+        steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, 1), scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", [None, "bahdanau"])
+def test_padding_invariance(attention):
+    model = token_model(attention=attention, bidirectional=True, cell="lstm")
+    src, lengths, tgt_in = token_batch()
+    scores, _ = model(src, lengths, tgt_in)
+    for row, n in enumerate(LENGTHS):
+        alone, _ = model(src[row:row + 1, :n], lengths[row:row + 1], tgt_in[row:row + 1])
+        torch.testing.assert_close(alone[0], scores[row], atol=1e-5, rtol=1e-5)
+
+
+def test_scheduled_sampling_runs_and_differs_from_teacher_forcing():
+    model = token_model(attention="bahdanau")
+    src, lengths, tgt_in = token_batch()
+    forced, _ = model(src, lengths, tgt_in)
+    sampled, weights = model(src, lengths, tgt_in, sampling_ratio=1.0)
+    assert sampled.shape == forced.shape and weights.shape == (3, TGT_LEN, max(LENGTHS))
+    torch.testing.assert_close(sampled[:, 0], forced[:, 0])  # the first step is always bos
+    assert not torch.allclose(sampled[:, 1:], forced[:, 1:])
+    # ratio 1 feeds the model's own argmax: the same as greedy decoding with those inputs
+    memory, state = model.encode(src, lengths)
+    prev, steps = tgt_in[:, :1], []
+    for _ in range(TGT_LEN):
+        step, state, _ = model.decode(prev, state, memory)
+        steps.append(step)
+        prev = step.argmax(-1)
+    torch.testing.assert_close(torch.cat(steps, 1), sampled, atol=1e-5, rtol=1e-5)
+
+
+def test_scheduled_sampling_with_vector_targets():
+    model = vector_model("onehot", attention="general")
+    src = torch.randn(3, max(LENGTHS), FEATURES)
+    tgt_in = torch.cat([torch.zeros(3, 1, 4), torch.eye(4)[torch.randint(0, 4, (3, 4))]], 1)
+    forced, _ = model(src, torch.tensor(LENGTHS), tgt_in)
+    sampled, _ = model(src, torch.tensor(LENGTHS), tgt_in, sampling_ratio=1.0)
+    assert sampled.shape == forced.shape == (3, 5, 4)
+    assert not torch.allclose(sampled[:, 1:], forced[:, 1:])
+
+
+def test_prediction_to_input():
+    scores = torch.tensor([[[0.1, 2.0, -1.0, 0.5]]])
+    assert token_model().prediction_to_input(torch.randn(2, 1, VOCAB)).shape == (2, 1)
+    onehot = vector_model("onehot").prediction_to_input(scores)
+    assert torch.equal(onehot, torch.tensor([[[0.0, 1.0, 0.0, 0.0]]]))
+    assert vector_model("identity").prediction_to_input(scores) is scores
+
+
+def test_tied_embeddings_share_the_output_weight():
+    model = token_model(tie_embeddings=True)
+    assert model.generator.weight is model.tgt_embed.weight
+    assert token_model(tie_embeddings=False).generator.weight is not model.tgt_embed.weight
+
+
+def test_bad_construction_raises():
+    with pytest.raises(ValueError, match="exactly one of src_vocab/src_features"):
+        Seq2Seq(config(), src_vocab=5, src_features=3, tgt_vocab=5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        Seq2Seq(config(), src_vocab=5)
+    with pytest.raises(ValueError, match="vector_feedback must be"):
+        Seq2Seq(config(), src_features=3, tgt_features=4, vector_feedback="sample")
+    with pytest.raises(ConfigError, match="model.cell must be one of"):
+        Seq2Seq(config(cell="transformer"), src_vocab=5, tgt_vocab=5)
+    with pytest.raises(ValueError, match="'dot' attention needs equal query and key sizes"):
+        Seq2Seq(config(attention="dot", bidirectional=True), src_vocab=5, tgt_vocab=5)

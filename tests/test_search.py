@@ -1,0 +1,128 @@
+"""Greedy and beam search: beam 1 equals greedy, n-best order, length limits, bans."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seq2seq.config import ModelConfig
+from seq2seq.model import Seq2Seq
+from seq2seq.search import beam_search, greedy_search, length_penalty, max_output_lengths
+
+VOCAB, PAD, BOS, EOS = 9, 0, 1, 2
+LENGTHS = torch.tensor([6, 3, 5, 1])
+
+CONFIGS = [
+    dict(cell="gru", attention="bahdanau", input_feeding=True, bidirectional=True),
+    dict(cell="lstm", attention="general", input_feeding=False, bidirectional=True,
+         encoder_layers=2, decoder_layers=2),
+    dict(cell="rnn", attention=None, bidirectional=False),
+    dict(cell="gru", attention="dot", input_feeding=True, bidirectional=False),
+]
+
+
+def model(seed: int = 0, **kwargs) -> Seq2Seq:
+    torch.manual_seed(seed)
+    settings = dict(embed_size=8, hidden_size=12, dropout=0.0)
+    settings.update(kwargs)
+    net = Seq2Seq(ModelConfig(**settings), src_vocab=VOCAB, tgt_vocab=VOCAB, pad_id=PAD).eval()
+    with torch.no_grad():  # make eos likely enough that some sentences end early
+        net.generator.bias[EOS] += 0.8
+    return net
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, VOCAB, (len(LENGTHS), int(LENGTHS.max())), generator=g)
+    for row, n in enumerate(LENGTHS.tolist()):
+        src[row, n:] = PAD
+    return src, LENGTHS
+
+
+@pytest.mark.parametrize("settings", CONFIGS, ids=lambda d: f"{d['cell']}-{d['attention']}")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_equals_beam_one(settings, seed):
+    net, (src, lengths) = model(seed, **settings), batch(seed)
+    limits = max_output_lengths(lengths, 1.5)
+    greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
+    beam = beam_search(net, src, lengths, beam=1, bos=BOS, eos=EOS, max_lengths=limits, alpha=0.0)
+    assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
+    for g, hyps in zip(greedy, beam):  # alpha 0: both scores are the summed log-probability
+        assert hyps[0].score == pytest.approx(g.score, abs=1e-4)
+
+
+def test_n_best_lists_are_sorted_by_score():
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    results = beam_search(net, src, lengths, beam=4, n_best=4, bos=BOS, eos=EOS,
+                          max_lengths=max_output_lengths(lengths, 2.0), alpha=1.0)
+    assert len(results) == len(LENGTHS)
+    for hyps in results:
+        assert 1 <= len(hyps) <= 4
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert all(math.isfinite(s) for s in scores)
+
+
+def test_beam_score_is_length_normalised_log_probability():
+    net, (src, lengths) = model(**CONFIGS[2]), batch()
+    hyps = beam_search(net, src[:1], lengths[:1], beam=3, bos=BOS, eos=EOS,
+                       max_lengths=max_output_lengths(lengths[:1], 1.5), alpha=0.7)[0]
+    best = hyps[0]
+    # rescore the hypothesis with teacher forcing
+    tgt_in = torch.tensor([[BOS] + best.tokens])
+    gold = torch.tensor(best.tokens + [EOS])
+    with torch.no_grad():
+        scores, _ = net(src[:1, :int(lengths[0])], lengths[:1], tgt_in)
+    log_prob = torch.log_softmax(scores[0], -1).gather(1, gold.unsqueeze(1)).sum().item()
+    assert best.score == pytest.approx(log_prob / length_penalty(len(gold), 0.7), abs=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_search_respects_max_lengths(beam):
+    net, (src, lengths) = model(**CONFIGS[1]), batch()
+    with torch.no_grad():
+        net.generator.bias[EOS] -= 10.0  # eos never wins on its own: only the limit ends
+    limits = torch.tensor([1, 2, 4, 7])
+    if beam == 1:
+        results = [[h] for h in greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)]
+    else:
+        results = beam_search(net, src, lengths, beam=beam, n_best=beam, bos=BOS, eos=EOS,
+                              max_lengths=limits)
+    for hyps, limit in zip(results, limits.tolist()):
+        assert hyps, "every sentence gets a hypothesis"
+        for h in hyps:
+            assert len(h.tokens) + 1 <= limit  # eos counts as a step
+        assert len(hyps[0].tokens) + 1 == limit  # it ran to the limit
+        assert EOS not in hyps[0].tokens
+
+
+def test_banned_tokens_never_appear():
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    limits = max_output_lengths(lengths, 2.0)
+    banned = [3, 4, 5]
+    for hyps in beam_search(net, src, lengths, beam=3, n_best=3, bos=BOS, eos=EOS,
+                            max_lengths=limits, banned=banned):
+        assert all(not set(h.tokens) & set(banned) for h in hyps)
+    for h in greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits, banned=banned):
+        assert not set(h.tokens) & set(banned)
+
+
+def test_attention_is_returned_per_output_step():
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    limits = max_output_lengths(lengths, 1.5)
+    greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits,
+                           return_attention=True)
+    beam = beam_search(net, src, lengths, beam=2, bos=BOS, eos=EOS, max_lengths=limits,
+                       return_attention=True)
+    for hyp, n in zip([*greedy, *(h[0] for h in beam)], [*LENGTHS.tolist()] * 2):
+        assert hyp.attention.shape[0] == len(hyp.tokens) + 1  # the eos step included
+        torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(hyp.attention.shape[0]))
+        assert torch.all(hyp.attention[:, n:] == 0)
+
+
+def test_max_output_lengths_and_length_penalty():
+    assert max_output_lengths(torch.tensor([1, 4]), 1.5).tolist() == [7, 11]
+    assert length_penalty(7, 0.0) == 1.0
+    assert length_penalty(1, 1.0) == 1.0

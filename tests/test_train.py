@@ -1,0 +1,99 @@
+"""Training: a run stopped by its step budget and resumed with a bigger one ends exactly where
+an uninterrupted run ends, tensor for tensor, dropout and gradient accumulation included.
+
+The runs go through ``cli.main`` in-process (argument parsing, ``--set``, ``--resume``), on a
+tiny reversal corpus without validation data, so each takes a second or two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_reversal
+
+from seq2seq import cli
+from seq2seq.checkpoint import read_checkpoint
+
+CONFIG = """\
+data: {train_src: train.src, train_tgt: train.tgt, tokenizer: word, vocab_size: 100}
+model: {embed_size: 16, hidden_size: 24, attention: bahdanau, dropout: 0.3}
+train: {batch_tokens: 100, accumulate: 2, epochs: 5, lr: 0.01, warmup_steps: 3, log_every: 2,
+        threads: 1, device: cpu, seed: 4}
+"""
+STEPS = 7  # the first session's budget; the whole run has 2 * STEPS, across an epoch boundary
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    directory = write_reversal(tmp_path_factory.mktemp("resume"), {"train": 300}, seed=3)
+    (directory / "cfg.yaml").write_text(CONFIG, encoding="utf-8")
+    return directory
+
+
+def train(corpus: Path, model_dir: Path, *extra: str) -> None:
+    args = ["train", "--model-dir", str(model_dir), *extra]
+    if "--resume" not in extra:
+        args += ["--config", str(corpus / "cfg.yaml"), "--data-dir", str(corpus)]
+    assert cli.main(args) == 0
+
+
+def checkpoint(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = read_checkpoint(model_dir / "last.safetensors")
+    state = dict(meta["train_state"])
+    state.pop("elapsed_s")
+    return tensors, state
+
+
+def test_resume_with_a_bigger_step_budget_equals_one_run(corpus, tmp_path, capsys):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(corpus, whole, "--set", f"train.max_steps={2 * STEPS}")
+    train(corpus, split, "--set", f"train.max_steps={STEPS}")
+    halfway, half_state = checkpoint(split)
+    assert half_state["step"] == STEPS and half_state["finished"] and half_state["epoch"] == 0
+    capsys.readouterr()
+
+    train(corpus, split, "--resume", "--set", f"train.max_steps={2 * STEPS}")
+    assert "the new budget allows more: continuing" in capsys.readouterr().err
+
+    expected, expected_state = checkpoint(whole)
+    got, got_state = checkpoint(split)
+    assert got_state == expected_state
+    assert got_state["step"] == 2 * STEPS and got_state["epoch"] >= 1  # an epoch boundary crossed
+    assert sorted(got) == sorted(expected)
+    assert any(k.startswith("optim.") for k in got) and any(k.startswith("rng.") for k in got)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert not torch.equal(halfway["model.encoder.rnn.weight_hh_l0"],
+                           got["model.encoder.rnn.weight_hh_l0"])  # the second session trained
+
+
+def test_dropout_matters_so_the_resume_test_can_fail(corpus, tmp_path):
+    """The same run with another seed ends elsewhere: equal tensors above are no accident."""
+    train(corpus, tmp_path / "a", "--set", "train.max_steps=3")
+    train(corpus, tmp_path / "b", "--set", "train.max_steps=3", "--set", "train.seed=5")
+    a, _ = checkpoint(tmp_path / "a")
+    b, _ = checkpoint(tmp_path / "b")
+    assert not torch.equal(a["model.generator.bias"], b["model.generator.bias"])
+
+
+def test_resume_without_more_budget_does_nothing(corpus, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    train(corpus, model_dir, "--set", "train.max_steps=2")
+    before = (model_dir / "last.safetensors").read_bytes()
+    capsys.readouterr()
+    train(corpus, model_dir, "--resume")
+    assert "this run already finished (2 steps done); nothing to do" in capsys.readouterr().err
+    assert (model_dir / "last.safetensors").read_bytes() == before
+
+
+def test_a_finished_run_goes_on_with_more_epochs(corpus, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    train(corpus, model_dir, "--set", "train.epochs=1")
+    _, first = checkpoint(model_dir)
+    assert first["finished"] and first["stop_reason"] == "1 epochs done" and first["epoch"] == 1
+    train(corpus, model_dir, "--resume", "--set", "train.epochs=2")
+    _, second = checkpoint(model_dir)
+    assert second["finished"] and second["epoch"] == 2 and second["step"] == 2 * first["step"]
+    assert "training finished: 2 epochs done" in capsys.readouterr().err
