@@ -150,7 +150,8 @@ def test_lost_rank_ends_the_survivor_and_a_restart_resumes(corpus, tmp_path):
     log = (tmp_path / "rank0.log").read_text("utf-8", errors="replace")
     assert code == 1, log[-3000:]
     assert waited < 60
-    assert "seq2seq: error: rank 0 lost contact with the other processes (rank 1 is gone" in log
+    assert "seq2seq: error: rank 0 lost contact with the other processes (rank 1 stopped" in log
+    assert "resume with --resume" in log
     assert "Traceback" not in log
 
     # What torchrun --max-restarts does: the same command again, TORCHELASTIC_RESTART_COUNT=1.

@@ -168,7 +168,7 @@ class EncoderDecoderRNN:
                              "expected one target sequence per input sequence")
         self.target_length = targets.shape[1]
 
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         train_seed = None if self._rng is None else int(self._rng.integers(2**62))
         with self._random_scope(train_seed), self._thread_scope(batch_size):
@@ -321,7 +321,10 @@ class EncoderDecoderRNN:
             Y_true: the same shapes, or integer classes ``(...)`` with cross-entropy.
         """
         pred = _vectors(Y_pred, self.output_size, "Y_pred")
-        true_raw = _numeric(Y_true, "Y_true")
+        regular = _regular_array(Y_true)
+        if regular is None:
+            raise ValueError("Y_true has sequences or steps of different sizes")
+        true_raw = _numeric(regular, "Y_true")
         if (self.loss == "cross_entropy" and true_raw.dtype.kind in "iu"
                 and true_raw.ndim == pred.ndim - 1):
             true = _one_hot(true_raw, self.output_size, "Y_true")

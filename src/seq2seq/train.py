@@ -94,7 +94,7 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
         resume = dist.broadcast(resume)  # rank 0 decides, so that every rank takes the same path
         return _Run(config, model_dir, data_dir, resume, dist).run()
     except BaseException as error:
-        lost = dist.on_failure(error)  # tells the other ranks; a message if a peer is gone
+        lost = dist.on_failure(error)  # a message naming the lost rank, if a peer is gone
         if lost:
             last = model_dir / LAST
             then = (f"the last checkpoint is {last}: resume with --resume" if last.is_file()
