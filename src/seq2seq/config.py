@@ -128,7 +128,7 @@ class TrainConfig:
     valid_beam: int = 1  # beam for validation BLEU (1 = greedy, fast)
     log_every: int = 50  # steps between metrics.jsonl lines
     max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops
-    threads: int = 0  # torch threads on CPU; 0 means the number of physical cores
+    threads: int = 0  # torch threads on CPU; 0 means cores divided by processes per node
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     backend: str = "auto"  # torch.distributed backend: auto | gloo | nccl
