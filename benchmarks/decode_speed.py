@@ -2,6 +2,7 @@
 
     python benchmarks/decode_speed.py --model-dir runs/multi30k_en_de
 
+Variants: fp32, int8 dynamic quantization of the linear layers, and bf16 autocast.
 Each variant runs in its own process, so its peak resident memory is that of decoding alone.
 For beam 5 it also reports the compute bound: the output layer's FLOPs (the largest matrix
 product of a step) times beam times output tokens, at the measured matmul peak.
@@ -17,8 +18,10 @@ import time
 
 from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
 
-VARIANTS = {"greedy": (1, False), "beam5": (5, False), "greedy-int8": (1, True),
-            "beam5-int8": (5, True)}
+# name: (beam, int8 dynamic quantization, bf16 autocast)
+VARIANTS = {"greedy": (1, False, False), "beam5": (5, False, False),
+            "greedy-int8": (1, True, False), "beam5-int8": (5, True, False),
+            "greedy-bf16": (1, False, True), "beam5-bf16": (5, False, True)}
 
 
 def measure(model_dir: str, variant: str, batch_size: int | None) -> dict:
@@ -26,8 +29,9 @@ def measure(model_dir: str, variant: str, batch_size: int | None) -> dict:
     from seq2seq.metrics import score_translations
     from seq2seq.translator import Translator
 
-    beam, quantize = VARIANTS[variant]
+    beam, quantize, bf16 = VARIANTS[variant]
     translator = Translator.load(model_dir, quantize=quantize)
+    translator.config.train.precision = "bf16" if bf16 else "fp32"
     if batch_size:
         translator.config.decode.batch_size = batch_size
     src = read_lines(DATA_DIR / f"test_2016_flickr.{translator.config.data.src_lang}.gz")
@@ -51,7 +55,7 @@ def measure(model_dir: str, variant: str, batch_size: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=str(ROOT / "runs/multi30k_en_de"))
-    parser.add_argument("--variants", default="greedy,beam5,greedy-int8,beam5-int8")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=0)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()

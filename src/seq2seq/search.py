@@ -172,7 +172,9 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
         history = torch.cat([history[rows], next_tokens[keep].reshape(-1, 1)], dim=1)
         if attn_history is not None:
             attn_history = attn_history[rows]
-        state, memory = state.select(rows), memory.select(rows)
+        state = state.select(rows)
+        if len(keep) < live:  # the k beams of a sentence share its memory: copy it only on exits
+            memory = memory.select((keep.unsqueeze(1) * k + torch.arange(k, device=device)).reshape(-1))
         scores, active = next_scores[keep], active[keep]
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]

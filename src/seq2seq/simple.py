@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seq2seq.checkpoint import check_shapes, shapes_only
+from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json, check_shapes, shapes_only
 from seq2seq.config import CELLS, ModelConfig, normalize_attention
 from seq2seq.model import Seq2Seq
 
@@ -352,7 +352,7 @@ class EncoderDecoderRNN:
         Each file is written to a temporary name in the same directory, synced and renamed,
         so a crash never leaves a half-written file under the real name.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
@@ -360,9 +360,8 @@ class EncoderDecoderRNN:
                              f"({SETTINGS_FILE} and {WEIGHTS_FILE})")
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-        text = json.dumps(self.settings(), indent=2) + "\n"
-        _atomic_write(folder / SETTINGS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors))
+        atomic_write_json(folder / SETTINGS_FILE, self.settings())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> EncoderDecoderRNN:
@@ -554,16 +553,13 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def _pick_device(device: Any) -> torch.device:
-    if device == "auto" or device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from seq2seq.translator import resolve_device
+
     try:
-        chosen = torch.device(device)
+        return resolve_device("auto" if device is None else device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or "
                          "'cuda:N'") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-    return chosen
 
 
 def _regular_array(value: Any) -> np.ndarray | None:
@@ -636,23 +632,3 @@ def _one_hot(classes: np.ndarray, size: int, name: str) -> np.ndarray:
         raise ValueError(f"{name} has class ids from {classes.min()} to {classes.max()}: "
                          f"expected 0 to {size - 1} (output_size {size})")
     return np.eye(size, dtype=np.float32)[classes]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through ``write(tmp)`` to a temporary file beside ``path``, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    with contextlib.suppress(OSError):  # make the rename itself durable where possible
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -275,8 +275,9 @@ class _Run:
             if self.valid_data is None and self.dist.is_main:
                 save_checkpoint(self.model_dir / BEST, self.model, {"step": state.step})
             if self.dist.is_main:
-                log(f"training finished: {state.stop_reason}; best validation BLEU "
-                    f"{state.best_bleu:.2f} at step {state.best_step}; model in {self.model_dir}")
+                best = (f"best validation BLEU {state.best_bleu:.2f} at step {state.best_step}"
+                        if self.valid_data is not None else "no validation data: best is last")
+                log(f"training finished: {state.stop_reason}; {best}; model in {self.model_dir}")
             return state
         finally:
             if previous is not None:
@@ -387,7 +388,7 @@ class _Run:
         if state.stop_reason:  # early stopping, decided by validation on every rank
             return True
         # Ranks may disagree (a Ctrl-C reaches one, clocks differ): all take the most urgent reason.
-        reasons = ("", f"time budget of {t.max_minutes:g} minutes used", f"{t.max_steps} steps done",
+        reasons = ("", f"time budget of {t.max_minutes:g} minute(s) used", f"{t.max_steps} steps done",
                    "interrupted")
         code = (3 if self.interrupted else 2 if t.max_steps and state.step >= t.max_steps
                 else 1 if t.max_minutes and self._elapsed() >= t.max_minutes * 60 else 0)
