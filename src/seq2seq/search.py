@@ -134,7 +134,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
             attn_history = step_attn if attn_history is None else torch.cat(
                 [attn_history, step_attn], 1)
         live = scores.size(0)
-        total = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
+        total = log_probs.add_(scores.view(-1, 1)).view(live, k * vocab)  # in place: no copy
         cand_scores, cand_index = total.topk(min(2 * k, k * vocab), dim=1)  # (live, 2k)
         cand_origin = cand_index // vocab  # which beam of the sentence it extends
         cand_token = cand_index % vocab

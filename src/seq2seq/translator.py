@@ -132,6 +132,8 @@ class Translator:
         if n_best > beam:
             raise ValueError(f"n_best ({n_best}) must be <= beam ({beam})")
         batch_size = batch_size or decode.batch_size
+        if beam > 1:  # beam search decodes batch * beam rows: keep about 2 * batch_size of them
+            batch_size = max(1, 2 * batch_size // beam)
         src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(sentences, start=1)]
         order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
         banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
