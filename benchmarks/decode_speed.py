@@ -30,8 +30,7 @@ def measure(model_dir: str, variant: str, batch_size: int | None) -> dict:
     from seq2seq.translator import Translator
 
     beam, quantize, bf16 = VARIANTS[variant]
-    translator = Translator.load(model_dir, quantize=quantize)
-    translator.config.train.precision = "bf16" if bf16 else "fp32"
+    translator = Translator.load(model_dir, quantize=quantize, precision="bf16" if bf16 else "fp32")
     if batch_size:
         translator.config.decode.batch_size = batch_size
     src = read_lines(DATA_DIR / f"test_2016_flickr.{translator.config.data.src_lang}.gz")

@@ -104,3 +104,14 @@ def test_a_5000_character_line_of_2500_words_translates(translator):
     assert len(line) == 5000
     out = translator.translate(["a b", line, ""], beam=3)
     assert len(out) == 3 and out[0] == "b a" and out[2] == "" and "\n" not in out[1]
+
+
+def test_bf16_decoding_agrees_with_fp32_and_bad_precision_is_refused(trained_model_dir, translator):
+    bf16 = Translator.load(trained_model_dir, precision="bf16")
+    assert bf16.config.train.precision == "bf16"
+    sentences = [s for s, _ in reversal_pairs(30, random.Random(5))]
+    agree = sum(a == b for a, b in zip(bf16.translate(sentences, beam=1),
+                                       translator.translate(sentences, beam=1)))
+    assert agree >= 27  # bf16 rounding may flip a near tie, not the model's answers
+    with pytest.raises(ValueError, match="train.precision"):
+        Translator.load(trained_model_dir, precision="fp16")

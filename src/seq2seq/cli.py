@@ -62,6 +62,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="sentences per decoding batch")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="decoding precision (default: the model's train.precision)")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantization of the linear layers (CPU)")
 
@@ -126,7 +128,7 @@ def _load(args: argparse.Namespace):
     from seq2seq.translator import Translator
 
     translator = Translator.load(args.model_dir, checkpoint=args.checkpoint, device=args.device,
-                                 quantize=args.quantize or None)
+                                 quantize=args.quantize or None, precision=args.precision)
     if args.batch_size:
         translator.config.decode.batch_size = args.batch_size
     return translator
