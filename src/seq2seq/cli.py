@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(translate)
     translate.add_argument("--input", type=Path, help="input file (default: stdin)")
     translate.add_argument("--output", type=Path, help="output file (default: stdout)")
-    translate.add_argument("--n-best", type=int, default=1,
-                           help="print the N best translations of each line, tab-separated with scores")
+    translate.add_argument("--n-best", type=int, default=None,
+                           help="print the N best translations of each line, tab-separated with "
+                                "scores (default: the config's decode.n_best)")
 
     evaluate = commands.add_parser("evaluate", help="BLEU and chrF against references")
     _model_args(evaluate)
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default from the config)")
-    parser.add_argument("--batch-size", type=int, help="sentences per decoding batch")
+    parser.add_argument("--batch-size", type=int,
+                        help="sentences per greedy batch (beam search: 2 * N / beam)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
@@ -144,8 +146,9 @@ def run_translate(args: argparse.Namespace) -> int:
         lines = _read_stdin(translator.config.data.max_line_chars)
     source = str(args.input) if args.input is not None else "<stdin>"
     beam = args.beam or translator.config.decode.beam
-    if args.n_best > 1:
-        results = translator.hypotheses(lines, beam=beam, n_best=args.n_best, source=source)
+    n_best = args.n_best or translator.config.decode.n_best
+    if n_best > 1:
+        results = translator.hypotheses(lines, beam=beam, n_best=n_best, source=source)
         out = [
             "\t".join(f"{translator.tgt_tok.decode(h.tokens)}\t{h.score:.4f}" for h in hyps)
             for hyps in results

@@ -135,10 +135,18 @@ class TrainConfig:
     checkpoint_delay_s: float = 0.0  # test hook: sleep while a checkpoint is half written
 
     def validate(self) -> None:
-        for name in ("batch_tokens", "max_sentences", "accumulate", "epochs", "log_every"):
+        for name in ("batch_tokens", "max_sentences", "accumulate", "epochs", "log_every",
+                     "valid_beam", "plateau_patience"):
             _positive(f"train.{name}", getattr(self, name))
+        for name in ("patience", "valid_every", "warmup_steps", "max_steps", "max_bad_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
+        if not 0.0 < self.plateau_factor <= 1.0:
+            raise ConfigError(f"train.plateau_factor must be in (0, 1], got {self.plateau_factor}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("train.label_smoothing must be in [0, 1)")
         if not 0.0 <= self.sampling_ratio <= 1.0:
@@ -155,7 +163,7 @@ class DecodeConfig:
 
     beam: int = 5
     length_penalty: float = 1.0  # GNMT's alpha; 0 means raw log-probability
-    max_len_ratio: float = 1.5  # output length limit: ratio * source length + 10
+    max_len_ratio: float = 1.5  # output length limit: ratio * source length + 5
     batch_size: int = 250  # sentences per greedy batch (sorted by length); beam: 2 * this / beam
     n_best: int = 1
     ban_unk: bool = True  # never emit <unk>

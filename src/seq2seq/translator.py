@@ -65,13 +65,15 @@ class Translator:
     def train(cls, config: Config | str | Path, model_dir: str | Path,
               data_dir: str | Path | None = None, resume: bool = False,
               overrides: Sequence[str] = ()) -> Translator:
-        """Train a model into ``model_dir`` (see ``seq2seq.train``) and load its best checkpoint."""
+        """Train a model into ``model_dir`` (see ``seq2seq.train``) and load its best checkpoint.
+
+        The config's data paths are relative to ``data_dir`` (default: the current directory,
+        as for ``seq2seq train``).
+        """
         from seq2seq.train import train
 
         if not isinstance(config, Config):
-            path = Path(config)
-            config = Config.load(path)
-            data_dir = data_dir if data_dir is not None else path.parent
+            config = Config.load(config)
         config.override(list(overrides))
         train(config, Path(model_dir), data_dir=data_dir, resume=resume)
         return cls.load(model_dir)
@@ -92,6 +94,8 @@ class Translator:
             raise CheckpointError(f"{model_dir}: not a model directory (no {CONFIG_FILE})")
         config = Config.load(config_path)
         src_tok, tgt_tok = load_tokenizers(model_dir)
+        if checkpoint not in ("best", "last"):
+            raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         weights = model_dir / (BEST if checkpoint == "best" else LAST)
         if checkpoint == "best" and not weights.is_file():
             weights = model_dir / LAST
@@ -209,7 +213,7 @@ class Translator:
         if self.model.config.attention is None:
             raise ValueError("this model has no attention (model.attention is none)")
         hyp = self.hypotheses([text], beam=beam, return_attention=True)[0][0]
-        src_pieces = self.src_tok.pieces(text) + ["</s>"]
+        src_pieces = self.src_tok.pieces(text)[: self.config.decode.max_input_len] + ["</s>"]
         tgt_pieces = [self.tgt_tok.id_to_piece(i) for i in hyp.tokens] + ["</s>"]
         weights = hyp.attention.float().numpy()[: len(tgt_pieces), : len(src_pieces)]
         return Alignment(weights, src_pieces, tgt_pieces, self.tgt_tok.decode(hyp.tokens))
