@@ -347,9 +347,9 @@ def test_numbers_that_yaml_reads_as_strings_are_accepted(text, value):
     """YAML 1.1 (yaml.safe_load) reads 1e-4 as a string; a float setting takes it as a number."""
     from seq2seq.config import Config, ConfigError
 
-    config = Config.from_dict(yaml_load(f"train: {{label_smoothing: 0.0, min_lr: {text}}}"))
-    assert config.train.min_lr == value
-    assert Config().override([f"train.min_lr={text}"]).train.min_lr == value
+    config = Config.from_dict(yaml_load(f"decode: {{length_penalty: {text}}}"))
+    assert config.decode.length_penalty == value
+    assert Config().override([f"decode.length_penalty={text}"]).decode.length_penalty == value
     with pytest.raises(ConfigError, match="train.batch_tokens: expected int, got 1.5"):
         Config().override(["train.batch_tokens=1.5e0"])
     with pytest.raises(ConfigError, match="train.min_lr: expected float, got '1e-4x'"):
