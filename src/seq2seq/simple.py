@@ -218,9 +218,9 @@ class EncoderDecoderRNN:
         params = list(self.model.parameters())
         if kind == "sgd":
             return torch.optim.SGD(params, lr=lr)
-        # The fused kernel updates all parameters in one call: fewer, larger operations.
-        fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(params, lr=lr, fused=fused)
+        from seq2seq.train import make_adam
+
+        return make_adam(params, lr)
 
     def _loss(self, scores: Tensor, targets: Tensor) -> Tensor:
         """scores, targets: (batch, T_out, output_size) -> mean loss per step."""

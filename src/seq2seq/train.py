@@ -71,6 +71,16 @@ class TrainState:
     stop_reason: str = ""
 
 
+def make_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one call updates every parameter) where this torch has it
+    for the device (CPU since torch 2.4), else the multi-tensor one."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -145,7 +155,7 @@ class _Run:
 
         torch.manual_seed(t.seed)
         self.model = build_model(self.config, self.src_tok, self.tgt_tok).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr)
+        self.optimizer = make_adam(self.model.parameters(), t.lr)
         self.state = TrainState(world_size=dist.world_size, accumulate=t.accumulate)
         self.metrics_path = model_dir / METRICS_FILE
         if resume:
