@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.decoder import Decoder, DecoderState, Memory
+from seq2seq.encoder import Encoder
 
 
 class Seq2Seq(nn.Module):
@@ -24,8 +25,6 @@ class Seq2Seq(nn.Module):
                  src_features: int = 0, tgt_features: int = 0, pad_id: int = 0,
                  vector_feedback: str = "onehot") -> None:
         super().__init__()
-        from seq2seq.encoder import Encoder
-
         if (src_vocab > 0) == (src_features > 0) or (tgt_vocab > 0) == (tgt_features > 0):
             raise ValueError("give exactly one of src_vocab/src_features and of "
                              "tgt_vocab/tgt_features")
