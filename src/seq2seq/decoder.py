@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from seq2seq.attention import make_attention
 from seq2seq.encoder import State, make_rnn
+from seq2seq.gru import GRU, FastDropout
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Decoder(nn.Module):
                                          attention_size or hidden_size)
         rnn_input = input_size + (output_size if self.input_feeding else 0)
         self.rnn = make_rnn(cell, rnn_input, hidden_size, num_layers, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         # The bridge maps the encoder's final state to every decoder layer's initial state.
         self.bridge = nn.Linear(encoder_state_size, num_layers * hidden_size)
         self.cell_bridge = (nn.Linear(encoder_state_size, num_layers * hidden_size)
@@ -124,7 +125,10 @@ class Decoder(nn.Module):
         """
         if self.input_feeding:
             return self._forward_stepwise(inputs, state, memory)
-        rnn_out, hidden = self.rnn(inputs, state.hidden)  # all steps in one fused call
+        if isinstance(self.rnn, GRU):  # all steps in one fused call
+            rnn_out, hidden = self.rnn.forward_padded(inputs, hx=state.hidden)
+        else:
+            rnn_out, hidden = self.rnn(inputs, state.hidden)
         outputs, weights = self._attend(rnn_out, memory)
         return outputs, DecoderState(hidden, None), weights
 

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+from seq2seq.gru import GRU, FastDropout
+
+RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": GRU, "lstm": nn.LSTM}
 
 # A recurrent state: h of shape (layers, batch, size), or (h, c) for an LSTM.
 State = Tensor | tuple[Tensor, Tensor]
@@ -14,7 +16,8 @@ State = Tensor | tuple[Tensor, Tensor]
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int,
              dropout: float, bidirectional: bool = False) -> nn.RNNBase:
-    """A batch-first ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (cuDNN or oneDNN fused kernels)."""
+    """A batch-first ``nn.RNN``/``GRU``/``nn.LSTM``: cuDNN on GPU; on CPU oneDNN for the LSTM
+    and ``seq2seq.gru.GRU``'s whole-sequence training path for the GRU."""
     return RNN_CLASSES[cell](
         input_size, hidden_size, num_layers=num_layers, batch_first=True,
         dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional,
@@ -35,7 +38,7 @@ class Encoder(nn.Module):
         self.num_layers = num_layers
         self.num_directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.num_directions
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         self.rnn = make_rnn(cell, input_size, hidden_size, num_layers, dropout, bidirectional)
 
     def forward(self, inputs: Tensor, lengths: Tensor) -> tuple[Tensor, State]:
@@ -53,7 +56,9 @@ class Encoder(nn.Module):
         inputs = self.dropout(inputs)
         src_len = inputs.size(1)
         padded = bool((lengths < src_len).any())
-        if padded:
+        if isinstance(self.rnn, GRU):
+            outputs, state = self.rnn.forward_padded(inputs, lengths if padded else None)
+        elif padded:
             packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True,
                                           enforce_sorted=False)
             packed_out, state = self.rnn(packed)

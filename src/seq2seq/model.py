@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from seq2seq.config import ModelConfig
 from seq2seq.decoder import Decoder, DecoderState, Memory
 from seq2seq.encoder import Encoder
+from seq2seq.gru import FastDropout
+from seq2seq.loss import output_cross_entropy
 
 
 class Seq2Seq(nn.Module):
@@ -50,7 +52,7 @@ class Seq2Seq(nn.Module):
             attention=config.attention, attention_size=config.attention_size,
             input_feeding=config.input_feeding, dropout=config.dropout,
         )
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = FastDropout(config.dropout)
         self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
         if tie:
             self.generator.weight = self.tgt_embed.weight
@@ -84,8 +86,9 @@ class Seq2Seq(nn.Module):
         return self.generator(outputs), state, weights
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
-                sampling_ratio: float = 0.0) -> tuple[Tensor, Tensor | None]:
-        """Teacher-forced scores for every target step.
+                sampling_ratio: float = 0.0, tgt_out: Tensor | None = None,
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced scores for every target step, or (given ``tgt_out``) their loss.
 
         Args:
             src: (batch, src_len) ids or (batch, src_len, src_features) vectors.
@@ -94,12 +97,25 @@ class Seq2Seq(nn.Module):
                 with bos, or (batch, tgt_len, tgt_features) vectors starting with zeros.
             sampling_ratio: scheduled sampling; at each step after the first, each sequence
                 is fed the model's own previous prediction with this probability.
+            tgt_out: (batch, tgt_len) token ids to predict (pad where nothing is), for
+                token targets only. Given, the first result is their summed
+                label-smoothed cross-entropy instead of the scores (as nanoGPT's
+                ``forward(idx, targets)``; the output layer and the loss then run fused).
+            label_smoothing: with ``tgt_out``, as in ``nn.CrossEntropyLoss``.
 
         Returns:
-            scores: (batch, tgt_len, tgt_vocab or tgt_features).
+            scores: (batch, tgt_len, tgt_vocab or tgt_features), or the float32 loss sum.
             weights: (batch, tgt_len, src_len) attention weights, or None.
         """
+        if tgt_out is not None and self.tgt_embed is None:
+            raise ValueError("tgt_out is for token targets; compute a vector loss from the scores")
         memory, state = self.encode(src, src_lengths)
+        if sampling_ratio <= 0.0 and tgt_out is not None:
+            outputs, _, weights = self.decoder(self.embed_target(tgt_in), state, memory)
+            loss = output_cross_entropy(outputs.reshape(-1, outputs.size(-1)),
+                                        self.generator.weight, self.generator.bias,
+                                        tgt_out.reshape(-1), self.pad_id, label_smoothing)
+            return loss, weights
         if sampling_ratio <= 0.0:
             scores, _, weights = self.decode(tgt_in, state, memory)
             return scores, weights
@@ -116,7 +132,12 @@ class Seq2Seq(nn.Module):
                 shape = (-1,) + (1,) * (gold.dim() - 1)
                 prev = torch.where(use_model.view(shape), guess, gold)
         weights = None if weights_per_step[0] is None else torch.cat(weights_per_step, 1)
-        return torch.cat(steps, 1), weights
+        scores = torch.cat(steps, 1)
+        if tgt_out is not None:
+            return nn.functional.cross_entropy(
+                scores.reshape(-1, scores.size(-1)).float(), tgt_out.reshape(-1),
+                ignore_index=self.pad_id, reduction="sum", label_smoothing=label_smoothing), weights
+        return scores, weights
 
     def prediction_to_input(self, scores: Tensor) -> Tensor:
         """What the next step is fed after a prediction: the argmax id for tokens; for vectors

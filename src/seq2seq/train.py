@@ -35,7 +35,7 @@ from seq2seq.checkpoint import atomic_write_text, load_training_state, save_chec
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import Batch, DataError, EncodedCorpus, collate, encode_corpus, make_batches, read_parallel
 from seq2seq.metrics import score_translations
-from seq2seq.tokenize import PAD_ID, load_tokenizers, train_tokenizers
+from seq2seq.tokenize import load_tokenizers, train_tokenizers
 from seq2seq.translator import BEST, CONFIG_FILE, LAST, Translator, build_model
 
 METRICS_FILE = "metrics.jsonl"
@@ -166,8 +166,6 @@ class _Run:
         if dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.criterion = nn.CrossEntropyLoss(ignore_index=PAD_ID, reduction="sum",
-                                             label_smoothing=t.label_smoothing)
         if dist.is_main:
             params = self.model.num_parameters()
             group = dist.world_size * t.accumulate
@@ -379,9 +377,10 @@ class _Run:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Summed (label-smoothed) cross-entropy over the real target tokens."""
-        scores, _ = self.net(batch.src, batch.src_lengths, batch.tgt_in,
-                             sampling_ratio=self.t.sampling_ratio)
-        return self.criterion(scores.reshape(-1, scores.size(-1)).float(), batch.tgt_out.reshape(-1))
+        loss, _ = self.net(batch.src, batch.src_lengths, batch.tgt_in,
+                           sampling_ratio=self.t.sampling_ratio, tgt_out=batch.tgt_out,
+                           label_smoothing=self.t.label_smoothing)
+        return loss
 
     def _learning_rate(self) -> float:
         t, state = self.t, self.state
@@ -464,14 +463,14 @@ class _Run:
         self.model.eval()
         data = self.valid_data
         loss_sum, tokens = 0.0, 0
-        nll = nn.CrossEntropyLoss(ignore_index=PAD_ID, reduction="sum")
         for indices in make_batches([len(s) for s in data.src], [len(s) for s in data.tgt],
                                     self.t.batch_tokens, self.t.max_sentences, seed=0, epoch=0,
                                     shuffle=False):
             batch = collate(indices, data.src, data.tgt).to(self.device)
             with self._autocast():
-                scores, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in)
-            loss_sum += float(nll(scores.reshape(-1, scores.size(-1)).float(), batch.tgt_out.reshape(-1)))
+                loss, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in,
+                                     tgt_out=batch.tgt_out)
+            loss_sum += float(loss)
             tokens += batch.n_tokens
         # Validation sources over decode.max_input_len are cut, never refused: training goes on.
         config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data,

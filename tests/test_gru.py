@@ -1,0 +1,93 @@
+"""The CPU training path of seq2seq.gru.GRU must match nn.GRU exactly: outputs, final state and
+every gradient, with padding, both directions and several layers."""
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq.gru import GRU, fast_dropout, reverse_index
+
+
+def _run(module, fused: bool, x, lengths, hx):
+    module.zero_grad()
+    x = x.detach().requires_grad_()
+    hx = None if hx is None else hx.detach().requires_grad_()
+    if fused:
+        out, h_n = module.forward_padded(x, lengths, hx)
+    else:
+        out, h_n = module._forward_packed(x, lengths, hx)
+    (out.sin().sum() + h_n.cos().sum()).backward()
+    grads = [p.grad.clone() for p in module.parameters()] + [x.grad]
+    if hx is not None:
+        grads.append(hx.grad)
+    return out.detach(), h_n.detach(), grads
+
+
+@pytest.mark.parametrize("bidirectional,layers", [(True, 2), (False, 1), (True, 1), (False, 3)])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("with_hx", [True, False])
+def test_fused_path_matches_nn_gru(bidirectional, layers, padded, with_hx):
+    torch.manual_seed(0)
+    gru = GRU(5, 7, num_layers=layers, batch_first=True, bidirectional=bidirectional).double()
+    x = torch.randn(4, 6, 5, dtype=torch.double)
+    lengths = torch.tensor([6, 3, 1, 5]) if padded else None
+    directions = 2 if bidirectional else 1
+    hx = torch.randn(layers * directions, 4, 7, dtype=torch.double) if with_hx else None
+    assert gru.use_fused(x.requires_grad_())
+    fused = _run(gru, True, x, lengths, hx)
+    reference = _run(gru, False, x, lengths, hx)
+    torch.testing.assert_close(fused[0], reference[0])
+    torch.testing.assert_close(fused[1], reference[1])
+    for got, want in zip(fused[2], reference[2]):
+        torch.testing.assert_close(got, want)
+
+
+def test_padded_positions_are_zero_and_do_not_change_results():
+    torch.manual_seed(1)
+    gru = GRU(3, 4, batch_first=True, bidirectional=True)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    out, h_n = gru.forward_padded(x, torch.tensor([5, 2]))
+    assert torch.all(out[1, 2:] == 0)
+    alone, h_alone = gru.forward_padded(x[1:, :2].detach().requires_grad_(), None)
+    torch.testing.assert_close(out[1, :2], alone[0])
+    torch.testing.assert_close(h_n[:, 1], h_alone[:, 0])
+
+
+def test_inference_uses_nn_gru():
+    gru = GRU(3, 4, batch_first=True)
+    with torch.inference_mode():
+        assert not gru.use_fused(torch.zeros(1, 2, 3))
+
+
+def test_state_dict_is_nn_grus():
+    gru = GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+    plain = nn.GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+    assert gru.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(gru.state_dict())
+
+
+def test_reverse_index_reverses_within_length():
+    index = reverse_index(torch.tensor([3, 1, 4]), 4)
+    assert index.t().tolist() == [[2, 1, 0, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
+
+
+def test_fast_dropout_rate_and_scale():
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = fast_dropout(x, 0.3, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert fast_dropout(x, 0.3, False) is x
+    torch.manual_seed(5)
+    a = fast_dropout(x, 0.5, True)
+    torch.manual_seed(5)
+    assert torch.equal(a, fast_dropout(x, 0.5, True))  # seeded: resumes repeat exactly
+
+
+def test_fast_dropout_gradient_is_the_mask():
+    torch.manual_seed(0)
+    x = torch.randn(1000, requires_grad=True)
+    y = fast_dropout(x, 0.4, True)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y.detach() != 0).float() / 0.6)

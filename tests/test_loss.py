@@ -1,0 +1,58 @@
+"""output_cross_entropy must equal nn.Linear + nn.CrossEntropyLoss in value and gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq import loss as loss_module
+from seq2seq.loss import output_cross_entropy
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("rows_per_chunk", [2048, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_linear_and_cross_entropy(smoothing, rows_per_chunk, bias, monkeypatch):
+    monkeypatch.setattr(loss_module, "ROWS_PER_CHUNK", rows_per_chunk)
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 6)
+    weight = torch.randn(9, 6)
+    b = torch.randn(9) if bias else None
+    targets = torch.randint(1, 9, (11,))
+    targets[[2, 7]] = 0  # padding
+    ours = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    got = output_cross_entropy(*ours, targets, 0, smoothing)
+    want = nn.CrossEntropyLoss(ignore_index=0, reduction="sum", label_smoothing=smoothing)(
+        nn.functional.linear(*ref), targets)
+    torch.testing.assert_close(got, want)
+    (got * 3).backward()
+    (want * 3).backward()
+    for a, r in zip(ours, ref):
+        if a is not None:
+            torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_all_rows_ignored_gives_zero():
+    hidden = torch.randn(3, 4, requires_grad=True)
+    weight = torch.randn(5, 4, requires_grad=True)
+    loss = output_cross_entropy(hidden, weight, None, torch.zeros(3, dtype=torch.long), 0, 0.1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+
+
+def test_bad_smoothing_is_refused():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        output_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), None,
+                             torch.tensor([1, 2]), 0, 1.0)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(20, 16), torch.randn(30, 16) * 0.1
+    targets = torch.randint(1, 30, (20,))
+    fp32 = output_cross_entropy(hidden, weight, None, targets, 0, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = output_cross_entropy(hidden, weight, None, targets, 0, 0.1)
+    assert bf16.dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
