@@ -144,3 +144,55 @@ def test_bad_construction_raises():
         Seq2Seq(config(cell="transformer"), src_vocab=5, tgt_vocab=5)
     with pytest.raises(ValueError, match="'dot' attention needs equal query and key sizes"):
         Seq2Seq(config(attention="dot", bidirectional=True), src_vocab=5, tgt_vocab=5)
+
+
+def _decode_steps(model, src, lengths, tgt_in, beams=1):
+    memory, state = model.encode(src, lengths)
+    if beams > 1:  # each sentence's state repeated per beam; memory stays once per sentence
+        state = state.select(torch.arange(src.size(0)).repeat_interleave(beams))
+        tgt_in = tgt_in.repeat_interleave(beams, 0)
+    steps = []
+    for t in range(TGT_LEN):
+        step, state, weights = model.decode(tgt_in[:, t:t + 1], state, memory, beams)
+        steps.append(step)
+    return torch.cat(steps, 1), weights
+
+
+@pytest.mark.parametrize("attention, feeding", [("general", False), ("bahdanau", True), (None, False)])
+def test_decoding_tables_give_the_same_steps(attention, feeding):
+    model = token_model(attention=attention, input_feeding=feeding)
+    src, lengths, tgt_in = token_batch()
+    with torch.no_grad():
+        plain, _ = _decode_steps(model, src, lengths, tgt_in)
+        with model.decoding():
+            assert model._decodes_by_table(tgt_in[:, :1])
+            tabled, _ = _decode_steps(model, src, lengths, tgt_in)
+        assert not model._decodes_by_table(tgt_in[:, :1])
+    torch.testing.assert_close(tabled, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_tables_follow_weight_changes_between_blocks():
+    model = token_model(attention="general", input_feeding=False)
+    src, lengths, tgt_in = token_batch()
+    with torch.no_grad():
+        with model.decoding():
+            before, _ = _decode_steps(model, src, lengths, tgt_in)
+        model.tgt_embed.weight.add_(0.5)  # as an optimizer step between validations
+        model.decoder.rnn.weight_ih_l0.mul_(1.5)
+        with model.decoding():
+            after, _ = _decode_steps(model, src, lengths, tgt_in)
+        plain, _ = _decode_steps(model, src, lengths, tgt_in)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention, feeding", [("general", False), ("bahdanau", True)])
+def test_beams_share_the_memory_of_their_sentence(attention, feeding):
+    model = token_model(attention=attention, input_feeding=feeding)
+    src, lengths, tgt_in = token_batch()
+    with torch.no_grad():
+        grouped, weights = _decode_steps(model, src, lengths, tgt_in, beams=3)
+        expanded, expanded_weights = _decode_steps(
+            model, src.repeat_interleave(3, 0), lengths.repeat_interleave(3), tgt_in.repeat_interleave(3, 0))
+    torch.testing.assert_close(grouped, expanded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, expanded_weights, atol=1e-6, rtol=1e-5)

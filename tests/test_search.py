@@ -9,7 +9,13 @@ import torch
 
 from seq2seq.config import ModelConfig
 from seq2seq.model import Seq2Seq
-from seq2seq.search import beam_search, greedy_search, length_penalty, max_output_lengths
+from seq2seq.search import (
+    beam_search,
+    greedy_search,
+    length_penalty,
+    max_output_lengths,
+    top_continuations,
+)
 
 VOCAB, PAD, BOS, EOS = 9, 0, 1, 2
 LENGTHS = torch.tensor([6, 3, 5, 1])
@@ -132,3 +138,19 @@ def test_max_output_lengths_and_length_penalty():
     assert max_output_lengths(torch.tensor([1, 4]), 1.5).tolist() == [7, 11]
     assert length_penalty(7, 0.0) == 1.0
     assert length_penalty(1, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("vocab", [9, 64, 130, 200])
+@pytest.mark.parametrize("group, n", [(1, 1), (3, 6), (2, 4)])
+def test_top_continuations_equal_topk(vocab, group, n):
+    g = torch.Generator().manual_seed(vocab + group)
+    groups = 5
+    log_probs = torch.log_softmax(torch.randn(groups * group, vocab, generator=g) * 3, -1)
+    log_probs[:, :2] = float("-inf")  # banned tokens
+    offsets = torch.randn(groups * group, generator=g)
+    offsets[1] = float("-inf")  # a beam that does not exist yet
+    values, index = top_continuations(log_probs, offsets, group, n)
+    want_values, want_index = (log_probs + offsets.unsqueeze(1)).view(groups, -1).topk(n, dim=1)
+    torch.testing.assert_close(values, want_values)
+    finite = torch.isfinite(want_values)  # -inf entries tie: any index will do
+    assert finite.any() and torch.equal(index[finite], want_index[finite])

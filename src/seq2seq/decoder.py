@@ -109,46 +109,73 @@ class Decoder(nn.Module):
         out = torch.tanh(layer(final)).view(batch, self.num_layers, self.hidden_size)
         return out.transpose(0, 1).contiguous()
 
-    def forward(self, inputs: Tensor, state: DecoderState,
-                memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
+    def forward(self, inputs: Tensor | None, state: DecoderState, memory: Memory,
+                beams: int = 1, input_gates: Tensor | None = None,
+                ) -> tuple[Tensor, DecoderState, Tensor | None]:
         """Run the decoder over ``tgt_len`` steps with the given (teacher-forced) inputs.
 
         Args:
             inputs: (batch, tgt_len, input_size) embedded previous tokens or vectors.
             state: the state before the first of these steps.
             memory: from ``prepare``.
+            beams: beam search's rows: ``batch = sentences * beams`` (a sentence's beams
+                adjacent) while ``memory`` holds each sentence once, so the encoder outputs
+                are never copied per beam. Needs ``tgt_len == 1``.
+            input_gates: instead of ``inputs``, for one step of a one-layer GRU: (batch, 1,
+                3 * hidden) the embedding's input projection, looked up from
+                ``GRU.input_table`` when decoding.
 
         Returns:
             outputs: (batch, tgt_len, output_size) attentional vectors.
             state: the state after the last step.
             weights: (batch, tgt_len, src_len) float32 attention weights, or None.
         """
+        if input_gates is not None:
+            return self._gru_step(input_gates, state, memory, beams)
+        if beams > 1 and inputs.size(1) != 1:
+            raise ValueError(f"beams > 1 needs one step at a time, got {inputs.size(1)} steps")
         if self.input_feeding:
-            return self._forward_stepwise(inputs, state, memory)
+            return self._forward_stepwise(inputs, state, memory, beams)
         if isinstance(self.rnn, GRU):  # all steps in one fused call
             rnn_out, hidden = self.rnn.forward_padded(inputs, hx=state.hidden)
         else:
             rnn_out, hidden = self.rnn(inputs, state.hidden)
-        outputs, weights = self._attend(rnn_out, memory)
+        outputs, weights = self._attend(rnn_out, memory, beams)
         return outputs, DecoderState(hidden, None), weights
 
-    def _forward_stepwise(self, inputs: Tensor, state: DecoderState,
-                          memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
+    def _forward_stepwise(self, inputs: Tensor, state: DecoderState, memory: Memory,
+                          beams: int) -> tuple[Tensor, DecoderState, Tensor | None]:
         outputs, weights = [], []
         hidden, feed = state.hidden, state.feed
         for t in range(inputs.size(1)):
             step_input = torch.cat([inputs[:, t:t + 1], feed.unsqueeze(1)], dim=-1)
             rnn_out, hidden = self.rnn(step_input, hidden)  # (batch, 1, hidden)
-            out, weight = self._attend(rnn_out, memory)
+            out, weight = self._attend(rnn_out, memory, beams)
             feed = out.squeeze(1)
             outputs.append(out)
             weights.append(weight)
         return torch.cat(outputs, 1), DecoderState(hidden, feed), torch.cat(weights, 1)
 
-    def _attend(self, rnn_out: Tensor, memory: Memory) -> tuple[Tensor, Tensor | None]:
-        """(batch, steps, hidden) -> attentional vectors (batch, steps, output_size), weights."""
+    def _gru_step(self, input_gates: Tensor, state: DecoderState, memory: Memory,
+                  beams: int) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """One decoding step of a one-layer GRU from precomputed input gates."""
+        gates = input_gates[:, 0]
+        if self.input_feeding:  # the fed-back part of the input projection
+            embed_size = self.rnn.input_size - self.output_size
+            gates = torch.addmm(gates, state.feed, self.rnn.weight_ih_l0[:, embed_size:].t())
+        hidden = self.rnn.step(gates, state.hidden)
+        out, weights = self._attend(hidden.transpose(0, 1), memory, beams)
+        return out, DecoderState(hidden, out[:, 0] if self.input_feeding else None), weights
+
+    def _attend(self, rnn_out: Tensor, memory: Memory,
+                beams: int = 1) -> tuple[Tensor, Tensor | None]:
+        """(batch, steps, hidden) -> attentional vectors (batch, steps, output_size), weights.
+        With ``beams`` > 1 the beams of a sentence attend as that sentence's steps."""
         query = self.dropout(rnn_out)
         if self.attention is None:
             return torch.tanh(self.combine(query)), None
-        context, weights = self.attention(query, memory.proj_keys, memory.outputs, memory.mask)
+        grouped = query.reshape(-1, beams * query.size(1), query.size(2))
+        context, weights = self.attention(grouped, memory.proj_keys, memory.outputs, memory.mask)
+        context = context.view(query.size(0), query.size(1), -1)
+        weights = weights.view(query.size(0), query.size(1), -1)
         return torch.tanh(self.combine(torch.cat([query, context], dim=-1))), weights

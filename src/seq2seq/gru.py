@@ -187,6 +187,30 @@ class GRU(nn.GRU):
             outputs = outputs * mask.unsqueeze(-1)
         return outputs.transpose(0, 1), torch.cat(finals, 0)
 
+    def input_table(self, embedding: Tensor) -> Tensor:
+        """(vocab, 3 * hidden): the first layer's input projection (with bias) of every
+        embedding row, for decoding one token at a time (a row lookup instead of a matrix
+        product). Inputs beyond the embedding (input feeding) are not included."""
+        w_ih = self.weight_ih_l0[:, :embedding.size(1)]
+        return torch.addmm(self.bias_ih_l0, embedding, w_ih.t())
+
+    def step(self, gates: Tensor, hx: Tensor) -> Tensor:
+        """One step of a one-layer, one-direction GRU from its input projection.
+
+        Args:
+            gates: (batch, 3 * hidden) ``W_ih x + b_ih``.
+            hx: (1, batch, hidden).
+
+        Returns:
+            (1, batch, hidden), the new state (also the output).
+        """
+        h = hx[0]
+        size = self.hidden_size
+        gh = torch.addmm(self.bias_hh_l0, h, self.weight_hh_l0.t())
+        r, z = torch.sigmoid(gates[:, :2 * size] + gh[:, :2 * size]).chunk(2, 1)
+        n = torch.tanh(torch.addcmul(gates[:, 2 * size:], r, gh[:, 2 * size:]))
+        return ((h - n) * z + n).unsqueeze(0)
+
     def _weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(w_ih, w_hh, b_ih, b_hh) of one layer and direction."""
         suffix = f"_l{layer}" + ("_reverse" if direction else "")

@@ -6,13 +6,16 @@ or real vectors (the NumPy ``EncoderDecoderRNN``: vectors in, class scores or va
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.decoder import Decoder, DecoderState, Memory
 from seq2seq.encoder import Encoder
-from seq2seq.gru import FastDropout
+from seq2seq.gru import GRU, FastDropout
 from seq2seq.loss import output_cross_entropy
 
 
@@ -54,6 +57,7 @@ class Seq2Seq(nn.Module):
         )
         self.embed_dropout = FastDropout(config.dropout)
         self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
+        self._decoding_tables: dict[str, Tensor] | None = None  # see decoding()
         if tie:
             self.generator.weight = self.tgt_embed.weight
 
@@ -79,11 +83,40 @@ class Seq2Seq(nn.Module):
         """(batch, steps) ids or (batch, steps, tgt_features) vectors -> decoder inputs."""
         return self.embed_dropout(self.tgt_embed(prev) if self.tgt_embed is not None else prev)
 
-    def decode(self, prev: Tensor, state: DecoderState,
-               memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
-        """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features)."""
-        outputs, state, weights = self.decoder(self.embed_target(prev), state, memory)
+    def decode(self, prev: Tensor, state: DecoderState, memory: Memory,
+               beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features).
+        ``beams``: see ``Decoder.forward``."""
+        if self._decodes_by_table(prev):
+            table = self._decoding_tables.get("gru_input")
+            if table is None:
+                table = self._decoding_tables["gru_input"] = self.decoder.rnn.input_table(
+                    self.tgt_embed.weight)
+            outputs, state, weights = self.decoder(None, state, memory, beams,
+                                                   input_gates=nn.functional.embedding(prev, table))
+        else:
+            outputs, state, weights = self.decoder(self.embed_target(prev), state, memory, beams)
         return self.generator(outputs), state, weights
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Decode many steps with frozen weights: within, tables computed from the weights
+        (the GRU input projection of every target token) are made once and reused, and
+        dropped at the end. Do not change the weights inside."""
+        self._decoding_tables = {}
+        try:
+            yield
+        finally:
+            self._decoding_tables = None
+
+    def _decodes_by_table(self, prev: Tensor) -> bool:
+        """Inside ``decoding()``, a one-layer GRU decoding one token at a time (no gradients,
+        no autocast) reads the token's input projection from a table, not a matrix product."""
+        return (self._decoding_tables is not None and self.tgt_embed is not None
+                and isinstance(self.decoder.rnn, GRU)
+                and self.decoder.rnn.num_layers == 1 and prev.size(1) == 1
+                and not self.training and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(prev.device.type))
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                 sampling_ratio: float = 0.0, tgt_out: Tensor | None = None,

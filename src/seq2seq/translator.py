@@ -133,7 +133,10 @@ class Translator:
     def hypotheses(self, sentences: Sequence[str], beam: int | None = None, n_best: int = 1,
                    batch_size: int | None = None, return_attention: bool = False,
                    source: str = "input") -> list[list[Hypothesis]]:
-        """Decode in batches of similar length; results come back in input order."""
+        """Decode in batches of similar length; results come back in input order.
+
+        A sentence with no tokens (empty or blank) is not decoded: its hypotheses are empty,
+        with score 0, as Sockeye does; what a model makes of a lone eos is arbitrary."""
         if isinstance(sentences, str):
             raise TypeError("translate() takes a list of sentences, not one string")
         decode = self.config.decode
@@ -147,11 +150,16 @@ class Translator:
         order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
         banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
         results: list[list[Hypothesis]] = [[] for _ in sentences]
+        for i in order:
+            if len(src_ids[i]) == 1:  # eos alone; its eos step attends to it alone
+                results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
+                              for _ in range(n_best)]
+        order = [i for i in order if len(src_ids[i]) > 1]
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
             batch = collate(indices, src_ids).to(self.device)
             limits = max_output_lengths(batch.src_lengths, decode.max_len_ratio)
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self._autocast(), self.model.decoding():
                 if beam == 1:
                     found = [[h] for h in greedy_search(
                         self.model, batch.src, batch.src_lengths, bos=BOS_ID, eos=EOS_ID,
