@@ -155,11 +155,11 @@ class Translator:
                 results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
                               for _ in range(n_best)]
         order = [i for i in order if len(src_ids[i]) > 1]
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
-            batch = collate(indices, src_ids).to(self.device)
-            limits = max_output_lengths(batch.src_lengths, decode.max_len_ratio)
-            with torch.inference_mode(), self._autocast(), self.model.decoding():
+        with torch.inference_mode(), self._autocast(), self.model.decoding():  # tables once
+            for start in range(0, len(order), batch_size):
+                indices = order[start:start + batch_size]
+                batch = collate(indices, src_ids).to(self.device)
+                limits = max_output_lengths(batch.src_lengths, decode.max_len_ratio)
                 if beam == 1:
                     found = [[h] for h in greedy_search(
                         self.model, batch.src, batch.src_lengths, bos=BOS_ID, eos=EOS_ID,
@@ -169,8 +169,8 @@ class Translator:
                         self.model, batch.src, batch.src_lengths, beam=beam, bos=BOS_ID,
                         eos=EOS_ID, max_lengths=limits, alpha=decode.length_penalty,
                         n_best=n_best, banned=banned, return_attention=return_attention)
-            for index, hyps in zip(indices, found):
-                results[index] = hyps
+                for index, hyps in zip(indices, found):
+                    results[index] = hyps
         return results
 
     def encode_source(self, sentence: str, where: str = "input") -> list[int]:
