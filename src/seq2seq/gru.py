@@ -66,19 +66,20 @@ class _GRULayerFunction(torch.autograd.Function):
         hs = gi.new_empty(steps, *h0.shape)
         rz = gi.new_empty(steps, h0.size(0), h0.size(1), 2 * size)
         ns = torch.empty_like(hs)
-        ghn = torch.empty_like(hs)
+        gh = gi.new_empty(steps, h0.size(0), h0.size(1), 3 * size)
         h = h0
-        for t in range(steps):
-            gh = torch.baddbmm(bias, h, w_t)  # (D, B, 3H)
-            torch.sigmoid(gi[t, ..., :2 * size] + gh[..., :2 * size], out=rz[t])
-            ghn[t] = gh[..., 2 * size:]
-            torch.tanh(torch.addcmul(gi[t, ..., 2 * size:], rz[t, ..., :size], ghn[t]), out=ns[t])
-            new = torch.lerp(ns[t], h, rz[t, ..., size:])  # n + z * (h - n)
-            if mask is not None:
-                new = torch.where(mask[t].view(1, -1, 1), new, h)
-            hs[t] = new
+        for t in range(steps):  # results go straight into the saved buffers (out=)
+            torch.baddbmm(bias, h, w_t, out=gh[t])  # (D, B, 3H)
+            torch.sigmoid(gi[t, ..., :2 * size] + gh[t, ..., :2 * size], out=rz[t])
+            torch.tanh(torch.addcmul(gi[t, ..., 2 * size:], rz[t, ..., :size], gh[t, ..., 2 * size:]),
+                       out=ns[t])
+            if mask is None:
+                torch.lerp(ns[t], h, rz[t, ..., size:], out=hs[t])  # n + z * (h - n)
+            else:
+                torch.where(mask[t].view(1, -1, 1), torch.lerp(ns[t], h, rz[t, ..., size:]), h,
+                            out=hs[t])
             h = hs[t]
-        ctx.save_for_backward(h0, w_hh, hs, rz, ns, ghn, mask)
+        ctx.save_for_backward(h0, w_hh, hs, rz, ns, gh[..., 2 * size:], mask)
         return hs
 
     @staticmethod
@@ -96,8 +97,7 @@ class _GRULayerFunction(torch.autograd.Function):
                 frozen = torch.where(real, 0.0, dh)  # padding: the state passes through
                 dh = torch.where(real, dh, 0.0)
             r, z, n = rz[t, ..., :size], rz[t, ..., size:], ns[t]
-            dn = dh * (1 - z) * (1 - n * n)  # through tanh
-            grad_gin[t] = dn
+            dn = torch.mul(dh * (1 - z), 1 - n * n, out=grad_gin[t])  # through tanh
             torch.mul(dh * (h_prev - n), z * (1 - z), out=grad_gh[t, ..., size:2 * size])
             torch.mul(dn * ghn[t], r * (1 - r), out=grad_gh[t, ..., :size])
             torch.mul(dn, r, out=grad_gh[t, ..., 2 * size:])
