@@ -151,7 +151,7 @@ class GRU(nn.GRU):
             raise ValueError("GRU.forward_padded needs batch_first=True")
         if not self.use_fused(inputs):
             return self._forward_packed(inputs, lengths, hx)
-        batch, steps = inputs.size(0), inputs.size(1)
+        batch, steps, device = inputs.size(0), inputs.size(1), inputs.device
         directions = 2 if self.bidirectional else 1
         padded = lengths is not None and bool((lengths < steps).any())
         mask = index = None
@@ -174,9 +174,11 @@ class GRU(nn.GRU):
             if directions == 2:  # the backward direction reads each sequence reversed
                 gi[1] = gi[1].gather(0, index.unsqueeze(-1).expand_as(gi[1]))
             h0 = hx[layer * directions:(layer + 1) * directions]
-            hs = _GRULayerFunction.apply(
-                torch.stack(gi, 1), h0, torch.stack([w[1] for w in weights]),
-                torch.stack([w[3] for w in weights]), mask)  # (T, D, B, H)
+            with torch.autocast(device.type, enabled=False):  # the recurrence stays float32
+                dtype = torch.promote_types(gi[0].dtype, torch.float32)
+                hs = _GRULayerFunction.apply(
+                    torch.stack(gi, 1).to(dtype), h0.to(dtype), torch.stack([w[1] for w in weights]),
+                    torch.stack([w[3] for w in weights]), mask)  # (T, D, B, H)
             finals.append(hs[-1])
             outs = [hs[:, 0]]
             if directions == 2:
