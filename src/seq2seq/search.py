@@ -85,7 +85,7 @@ def _step_log_probs(model: Seq2Seq, prev: Tensor, state, memory, banned: Sequenc
     Banned tokens get -inf, and rows at their length limit (``at_limit``, (rows,) bool) can
     only end: eos gets log-probability 0."""
     scores, state, weights = model.decode(prev, state, memory, beams)
-    log_probs = torch.log_softmax(scores[:, 0].float(), dim=-1)
+    log_probs = torch.log_softmax(scores[:, 0], dim=-1, dtype=torch.float32)
     if banned:
         log_probs[:, list(banned)] = float("-inf")
     if bool(at_limit.any()):
