@@ -11,6 +11,7 @@
 #                unless OVERWRITE=1, which deletes that run first
 #   MAX_MINUTES  the training time budget (default: 30)
 #   CONFIG       the config (default: configs/multi30k_en_de.yaml)
+#   SET          space-separated config overrides for training, e.g. "train.precision=bf16"
 #   BEAM         the beam for the test set (default: 5)
 #   RESULTS      the Markdown file the section is appended to (default: benchmarks/RESULTS.md)
 #   PYTHON       the interpreter with seq2seq installed (default: python)
@@ -47,6 +48,7 @@ started="$(date -u '+%Y-%m-%d %H:%M UTC')"
 
 train_cmd=("$PYTHON" -m seq2seq train --config "$CONFIG" --data-dir "$DATA_DIR" --model-dir "$MODEL_DIR"
            --max-minutes "$MAX_MINUTES")
+for override in ${SET:-}; do train_cmd+=(--set "$override"); done
 echo "== training: ${train_cmd[*]}"
 t0="$(date +%s)"
 "${train_cmd[@]}" 2>&1 | tee "$MODEL_DIR/train.log"
@@ -95,10 +97,10 @@ eval "$figures"
 stop_reason="$(grep -o 'training finished: [^;]*' "$MODEL_DIR/train.log" | tail -1 | sed 's/training finished: //' || true)"
 
 section="
-## Multi30k en→de, ${MAX_MINUTES} minutes, ${started}
+## Multi30k en→de, $(basename "$CONFIG")${SET:+ ($SET)}, ${MAX_MINUTES} minutes, ${started}
 
 - machine: ${cores} cores (nproc), ${cpu:-unknown CPU}, torch ${torch_version}
-- command: \`MAX_MINUTES=${MAX_MINUTES} benchmarks/multi30k.sh\`, that is \`${train_cmd[*]}\`, then \`${eval_cmd[*]}\` (and \`--lowercase\`)
+- command: \`MAX_MINUTES=${MAX_MINUTES} CONFIG=${CONFIG}${SET:+ SET=\"$SET\"} MODEL_DIR=${MODEL_DIR} benchmarks/multi30k.sh\`, that is \`${train_cmd[*]}\`, then \`${eval_cmd[*]}\` (and \`--lowercase\`)
 - test_2016_flickr (${test_sentences} sentences), beam ${BEAM}: **BLEU ${bleu}** (cased, detokenized sacreBLEU), BLEU ${bleu_lc} lowercased, chrF ${chrf}
 - signature: \`${signature}\`; lowercased: \`${signature_lc}\`; chrF: \`${chrf_signature}\`
 - training: ${train_min} min (${train_s} s) of training time (${wall_s} s wall clock with tokenizer and startup), ${steps} steps, epoch ${epochs}, stopped: ${stop_reason:-unknown}; best validation BLEU ${best_valid_bleu} at step ${best_step}
