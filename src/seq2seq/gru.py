@@ -13,7 +13,9 @@ results and changes how training computes them on CPU:
 - padding is handled with masks (a sequence's state freezes after its last position), so
   padded batches need no packing.
 
-Inference, CUDA and other cells use ``nn.GRU`` unchanged; both paths give the same results.
+Inference and CUDA use ``nn.GRU`` unchanged (both paths give the same results), except
+that decoding one token at a time can run ``step`` from a table of input projections
+(``input_table``, see ``Seq2Seq.decoding``).
 """
 
 from __future__ import annotations
