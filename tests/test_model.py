@@ -196,3 +196,36 @@ def test_beams_share_the_memory_of_their_sentence(attention, feeding):
             model, src.repeat_interleave(3, 0), lengths.repeat_interleave(3), tgt_in.repeat_interleave(3, 0))
     torch.testing.assert_close(grouped, expanded, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, expanded_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_decoding_blocks_nest_and_threads_keep_their_own_tables():
+    import threading
+
+    model = token_model(attention="general", input_feeding=False)
+    src, lengths, tgt_in = token_batch()
+    with torch.no_grad():
+        plain, _ = _decode_steps(model, src, lengths, tgt_in)
+        with model.decoding():
+            with model.decoding():  # an inner block reuses the outer one's tables
+                inner, _ = _decode_steps(model, src, lengths, tgt_in)
+            assert model._decodes_by_table(tgt_in[:, :1])  # still inside the outer block
+        results, errors = [], []
+
+        def work():
+            try:
+                with torch.no_grad(), model.decoding():
+                    for _ in range(20):
+                        results.append(_decode_steps(model, src, lengths, tgt_in)[0])
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors and len(results) == 60
+    torch.testing.assert_close(inner, plain, atol=1e-5, rtol=1e-5)
+    for result in results:
+        torch.testing.assert_close(result, plain, atol=1e-5, rtol=1e-5)
+    assert model._decoding_tables == {}

@@ -7,6 +7,7 @@ or real vectors (the NumPy ``EncoderDecoderRNN``: vectors in, class scores or va
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -57,7 +58,7 @@ class Seq2Seq(nn.Module):
         )
         self.embed_dropout = FastDropout(config.dropout)
         self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
-        self._decoding_tables: dict[str, Tensor] | None = None  # see decoding()
+        self._decoding_tables: dict[int, dict[str, Tensor]] = {}  # by thread; see decoding()
         if tie:
             self.generator.weight = self.tgt_embed.weight
 
@@ -88,10 +89,10 @@ class Seq2Seq(nn.Module):
         """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features).
         ``beams``: see ``Decoder.forward``."""
         if self._decodes_by_table(prev):
-            table = self._decoding_tables.get("gru_input")
+            tables = self._decoding_tables[threading.get_ident()]
+            table = tables.get("gru_input")
             if table is None:
-                table = self._decoding_tables["gru_input"] = self.decoder.rnn.input_table(
-                    self.tgt_embed.weight)
+                table = tables["gru_input"] = self.decoder.rnn.input_table(self.tgt_embed.weight)
             outputs, state, weights = self.decoder(None, state, memory, beams,
                                                    input_gates=nn.functional.embedding(prev, table))
         else:
@@ -102,17 +103,22 @@ class Seq2Seq(nn.Module):
     def decoding(self) -> Iterator[None]:
         """Decode many steps with frozen weights: within, tables computed from the weights
         (the GRU input projection of every target token) are made once and reused, and
-        dropped at the end. Do not change the weights inside."""
-        self._decoding_tables = {}
+        dropped at the end. Do not change the weights inside. Each thread has its own tables,
+        so threads may decode with one model at once; an inner block reuses the outer one's."""
+        thread = threading.get_ident()
+        if thread in self._decoding_tables:
+            yield
+            return
+        self._decoding_tables[thread] = {}
         try:
             yield
         finally:
-            self._decoding_tables = None
+            del self._decoding_tables[thread]
 
     def _decodes_by_table(self, prev: Tensor) -> bool:
         """Inside ``decoding()``, a one-layer GRU decoding one token at a time (no gradients,
         no autocast) reads the token's input projection from a table, not a matrix product."""
-        return (self._decoding_tables is not None and self.tgt_embed is not None
+        return (threading.get_ident() in self._decoding_tables and self.tgt_embed is not None
                 and isinstance(self.decoder.rnn, GRU)
                 and self.decoder.rnn.num_layers == 1 and prev.size(1) == 1
                 and not self.training and not torch.is_grad_enabled()
