@@ -1,7 +1,9 @@
 """Decoding token sequences: greedy search and batched beam search.
 
-Both run on ``batch`` (greedy) or ``batch * beam`` (beam) rows at once and drop sentences
-from the work as soon as they are finished, so a batch costs what its live sentences cost.
+Both run on ``batch`` (greedy) or ``batch * beam`` (beam) rows at once and drop finished
+sentences from the work (greedy search in groups), so a batch costs about what its live
+sentences cost. The beams of a sentence share its encoder memory (``Decoder.forward``'s
+``beams``), and the best continuations are ranked by ``top_continuations``.
 """
 
 from __future__ import annotations
