@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.gru import GRU, FastDropout
+from seq2seq.gru import GRU, FastDropout, run_padded
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": GRU, "lstm": nn.LSTM}
 
@@ -27,8 +26,9 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int,
 class Encoder(nn.Module):
     """Reads a padded batch of input vectors, respecting each sequence's length.
 
-    Padding never reaches the RNN: sequences are packed (``enforce_sorted=False``), so the
-    outputs and the final state of a sequence do not depend on how much padding its batch has.
+    Padding never reaches the RNN: sequences are packed (``run_padded``), or for the GRU's
+    training path masked, so the outputs and the final state of a sequence do not depend on
+    how much padding its batch has.
     """
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
@@ -54,17 +54,10 @@ class Encoder(nn.Module):
                 (batch, num_directions * hidden), or a pair (h, c) of those for an LSTM.
         """
         inputs = self.dropout(inputs)
-        src_len = inputs.size(1)
-        padded = bool((lengths < src_len).any())
         if isinstance(self.rnn, GRU):
-            outputs, state = self.rnn.forward_padded(inputs, lengths if padded else None)
-        elif padded:
-            packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True,
-                                          enforce_sorted=False)
-            packed_out, state = self.rnn(packed)
-            outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src_len)
-        else:  # no padding: skip the packing bookkeeping
-            outputs, state = self.rnn(inputs)
+            outputs, state = self.rnn.forward_padded(inputs, lengths)
+        else:
+            outputs, state = run_padded(self.rnn, inputs, lengths)
         if isinstance(state, tuple):
             return outputs, (self._last_layer(state[0]), self._last_layer(state[1]))
         return outputs, self._last_layer(state)

@@ -116,6 +116,29 @@ class _GRULayerFunction(torch.autograd.Function):
         return grad_gi, dh, grad_w, grad_b, None
 
 
+def run_padded(rnn: nn.RNNBase, inputs: Tensor, lengths: Tensor | None,
+               hx: Tensor | tuple[Tensor, Tensor] | None = None):
+    """Run a batch-first ``nn.RNN``/``nn.GRU``/``nn.LSTM`` over a padded batch, packing it
+    when something is padded so that padding never reaches the RNN.
+
+    Args:
+        inputs: (batch, steps, input_size); lengths: (batch,) each >= 1, or None.
+
+    Returns:
+        outputs (batch, steps, directions * hidden), zeros at padded positions, and the
+        final state as the RNN returns it.
+    """
+    steps = inputs.size(1)
+    if lengths is None or not bool((lengths < steps).any()):
+        return rnn(inputs, hx)
+    packed = nn.utils.rnn.pack_padded_sequence(inputs, lengths.cpu(), batch_first=True,
+                                               enforce_sorted=False)
+    packed_out, state = rnn(packed, hx)
+    outputs, _ = nn.utils.rnn.pad_packed_sequence(packed_out, batch_first=True,
+                                                  total_length=steps)
+    return outputs, state
+
+
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:
     """(T, B) time index that reverses each sequence within its length, padding in place."""
     t = torch.arange(steps, device=lengths.device).unsqueeze(1)  # (T, 1)
@@ -127,7 +150,7 @@ class GRU(nn.GRU):
     """``nn.GRU`` (batch first) with a faster training path on CPU; same parameters and results.
 
     ``forward_padded`` takes a padded batch and its lengths (no packing needed); when the
-    fast path does not apply it packs and calls ``nn.GRU``.
+    fast path does not apply it calls ``nn.GRU`` through ``run_padded``.
     """
 
     def use_fused(self, inputs: Tensor) -> bool:
@@ -152,7 +175,7 @@ class GRU(nn.GRU):
         if not self.batch_first:
             raise ValueError("GRU.forward_padded needs batch_first=True")
         if not self.use_fused(inputs):
-            return self._forward_packed(inputs, lengths, hx)
+            return run_padded(self, inputs, lengths, hx)
         batch, steps, device = inputs.size(0), inputs.size(1), inputs.device
         directions = 2 if self.bidirectional else 1
         padded = lengths is not None and bool((lengths < steps).any())
@@ -220,15 +243,3 @@ class GRU(nn.GRU):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         return (getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix),
                 getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix))
-
-    def _forward_packed(self, inputs: Tensor, lengths: Tensor | None,
-                        hx: Tensor | None) -> tuple[Tensor, Tensor]:
-        steps = inputs.size(1)
-        if lengths is None or not bool((lengths < steps).any()):
-            return self(inputs, hx)
-        packed = nn.utils.rnn.pack_padded_sequence(inputs, lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        packed_out, h_n = self(packed, hx)
-        outputs, _ = nn.utils.rnn.pad_packed_sequence(packed_out, batch_first=True,
-                                                      total_length=steps)
-        return outputs, h_n
