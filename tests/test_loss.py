@@ -56,3 +56,15 @@ def test_bf16_autocast_is_close_to_fp32():
         bf16 = output_cross_entropy(hidden, weight, None, targets, 0, 0.1)
     assert bf16.dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
+
+
+@pytest.mark.parametrize("rows_per_chunk", [2048, 4])
+def test_value_without_gradients_is_the_same(rows_per_chunk, monkeypatch):
+    monkeypatch.setattr(loss_module, "ROWS_PER_CHUNK", rows_per_chunk)
+    torch.manual_seed(1)
+    hidden, weight, bias = torch.randn(11, 6), torch.randn(9, 6), torch.randn(9)
+    targets = torch.randint(0, 9, (11,))
+    with_grad = output_cross_entropy(hidden.requires_grad_(), weight, bias, targets, 0, 0.1)
+    with torch.no_grad():
+        without = output_cross_entropy(hidden, weight, bias, targets, 0, 0.1)
+    torch.testing.assert_close(without, with_grad.detach())

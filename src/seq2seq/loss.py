@@ -21,17 +21,18 @@ ROWS_PER_CHUNK = 2048  # bounds the live scores to 2048 x vocabulary floats per 
 class _OutputCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                ignore_index: int, smoothing: float) -> Tensor:
+                ignore_index: int, smoothing: float, needs_grad: bool) -> Tensor:
         vocab = weight.size(0)
         matmul_dtype = (torch.get_autocast_dtype(hidden.device.type)
                         if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
         w = weight.to(matmul_dtype)
-        grad_scores = torch.empty(hidden.size(0), vocab, device=hidden.device,
-                                  dtype=torch.float32)
+        # with gradients, every chunk's gradient is kept; without, one chunk's buffer is reused
+        buffer_rows = hidden.size(0) if needs_grad else min(hidden.size(0), ROWS_PER_CHUNK)
+        grad_scores = torch.empty(buffer_rows, vocab, device=hidden.device, dtype=torch.float32)
         loss = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.size(0), ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
-            scores = grad_scores[rows]
+            scores = grad_scores[rows] if needs_grad else grad_scores[:len(targets[rows])]
             x = hidden[rows].to(matmul_dtype)
             if matmul_dtype == torch.float32:
                 if bias is None:
@@ -55,12 +56,14 @@ class _OutputCrossEntropy(torch.autograd.Function):
             if smoothing:
                 row_loss = row_loss - smoothing * mean_score
             loss = loss + (row_loss * valid).sum()
+            if not needs_grad:
+                continue
             # gradient: softmax - (1 - s) * one-hot(target) - s / V, zero on ignored rows
-            scale = valid / total
-            offset = (-smoothing / vocab) * valid.float()
-            torch.addcmul(offset, scores, scale, out=scores)
-            scores.scatter_add_(1, safe_target, -(1.0 - smoothing) * valid.float())
-        ctx.save_for_backward(hidden, weight, grad_scores)
+            real = valid.float()
+            torch.addcmul((-smoothing / vocab) * real, scores, real / total, out=scores)
+            scores.scatter_add_(1, safe_target, -(1.0 - smoothing) * real)
+        if needs_grad:
+            ctx.save_for_backward(hidden, weight, grad_scores)
         ctx.has_bias = bias is not None
         ctx.matmul_dtype = matmul_dtype
         return loss
@@ -74,7 +77,7 @@ class _OutputCrossEntropy(torch.autograd.Function):
         grad_hidden = (g @ weight.to(dtype)).to(hidden.dtype) * grad_loss
         grad_weight = (g.t() @ hidden.to(dtype)).to(weight.dtype) * grad_loss
         grad_bias = grad_scores.sum(0) * grad_loss if ctx.has_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -93,5 +96,7 @@ def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _OutputCrossEntropy.apply(hidden, weight, bias, targets, ignore_index,
-                                     float(label_smoothing))
+                                     float(label_smoothing), needs_grad)
