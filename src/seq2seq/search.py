@@ -40,7 +40,8 @@ def length_penalty(length: int, alpha: float) -> float:
 BLOCK = 64  # vocabulary block width of ``top_continuations``
 
 
-def top_continuations(scores: Tensor, offsets: Tensor, group: int, n: int) -> tuple[Tensor, Tensor]:
+def top_continuations(scores: Tensor, offsets: Tensor | None, group: int,
+                      n: int) -> tuple[Tensor, Tensor]:
     """The ``n`` best of ``scores + offsets`` over each group of ``group`` rows, exactly.
 
     ``torch.topk`` and ``max`` with indices over (rows, vocabulary) are slow on CPU (about
@@ -50,7 +51,8 @@ def top_continuations(scores: Tensor, offsets: Tensor, group: int, n: int) -> tu
 
     Args:
         scores: (groups * group, vocab) float32 log-probabilities.
-        offsets: (groups * group,) added to every score of a row (the beam's score so far).
+        offsets: (groups * group,) added to every score of a row (the beam's score so far),
+            or None (greedy search).
         group: rows ranked together (the beams of a sentence; 1 for greedy search).
         n: how many to keep, at most group * vocab.
 
@@ -65,7 +67,9 @@ def top_continuations(scores: Tensor, offsets: Tensor, group: int, n: int) -> tu
     if rest:
         block_max = torch.cat([block_max, scores[:, full * BLOCK:].amax(-1, keepdim=True)], 1)
     blocks = block_max.size(1)
-    block_max = (block_max + offsets.unsqueeze(1)).view(groups, group * blocks)
+    if offsets is not None:
+        block_max = block_max + offsets.unsqueeze(1)
+    block_max = block_max.view(groups, group * blocks)
     n_blocks = min(n, group * blocks)
     top_blocks = block_max.topk(n_blocks, dim=1).indices  # (groups, n_blocks)
     row = (torch.arange(groups, device=scores.device).unsqueeze(1) * group
@@ -73,7 +77,9 @@ def top_continuations(scores: Tensor, offsets: Tensor, group: int, n: int) -> tu
     token = ((top_blocks % blocks) * BLOCK).unsqueeze(-1) + torch.arange(BLOCK, device=scores.device)
     outside = token >= vocab  # the short last block
     token = token.clamp_max(vocab - 1)
-    candidates = scores[row.unsqueeze(-1), token] + offsets[row].unsqueeze(-1)
+    candidates = scores[row.unsqueeze(-1), token]
+    if offsets is not None:
+        candidates = candidates + offsets[row].unsqueeze(-1)
     candidates = candidates.masked_fill(outside, float("-inf")).view(groups, -1)
     values, pick = candidates.topk(n, dim=1)
     flat = ((row - torch.arange(groups, device=scores.device).unsqueeze(1) * group) * vocab
@@ -126,7 +132,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
     for step in range(steps):
         log_probs, state, weights = _step_log_probs(
             model, prev, state, memory, banned, step + 1 >= limits[active], eos)
-        best_score, best = top_continuations(log_probs, torch.zeros_like(log_probs[:, 0]), 1, 1)
+        best_score, best = top_continuations(log_probs, None, 1, 1)
         best, best_score = best[:, 0], best_score[:, 0]
         live = ~done
         rows = active[live]
