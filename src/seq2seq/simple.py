@@ -433,10 +433,7 @@ class EncoderDecoderRNN:
             if arr.size == 0:
                 raise ValueError(f"{name} is empty (shape {arr.shape}): expected at least one "
                                  "sequence of at least one step")
-            if arr.ndim == 4 and arr.shape[-1] == 1:  # column vectors
-                arr = arr[..., 0]
-            if arr.ndim == 2 and self.input_size == 1:
-                arr = arr[..., None]
+            arr = _to_steps_by_features(arr, self.input_size)
             if arr.ndim != 3:
                 raise ValueError(
                     f"{name} has shape {arr.shape}: expected (n, T, {self.input_size}) or "
@@ -467,10 +464,7 @@ class EncoderDecoderRNN:
             if arr.size == 0:
                 raise ValueError(f"Y is empty (shape {arr.shape})")
             return _one_hot(arr, self.output_size, "Y")
-        if arr.ndim == 4 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim == 2 and self.output_size == 1:
-            arr = arr[..., None]
+        arr = _to_steps_by_features(arr, self.output_size)
         if arr.ndim != 3:
             raise ValueError(
                 f"Y has shape {arr.shape}: expected (n, T_out, {self.output_size}), "
@@ -575,6 +569,16 @@ def _regular_array(value: Any) -> np.ndarray | None:
 
 def _ragged(arr: np.ndarray) -> bool:
     return any(isinstance(item, Sequence | np.ndarray) for item in arr.flat)
+
+
+def _to_steps_by_features(arr: np.ndarray, features: int) -> np.ndarray:
+    """(n, T, features, 1) column vectors -> (n, T, features); (n, T) -> (n, T, 1) when
+    there is one feature. Other shapes are returned as they are, for the caller to refuse."""
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2 and features == 1:
+        arr = arr[..., None]
+    return arr
 
 
 def _numeric(value: Any, name: str) -> np.ndarray:
