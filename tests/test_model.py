@@ -167,8 +167,27 @@ def test_decoding_tables_give_the_same_steps(attention, feeding):
         with model.decoding():
             assert model._decodes_by_table(tgt_in[:, :1])
             tabled, _ = _decode_steps(model, src, lengths, tgt_in)
+            tabled_again, _ = _decode_steps(model, src, lengths, tgt_in)
+            tables = next(iter(model._decoding_tables.values()))
+            assert "gru_input" in tables  # 3 rows x 5 steps: more rows than the 11 tokens
         assert not model._decodes_by_table(tgt_in[:, :1])
     torch.testing.assert_close(tabled, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tabled_again, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_table_is_made_only_when_enough_rows_use_it():
+    model = token_model(attention="general", input_feeding=False)
+    src, lengths, tgt_in = token_batch()
+    with torch.no_grad(), model.decoding():
+        memory, state = model.encode(src[:1], lengths[:1])
+        for t in range(TGT_LEN):  # 5 rows in all, fewer than the 11 tokens of the table
+            _, state, _ = model.decode(tgt_in[:1, t:t + 1], state, memory)
+        tables = next(iter(model._decoding_tables.values()))
+        assert "gru_input" not in tables and tables["rows"] == TGT_LEN
+    with torch.no_grad(), model.decoding(expected_rows=VOCAB):  # the caller expects enough
+        memory, state = model.encode(src[:1], lengths[:1])
+        model.decode(tgt_in[:1, :1], state, memory)
+        assert "gru_input" in next(iter(model._decoding_tables.values()))
 
 
 def test_decoding_tables_follow_weight_changes_between_blocks():

@@ -58,7 +58,7 @@ class Seq2Seq(nn.Module):
         )
         self.embed_dropout = FastDropout(config.dropout)
         self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
-        self._decoding_tables: dict[int, dict[str, Tensor]] = {}  # by thread; see decoding()
+        self._decoding_tables: dict[int, dict] = {}  # by thread; see decoding()
         if tie:
             self.generator.weight = self.tgt_embed.weight
 
@@ -88,11 +88,8 @@ class Seq2Seq(nn.Module):
                beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
         """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features).
         ``beams``: see ``Decoder.forward``."""
-        if self._decodes_by_table(prev):
-            tables = self._decoding_tables[threading.get_ident()]
-            table = tables.get("gru_input")
-            if table is None:
-                table = tables["gru_input"] = self.decoder.rnn.input_table(self.tgt_embed.weight)
+        table = self._gru_input_table(prev)
+        if table is not None:
             outputs, state, weights = self.decoder(None, state, memory, beams,
                                                    input_gates=nn.functional.embedding(prev, table))
         else:
@@ -100,16 +97,22 @@ class Seq2Seq(nn.Module):
         return self.generator(outputs), state, weights
 
     @contextlib.contextmanager
-    def decoding(self) -> Iterator[None]:
+    def decoding(self, expected_rows: int = 0) -> Iterator[None]:
         """Decode many steps with frozen weights: within, tables computed from the weights
         (the GRU input projection of every target token) are made once and reused, and
         dropped at the end. Do not change the weights inside. Each thread has its own tables,
-        so threads may decode with one model at once; an inner block reuses the outer one's."""
+        so threads may decode with one model at once; an inner block reuses the outer one's.
+
+        Args:
+            expected_rows: about how many rows x steps the block will decode (for example
+                source tokens x beam), so that a table that pays for itself is made at the
+                first step, and one that would not is not made at all.
+        """
         thread = threading.get_ident()
         if thread in self._decoding_tables:
             yield
             return
-        self._decoding_tables[thread] = {}
+        self._decoding_tables[thread] = {"rows": expected_rows}
         try:
             yield
         finally:
@@ -117,12 +120,28 @@ class Seq2Seq(nn.Module):
 
     def _decodes_by_table(self, prev: Tensor) -> bool:
         """Inside ``decoding()``, a one-layer GRU decoding one token at a time (no gradients,
-        no autocast) reads the token's input projection from a table, not a matrix product."""
+        no autocast) may read the token's input projection from a table."""
         return (threading.get_ident() in self._decoding_tables and self.tgt_embed is not None
                 and isinstance(self.decoder.rnn, GRU)
                 and self.decoder.rnn.num_layers == 1 and prev.size(1) == 1
                 and not self.training and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled(prev.device.type))
+
+    def _gru_input_table(self, prev: Tensor) -> Tensor | None:
+        """The (vocab, 3 * hidden) input-projection table for this decoding step, or None.
+
+        The table costs as much as projecting ``vocab`` rows, so it is made once the rows
+        expected (``decoding(expected_rows)``) and decoded reach that: a call that
+        translates one sentence does not pay for it."""
+        if not self._decodes_by_table(prev):
+            return None
+        tables = self._decoding_tables[threading.get_ident()]
+        if "gru_input" not in tables:
+            tables["rows"] += prev.size(0)
+            if tables["rows"] < self.tgt_embed.num_embeddings:
+                return None
+            tables["gru_input"] = self.decoder.rnn.input_table(self.tgt_embed.weight)
+        return tables["gru_input"]
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                 sampling_ratio: float = 0.0, tgt_out: Tensor | None = None,

@@ -155,7 +155,8 @@ class Translator:
                 results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
                               for _ in range(n_best)]
         order = [i for i in order if len(src_ids[i]) > 1]
-        with torch.inference_mode(), self._autocast(), self.model.decoding():  # tables once
+        expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
+        with torch.inference_mode(), self._autocast(), self.model.decoding(expected_rows):
             for start in range(0, len(order), batch_size):
                 indices = order[start:start + batch_size]
                 batch = collate(indices, src_ids).to(self.device)
