@@ -147,14 +147,14 @@ class Translator:
         if beam > 1:  # beam search decodes batch * beam rows: keep about 2 * batch_size of them
             batch_size = max(1, 2 * batch_size // beam)
         src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(sentences, start=1)]
-        order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
         banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
         results: list[list[Hypothesis]] = [[] for _ in sentences]
-        for i in order:
-            if len(src_ids[i]) == 1:  # eos alone; its eos step attends to it alone
+        for i, ids in enumerate(src_ids):
+            if len(ids) == 1:  # eos alone; its eos step attends to it alone
                 results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
                               for _ in range(n_best)]
-        order = [i for i in order if len(src_ids[i]) > 1]
+        order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1),
+                       key=lambda i: len(src_ids[i]))
         expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
         with torch.inference_mode(), self._autocast(), self.model.decoding(expected_rows):
             for start in range(0, len(order), batch_size):
