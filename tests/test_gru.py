@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq.gru import GRU, fast_dropout, reverse_index, run_padded
+from seq2seq.gru import GRU, reverse_index, run_padded
 
 
 def _run(module, fused: bool, x, lengths, hx):
@@ -69,25 +69,3 @@ def test_state_dict_is_nn_grus():
 def test_reverse_index_reverses_within_length():
     index = reverse_index(torch.tensor([3, 1, 4]), 4)
     assert index.t().tolist() == [[2, 1, 0, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
-
-
-def test_fast_dropout_rate_and_scale():
-    torch.manual_seed(0)
-    x = torch.ones(200_000)
-    y = fast_dropout(x, 0.3, True)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.7) < 0.01
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
-    assert fast_dropout(x, 0.3, False) is x
-    torch.manual_seed(5)
-    a = fast_dropout(x, 0.5, True)
-    torch.manual_seed(5)
-    assert torch.equal(a, fast_dropout(x, 0.5, True))  # seeded: resumes repeat exactly
-
-
-def test_fast_dropout_gradient_is_the_mask():
-    torch.manual_seed(0)
-    x = torch.randn(1000, requires_grad=True)
-    y = fast_dropout(x, 0.4, True)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, (y.detach() != 0).float() / 0.6)

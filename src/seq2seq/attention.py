@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from seq2seq.ops import fast_tanh
+
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     """Softmax over source positions in float32, with exactly zero weight on padding.
@@ -51,7 +53,7 @@ class BahdanauAttention(nn.Module):
             context: (batch, tgt_len, key_size) and weights: (batch, tgt_len, src_len).
         """
         proj_query = self.query_layer(query)  # (batch, tgt_len, attention_size)
-        energy = torch.tanh(proj_query.unsqueeze(2) + proj_keys.unsqueeze(1))
+        energy = fast_tanh(proj_query.unsqueeze(2) + proj_keys.unsqueeze(1))
         scores = self.energy_layer(energy).squeeze(-1)  # (batch, tgt_len, src_len)
         weights = masked_softmax(scores, mask)
         return torch.bmm(weights.to(values.dtype), values), weights
@@ -82,7 +84,10 @@ class LuongAttention(nn.Module):
     def forward(self, query: Tensor, proj_keys: Tensor, values: Tensor,
                 mask: Tensor) -> tuple[Tensor, Tensor]:
         """Same contract as ``BahdanauAttention.forward``."""
-        scores = torch.bmm(query, proj_keys.transpose(1, 2))  # (batch, tgt_len, src_len)
+        if query.size(1) == 1:  # a batched product with one row is slow on CPU
+            scores = (proj_keys * query).sum(2, keepdim=True).transpose(1, 2)
+        else:
+            scores = torch.bmm(query, proj_keys.transpose(1, 2))  # (batch, tgt_len, src_len)
         weights = masked_softmax(scores, mask)
         return torch.bmm(weights.to(values.dtype), values), weights
 

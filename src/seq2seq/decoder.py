@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from seq2seq import stepwise
 from seq2seq.attention import make_attention
 from seq2seq.encoder import State, make_rnn
-from seq2seq.gru import GRU, FastDropout
+from seq2seq.gru import GRU
+from seq2seq.ops import FastDropout, fast_tanh
 
 
 @dataclass
@@ -145,6 +147,11 @@ class Decoder(nn.Module):
 
     def _forward_stepwise(self, inputs: Tensor, state: DecoderState, memory: Memory,
                           beams: int) -> tuple[Tensor, DecoderState, Tensor | None]:
+        if stepwise.applies(self, inputs, state.hidden, beams):  # CPU training, fused
+            outputs, hidden, weights = stepwise.run_stepwise(
+                self, inputs, state.hidden, state.feed, memory.proj_keys, memory.outputs,
+                memory.mask)
+            return outputs, DecoderState(hidden, outputs[:, -1]), weights
         outputs, weights = [], []
         hidden, feed = state.hidden, state.feed
         for t in range(inputs.size(1)):
@@ -173,9 +180,9 @@ class Decoder(nn.Module):
         With ``beams`` > 1 the beams of a sentence attend as that sentence's steps."""
         query = self.dropout(rnn_out)
         if self.attention is None:
-            return torch.tanh(self.combine(query)), None
+            return fast_tanh(self.combine(query)), None
         grouped = query.reshape(-1, beams * query.size(1), query.size(2))
         context, weights = self.attention(grouped, memory.proj_keys, memory.outputs, memory.mask)
         context = context.view(query.size(0), query.size(1), -1)
         weights = weights.view(query.size(0), query.size(1), -1)
-        return torch.tanh(self.combine(torch.cat([query, context], dim=-1))), weights
+        return fast_tanh(self.combine(torch.cat([query, context], dim=-1))), weights

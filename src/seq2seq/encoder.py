@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from seq2seq.gru import GRU, FastDropout, run_padded
+from seq2seq.gru import GRU, run_padded
+from seq2seq.ops import FastDropout
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": GRU, "lstm": nn.LSTM}
 

@@ -24,30 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
-def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout`` with cheaper random numbers on CPU.
-
-    PyTorch's CPU dropout draws one Bernoulli sample per element (about 12 ns each here,
-    4 ms for a 64 x 20 x 256 batch); this draws 64-bit random words and uses each as four
-    16-bit uniforms, 5-10 times faster. The drop probability is rounded to 1/65536.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, training)
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
-    uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-    keep = uniform16 >= round(p * 65536) - 32768
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
-class FastDropout(nn.Dropout):
-    """``nn.Dropout`` that uses ``fast_dropout``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_dropout(x, self.p, self.training)
+from seq2seq.ops import fast_dropout, tanh_
 
 
 class _GRULayerFunction(torch.autograd.Function):
@@ -73,8 +50,8 @@ class _GRULayerFunction(torch.autograd.Function):
         for t in range(steps):  # results go straight into the saved buffers (out=)
             torch.baddbmm(bias, h, w_t, out=gh[t])  # (D, B, 3H)
             torch.sigmoid(gi[t, ..., :2 * size] + gh[t, ..., :2 * size], out=rz[t])
-            torch.tanh(torch.addcmul(gi[t, ..., 2 * size:], rz[t, ..., :size], gh[t, ..., 2 * size:]),
-                       out=ns[t])
+            tanh_(torch.addcmul(gi[t, ..., 2 * size:], rz[t, ..., :size], gh[t, ..., 2 * size:],
+                                out=ns[t]))
             if mask is None:
                 torch.lerp(ns[t], h, rz[t, ..., size:], out=hs[t])  # n + z * (h - n)
             else:
@@ -235,7 +212,7 @@ class GRU(nn.GRU):
         size = self.hidden_size
         gh = torch.addmm(self.bias_hh_l0, h, self.weight_hh_l0.t())
         r, z = torch.sigmoid(gates[:, :2 * size] + gh[:, :2 * size]).chunk(2, 1)
-        n = torch.tanh(torch.addcmul(gates[:, 2 * size:], r, gh[:, 2 * size:]))
+        n = tanh_(torch.addcmul(gates[:, 2 * size:], r, gh[:, 2 * size:]))
         return ((h - n) * z + n).unsqueeze(0)
 
     def _weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from seq2seq.config import ModelConfig
 from seq2seq.decoder import Decoder, DecoderState, Memory
 from seq2seq.encoder import Encoder
-from seq2seq.gru import GRU, FastDropout
+from seq2seq.gru import GRU
 from seq2seq.loss import output_cross_entropy
+from seq2seq.ops import FastDropout
 
 
 class Seq2Seq(nn.Module):

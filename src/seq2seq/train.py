@@ -35,6 +35,7 @@ from seq2seq.checkpoint import atomic_write_text, load_training_state, save_chec
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import Batch, DataError, EncodedCorpus, collate, encode_corpus, make_batches, read_parallel
 from seq2seq.metrics import score_translations
+from seq2seq.ops import keep_freed_memory
 from seq2seq.tokenize import load_tokenizers, train_tokenizers
 from seq2seq.translator import BEST, CONFIG_FILE, LAST, Translator, build_model
 
@@ -126,6 +127,8 @@ class _Run:
         cores = os.cpu_count() or 1
         torch.set_num_threads(t.threads or max(1, cores // dist.local_world_size))
         self.device = dist.device(t.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on reusing the last step's buffers
         self.config = self._prepare_config(config, data_dir, resume)
         self.t = self.config.train
         if dist.is_main:

@@ -23,6 +23,7 @@ from seq2seq.config import Config, ConfigError
 from seq2seq.data import collate, read_lines
 from seq2seq.metrics import score_translations
 from seq2seq.model import Seq2Seq
+from seq2seq.ops import keep_freed_memory
 from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
 
@@ -107,6 +108,8 @@ class Translator:
         model = build_model(config, src_tok, tgt_tok)
         load_model(weights, model)
         translator = cls(model, src_tok, tgt_tok, config, resolve_device(device))
+        if translator.device.type == "cpu":
+            keep_freed_memory()  # each step's (rows, vocabulary) scores reuse the last one's pages
         if quantize is not None:
             config.decode.quantize = quantize
         if precision is not None:

@@ -1,0 +1,203 @@
+"""The step-wise decoder's CPU training path: all target steps in one autograd Function.
+
+With input feeding each step's input holds the previous step's attentional vector, so the
+decoder runs one step at a time. Autograd then records about a hundred small operations per
+step and computes every weight gradient as T small matrix products (batch rows) that it adds
+up. ``run_stepwise`` computes the same results as ``Decoder``'s step loop for a one-layer GRU
+decoder with input feeding and Bahdanau or Luong attention, with a hand-written backward:
+
+- the embedding half of the GRU input projection is one product for all steps;
+- one step's forward writes into buffers kept for the backward (no per-step allocations
+  recorded by autograd, no concatenations);
+- the weight gradients (GRU input and recurrent weights, attention query layer, combine
+  layer) are one product each over all T * batch rows, after the backward loop.
+
+Target padding is not masked, as in the plain step loop: its outputs meet no loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from seq2seq.attention import BahdanauAttention, LuongAttention
+from seq2seq.gru import GRU
+from seq2seq.ops import dropout_scale, tanh_
+
+
+def applies(decoder, inputs: Tensor, hidden, beams: int) -> bool:
+    """True when ``run_stepwise`` can replace the decoder's step loop: CPU training
+    (gradients on, no autocast) of a one-layer GRU decoder with input feeding and attention,
+    in float32 (or float64), one row per sentence."""
+    rnn = decoder.rnn
+    return (inputs.device.type == "cpu" and torch.is_grad_enabled() and beams == 1
+            and isinstance(rnn, GRU) and rnn.num_layers == 1 and rnn.bias
+            and decoder.input_feeding and isinstance(hidden, Tensor)
+            and isinstance(decoder.attention, (BahdanauAttention, LuongAttention))
+            and inputs.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_keys: Tensor,
+                 values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher-forced steps of ``decoder`` (see ``applies``).
+
+    Args:
+        inputs: (batch, tgt_len, embed) embedded previous tokens.
+        hidden: (1, batch, hidden) initial GRU state; feed: (batch, output) initial
+            attentional vector.
+        proj_keys: (batch, src_len, attention) Bahdanau / (batch, src_len, hidden) Luong keys.
+        values: (batch, src_len, key) encoder outputs; mask: (batch, src_len) bool, True at
+            real source positions.
+
+    Returns:
+        outputs (batch, tgt_len, output) attentional vectors, the final state (1, batch,
+        hidden), and float32 attention weights (batch, tgt_len, src_len).
+    """
+    rnn, attention = decoder.rnn, decoder.attention
+    embed = inputs.size(-1)
+    w_ih = rnn.weight_ih_l0
+    gates_embed = F.linear(inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
+    keep = None
+    if decoder.training and decoder.dropout.p > 0:
+        keep = dropout_scale((inputs.size(1), inputs.size(0), decoder.hidden_size),
+                             decoder.dropout.p)
+    w_query = energy = None  # Luong: the keys are all there is
+    if isinstance(attention, BahdanauAttention):
+        w_query, energy = attention.query_layer.weight, attention.energy_layer.weight.view(-1)
+    outputs, final, weights = _StepwiseGRUFunction.apply(
+        gates_embed.contiguous(), hidden[0], feed, w_ih[:, embed:], rnn.weight_hh_l0,
+        rnn.bias_hh_l0, keep, proj_keys, values, mask, w_query, energy,
+        decoder.combine.weight, decoder.combine.bias)
+    return outputs.transpose(0, 1), final.unsqueeze(0), weights.transpose(0, 1).float()
+
+
+class _StepwiseGRUFunction(torch.autograd.Function):
+    """Inputs (T steps, B sentences, S source positions, H hidden, O output, K key, A
+    attention): gates_embed (T, B, 3H) ``W_ih[:, :embed] x + b_ih``; h0 (B, H); f0 (B, O);
+    w_feed (3H, O) the input weights of the fed vector; w_hh (3H, H); b_hh (3H); keep
+    (T, B, H) dropout scale of the query, or None; proj_keys (B, S, A or H); values
+    (B, S, K); mask (B, S); w_query (A, H) and energy (A) for Bahdanau, or None and None for
+    Luong (keys already projected); w_combine (O, H + K); b_combine (O).
+
+    Outputs: the attentional vectors (T, B, O), the final state (B, H), the attention
+    weights (T, B, S) (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, gates_embed, h0, f0, w_feed, w_hh, b_hh, keep, proj_keys, values, mask,
+                w_query, energy, w_combine, b_combine):
+        steps, batch = gates_embed.shape[:2]
+        size, src_len = h0.size(1), values.size(1)
+        bahdanau = w_query is not None
+        hs = h0.new_empty(steps, batch, size)  # GRU states
+        rz = h0.new_empty(steps, batch, 2 * size)  # reset and update gates
+        ns = h0.new_empty(steps, batch, size)  # candidate states
+        gh = h0.new_empty(steps, batch, 3 * size)  # W_hh h + b_hh
+        query_context = h0.new_empty(steps, batch, size + values.size(2))  # [q; c]
+        outs = h0.new_empty(steps, batch, w_combine.size(0))  # attentional vectors
+        weights = h0.new_empty(steps, batch, src_len)
+        tanh_energy = (h0.new_empty(steps, batch, src_len, w_query.size(0)) if bahdanau
+                       else None)
+        padding = ~mask
+        h, f = h0, f0
+        for t in range(steps):
+            gi = torch.addmm(gates_embed[t], f, w_feed.t())  # (B, 3H)
+            torch.addmm(b_hh, h, w_hh.t(), out=gh[t])
+            torch.sigmoid(gi[:, :2 * size].add_(gh[t, :, :2 * size]), out=rz[t])
+            tanh_(torch.addcmul(gi[:, 2 * size:], rz[t, :, :size], gh[t, :, 2 * size:],
+                                out=ns[t]))
+            torch.lerp(ns[t], h, rz[t, :, size:], out=hs[t])  # n + z * (h - n)
+            h = hs[t]
+            query = query_context[t, :, :size]
+            if keep is None:
+                query.copy_(h)
+            else:
+                torch.mul(h, keep[t], out=query)
+            if bahdanau:
+                projected = torch.mm(query, w_query.t())  # (B, A)
+                tanh_(torch.add(proj_keys, projected.unsqueeze(1), out=tanh_energy[t]))
+                scores = torch.matmul(tanh_energy[t], energy)  # (B, S)
+            else:  # a batched product with one column is slow: multiply and sum
+                scores = (proj_keys * query.unsqueeze(1)).sum(2)
+            weights[t] = torch.softmax(scores.masked_fill_(padding, float("-inf")), -1)
+            query_context[t, :, size:] = torch.bmm(weights[t].unsqueeze(1), values).squeeze(1)
+            tanh_(torch.addmm(b_combine, query_context[t], w_combine.t(), out=outs[t]))
+            f = outs[t]
+        ctx.save_for_backward(h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy,
+                              w_combine, hs, rz, ns, gh[..., 2 * size:], query_context, outs,
+                              weights, tanh_energy)
+        ctx.mark_non_differentiable(weights)
+        return outs, hs[-1].clone(), weights
+
+    @staticmethod
+    def backward(ctx, grad_outs, grad_final, _grad_weights):
+        (h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy, w_combine, hs, rz,
+         ns, ghn, query_context, outs, weights, tanh_energy) = ctx.saved_tensors
+        steps, batch, size = hs.shape
+        bahdanau = w_query is not None
+        if grad_outs is None:
+            grad_outs = torch.zeros_like(outs)
+        dh = torch.zeros_like(h0) if grad_final is None else grad_final.clone()
+        df = torch.zeros_like(f0)
+        d_pre_combine = torch.empty_like(outs)  # through the combine layer's tanh
+        d_gates_in = h0.new_empty(steps, batch, 3 * size)  # grad of W_ih x + b_ih
+        d_gates_hh = torch.empty_like(d_gates_in)  # grad of W_hh h + b_hh
+        d_context = h0.new_empty(steps, batch, values.size(2))
+        d_scores = torch.empty_like(weights)
+        d_projected = h0.new_empty(steps, batch, w_query.size(0)) if bahdanau else None
+        d_proj_keys = torch.zeros_like(proj_keys) if bahdanau else None
+        for t in range(steps - 1, -1, -1):
+            torch.ops.aten.tanh_backward.grad_input(grad_outs[t] + df, outs[t],
+                                                    grad_input=d_pre_combine[t])
+            d_query_context = torch.mm(d_pre_combine[t], w_combine)  # (B, H + K)
+            d_query = d_query_context[:, :size]
+            d_context[t] = d_query_context[:, size:]
+            w = weights[t]
+            d_w = (values * d_context[t].unsqueeze(1)).sum(2)  # (B, S)
+            d_w -= (w * d_w).sum(1, keepdim=True)
+            torch.mul(w, d_w, out=d_scores[t])  # softmax backward; 0 at padding
+            if bahdanau:
+                d_pre = torch.ops.aten.tanh_backward(
+                    d_scores[t].unsqueeze(2) * energy, tanh_energy[t])  # (B, S, A)
+                d_proj_keys += d_pre
+                torch.sum(d_pre, 1, out=d_projected[t])
+                d_query = torch.addmm(d_query, d_projected[t], w_query)
+            else:
+                d_query = d_query + torch.bmm(d_scores[t].unsqueeze(1), proj_keys).squeeze(1)
+            dh = dh + (d_query if keep is None else d_query * keep[t])
+            # the GRU cell
+            h_prev = hs[t - 1] if t > 0 else h0
+            r, z, n = rz[t, :, :size], rz[t, :, size:], ns[t]
+            dn = torch.mul(dh * (1 - z), 1 - n * n, out=d_gates_in[t, :, 2 * size:])
+            torch.mul(dh * (h_prev - n), z * (1 - z), out=d_gates_hh[t, :, size:2 * size])
+            torch.mul(dn * ghn[t], r * (1 - r), out=d_gates_hh[t, :, :size])
+            torch.mul(dn, r, out=d_gates_hh[t, :, 2 * size:])
+            d_gates_in[t, :, :2 * size] = d_gates_hh[t, :, :2 * size]
+            dh = torch.addmm(dh * z, d_gates_hh[t], w_hh)
+            df = torch.mm(d_gates_in[t], w_feed)
+
+        def rows(x: Tensor) -> Tensor:  # (T, B, n) -> (T * B, n)
+            return x.reshape(-1, x.size(-1))
+
+        prev_h = torch.cat([h0.unsqueeze(0), hs[:-1]], 0)
+        prev_f = torch.cat([f0.unsqueeze(0), outs[:-1]], 0)
+        query = query_context[..., :size]
+        grads = dict(
+            gates_embed=d_gates_in, h0=dh, f0=df,
+            w_feed=rows(d_gates_in).t().mm(rows(prev_f)),
+            w_hh=rows(d_gates_hh).t().mm(rows(prev_h)), b_hh=rows(d_gates_hh).sum(0),
+            values=torch.bmm(weights.permute(1, 2, 0), d_context.transpose(0, 1)),
+            w_combine=rows(d_pre_combine).t().mm(rows(query_context)),
+            b_combine=rows(d_pre_combine).sum(0))
+        if bahdanau:
+            grads["proj_keys"] = d_proj_keys
+            grads["w_query"] = rows(d_projected).t().mm(rows(query))
+            grads["energy"] = rows(tanh_energy).t().mv(d_scores.reshape(-1))
+        else:
+            grads["proj_keys"] = torch.bmm(d_scores.permute(1, 2, 0), query.transpose(0, 1))
+        names = ("gates_embed", "h0", "f0", "w_feed", "w_hh", "b_hh", "keep", "proj_keys",
+                 "values", "mask", "w_query", "energy", "w_combine", "b_combine")
+        return tuple(grads.get(name) if needed else None
+                     for name, needed in zip(names, ctx.needs_input_grad))
