@@ -154,3 +154,25 @@ def test_top_continuations_equal_topk(vocab, group, n):
     torch.testing.assert_close(values, want_values)
     finite = torch.isfinite(want_values)  # -inf entries tie: any index will do
     assert finite.any() and torch.equal(index[finite], want_index[finite])
+
+
+def test_beam_wider_than_vocabulary_is_exhaustive():
+    """Beam 12 over 9 tokens with two steps at most: the first step (one row per sentence)
+    has fewer candidates than beams, and the search must still return every possible output,
+    [eos] or [t, eos], with its score. At the limit eos is forced (log-probability 0), so
+    [t, eos] scores the first step's log-probability of t."""
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    results = beam_search(net, src, lengths, beam=12, n_best=12, bos=BOS, eos=EOS,
+                          max_lengths=torch.full_like(lengths, 2), alpha=0.0)
+    with torch.no_grad():
+        for i, hyps in enumerate(results):
+            n = int(lengths[i])
+            first, _ = net(src[i:i + 1, :n], lengths[i:i + 1], torch.tensor([[BOS]]))
+            first = torch.log_softmax(first[0, 0], -1)
+            want = {(): first[EOS].item()}
+            want.update({(t,): first[t].item() for t in range(VOCAB) if t != EOS})
+            got = {tuple(h.tokens): h.score for h in hyps}
+            assert got.keys() == want.keys()
+            for output, score in want.items():
+                assert got[output] == pytest.approx(score, abs=1e-5)
+            assert [h.score for h in hyps] == sorted(got.values(), reverse=True)

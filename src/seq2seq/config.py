@@ -164,7 +164,7 @@ class DecodeConfig:
     beam: int = 5
     length_penalty: float = 1.0  # GNMT's alpha; 0 means raw log-probability
     max_len_ratio: float = 1.5  # output length limit: ratio * source length + 5
-    batch_size: int = 250  # sentences per greedy batch (sorted by length); beam: 2 * this / beam
+    batch_size: int = 1000  # sentences per greedy batch (sorted by length); beam: 2 * this / beam
     n_best: int = 1
     ban_unk: bool = True  # never emit <unk>
     quantize: bool = False  # int8 dynamic quantization of linear layers (CPU decoding)

@@ -176,12 +176,12 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
     batch, k = src.size(0), beam
     device = src.device
     memory, state = model.encode(src, src_lengths)
-    state = state.select(torch.arange(batch, device=device).repeat_interleave(k))
     active = torch.arange(batch, device=device)
     limits = max_lengths.to(device)
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    history = torch.full((batch * k, 1), bos, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, 1, device=device)
+    # The first step decodes one row per sentence (all beams would start identical); its
+    # best k continuations become the beams. From then on rows are sentences * k.
+    history = torch.full((batch, 1), bos, dtype=torch.long, device=device)
     attn_history: Tensor | None = None  # (rows, steps, src_len)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     best_finished = torch.full((batch,), float("-inf"))  # best normalised finished score
@@ -189,19 +189,27 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
 
     for step in range(int(limits.max())):
         at_limit = step + 1 >= limits[active]  # (live,)
+        group = scores.size(1)  # rows per sentence: 1 at the first step, then k
         log_probs, state, weights = _step_log_probs(
-            model, history[:, -1:], state, memory, banned, at_limit.repeat_interleave(k), eos, k)
+            model, history[:, -1:], state, memory, banned, at_limit.repeat_interleave(group),
+            eos, group)
         vocab = log_probs.size(1)
         if return_attention and weights is not None:
             step_attn = weights.unsqueeze(1).float()
             attn_history = step_attn if attn_history is None else torch.cat(
                 [attn_history, step_attn], 1)
         live = scores.size(0)
-        cand_scores, cand_index = top_continuations(  # (live, 2k) over the k * vocab ways on
-            log_probs, scores.view(-1), k, min(2 * k, k * vocab))
+        cand_scores, cand_index = top_continuations(  # (live, <= 2k) of the group * vocab ways on
+            log_probs, scores.view(-1), group, min(2 * k, group * vocab))
+        wanted = min(2 * k, k * vocab)
+        if cand_scores.size(1) < wanted:  # a first step over fewer than 2k tokens: pad with
+            missing = wanted - cand_scores.size(1)  # -inf, so eos never has to go on
+            cand_scores = torch.cat([cand_scores, cand_scores.new_full((live, missing),
+                                                                       float("-inf"))], 1)
+            cand_index = torch.cat([cand_index, cand_index.new_zeros(live, missing)], 1)
         cand_origin = cand_index // vocab  # which beam of the sentence it extends
         cand_token = cand_index % vocab
-        cand_rows = torch.arange(live, device=device).unsqueeze(1) * k + cand_origin
+        cand_rows = torch.arange(live, device=device).unsqueeze(1) * group + cand_origin
         is_eos = cand_token == eos
         rank = torch.arange(cand_scores.size(1), device=device).expand_as(cand_scores)
         ends = is_eos & (rank < k) & torch.isfinite(cand_scores)
