@@ -5,8 +5,9 @@ JoeyNMT does the same for Bahdanau scores) and combines state and context into a
 attentional vector ``tanh(W [h; c])``, which the model's output layer turns into scores.
 
 With input feeding, that vector is also part of the next step's input, so the steps must run
-one at a time. Without it the RNN does not depend on attention, and the whole target sequence
-goes through the fused RNN kernel in one call, followed by one batched attention.
+one at a time (in CPU training, a one-layer GRU does so inside one autograd Function:
+``stepwise.py``). Without it the RNN does not depend on attention, and the whole target
+sequence goes through the fused RNN kernel in one call, followed by one batched attention.
 """
 
 from __future__ import annotations
