@@ -69,13 +69,17 @@ def test_weights_are_float32_under_bfloat16_autocast(index):
     assert context.shape == (BATCH, TGT, key_size)
 
 
-def test_one_query_step_matches_the_same_step_in_a_batch_of_steps():
-    _, attention, _ = attentions()[0]
-    query, keys = inputs()
+@pytest.mark.parametrize("index", range(3))
+def test_one_query_step_matches_the_same_step_in_a_batch_of_steps(index):
+    """One step takes its own path for Luong scores (multiply and sum, not a batched
+    product): context and weights are those of the same step among many."""
+    _, attention, key_size = attentions()[index]
+    query, keys = inputs(key_size=key_size)
     proj = attention.project_keys(keys)
-    _, all_steps = attention(query, proj, keys, mask())
-    _, one_step = attention(query[:, 2:3], proj, keys, mask())
+    context, all_steps = attention(query, proj, keys, mask())
+    one_context, one_step = attention(query[:, 2:3], proj, keys, mask())
     torch.testing.assert_close(one_step[:, 0], all_steps[:, 2])
+    torch.testing.assert_close(one_context[:, 0], context[:, 2])
 
 
 def test_bahdanau_projects_keys_to_the_attention_size():

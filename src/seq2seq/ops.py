@@ -42,7 +42,7 @@ class _Tanh(torch.autograd.Function):
 
 def fast_tanh(x: Tensor) -> Tensor:
     """``torch.tanh`` on CPU through ``tanh_`` (with its gradient when one is recorded);
-    ``torch.tanh`` elsewhere and for bf16/fp16, where it is not slow."""
+    plain ``torch.tanh`` on other devices and for bf16/fp16 (not measured there)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return torch.tanh(x)
     if torch.is_grad_enabled() and x.requires_grad:
