@@ -27,6 +27,45 @@ from torch.nn import functional as F
 from seq2seq.ops import fast_dropout, tanh_
 
 
+def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
+             out: Tensor | None = None) -> Tensor:
+    """One GRU step's gate arithmetic, in PyTorch's gate order (reset, update, candidate).
+
+    Args:
+        gi: (..., 3H) ``W_ih x + b_ih``; gh: (..., 3H) ``W_hh h + b_hh``; h: (..., H).
+        rz, n: (..., 2H) and (..., H) buffers that receive the reset and update gates and
+            the candidate state (the backward pass needs them).
+        out: where the new state goes, or None for a new tensor.
+
+    Returns:
+        the new state ``n + z * (h - n)``.
+    """
+    size = h.size(-1)
+    torch.sigmoid(gi[..., :2 * size] + gh[..., :2 * size], out=rz)
+    tanh_(torch.addcmul(gi[..., 2 * size:], rz[..., :size], gh[..., 2 * size:], out=n))
+    if out is None:
+        return torch.lerp(n, h, rz[..., size:])
+    return torch.lerp(n, h, rz[..., size:], out=out)
+
+
+def gru_cell_backward(dh: Tensor, h_prev: Tensor, rz: Tensor, n: Tensor, ghn: Tensor,
+                      grad_gh: Tensor, grad_gin: Tensor) -> Tensor:
+    """Back through one ``gru_cell`` step, given ``dh``, the gradient of its new state.
+
+    Writes the gradient of ``gh`` into ``grad_gh`` (..., 3H) and that of ``gi``'s candidate
+    part into ``grad_gin`` (..., H); ``gi``'s reset and update parts have ``grad_gh``'s.
+    ``ghn`` is the candidate part of ``gh``. Returns ``dh * z``: the previous state's
+    gradient apart from what flows back through ``W_hh`` (``grad_gh @ W_hh``).
+    """
+    size = n.size(-1)
+    r, z = rz[..., :size], rz[..., size:]
+    dn = torch.mul(dh * (1 - z), 1 - n * n, out=grad_gin)  # through tanh
+    torch.mul(dh * (h_prev - n), z * (1 - z), out=grad_gh[..., size:2 * size])
+    torch.mul(dn * ghn, r * (1 - r), out=grad_gh[..., :size])
+    torch.mul(dn, r, out=grad_gh[..., 2 * size:])
+    return dh * z
+
+
 class _GRULayerFunction(torch.autograd.Function):
     """The recurrence of one GRU layer, all directions stepping together.
 
@@ -49,13 +88,10 @@ class _GRULayerFunction(torch.autograd.Function):
         h = h0
         for t in range(steps):  # results go straight into the saved buffers (out=)
             torch.baddbmm(bias, h, w_t, out=gh[t])  # (D, B, 3H)
-            torch.sigmoid(gi[t, ..., :2 * size] + gh[t, ..., :2 * size], out=rz[t])
-            tanh_(torch.addcmul(gi[t, ..., 2 * size:], rz[t, ..., :size], gh[t, ..., 2 * size:],
-                                out=ns[t]))
             if mask is None:
-                torch.lerp(ns[t], h, rz[t, ..., size:], out=hs[t])  # n + z * (h - n)
-            else:
-                torch.where(mask[t].view(1, -1, 1), torch.lerp(ns[t], h, rz[t, ..., size:]), h,
+                gru_cell(gi[t], gh[t], h, rz[t], ns[t], out=hs[t])
+            else:  # padding: the state stays
+                torch.where(mask[t].view(1, -1, 1), gru_cell(gi[t], gh[t], h, rz[t], ns[t]), h,
                             out=hs[t])
             h = hs[t]
         ctx.save_for_backward(h0, w_hh, hs, rz, ns, gh[..., 2 * size:], mask)
@@ -75,12 +111,8 @@ class _GRULayerFunction(torch.autograd.Function):
                 real = mask[t].view(1, -1, 1)
                 frozen = torch.where(real, 0.0, dh)  # padding: the state passes through
                 dh = torch.where(real, dh, 0.0)
-            r, z, n = rz[t, ..., :size], rz[t, ..., size:], ns[t]
-            dn = torch.mul(dh * (1 - z), 1 - n * n, out=grad_gin[t])  # through tanh
-            torch.mul(dh * (h_prev - n), z * (1 - z), out=grad_gh[t, ..., size:2 * size])
-            torch.mul(dn * ghn[t], r * (1 - r), out=grad_gh[t, ..., :size])
-            torch.mul(dn, r, out=grad_gh[t, ..., 2 * size:])
-            dh = torch.baddbmm(dh * z, grad_gh[t], w_hh)  # (D, B, H)
+            direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], grad_gh[t], grad_gin[t])
+            dh = torch.baddbmm(direct, grad_gh[t], w_hh)  # (D, B, H)
             if mask is not None:
                 dh = dh + frozen
         directions = hs.size(1)
@@ -209,11 +241,9 @@ class GRU(nn.GRU):
             (1, batch, hidden), the new state (also the output).
         """
         h = hx[0]
-        size = self.hidden_size
         gh = torch.addmm(self.bias_hh_l0, h, self.weight_hh_l0.t())
-        r, z = torch.sigmoid(gates[:, :2 * size] + gh[:, :2 * size]).chunk(2, 1)
-        n = tanh_(torch.addcmul(gates[:, 2 * size:], r, gh[:, 2 * size:]))
-        return ((h - n) * z + n).unsqueeze(0)
+        rz, n = gh.new_empty(h.size(0), 2 * self.hidden_size), torch.empty_like(h)
+        return gru_cell(gates, gh, h, rz, n).unsqueeze(0)
 
     def _weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(w_ih, w_hh, b_ih, b_hh) of one layer and direction."""

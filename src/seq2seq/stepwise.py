@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from seq2seq.attention import BahdanauAttention, LuongAttention
-from seq2seq.gru import GRU
+from seq2seq.gru import GRU, gru_cell, gru_cell_backward
 from seq2seq.ops import dropout_scale, tanh_
 
 
@@ -105,11 +105,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         for t in range(steps):
             gi = torch.addmm(gates_embed[t], f, w_feed.t())  # (B, 3H)
             torch.addmm(b_hh, h, w_hh.t(), out=gh[t])
-            torch.sigmoid(gi[:, :2 * size].add_(gh[t, :, :2 * size]), out=rz[t])
-            tanh_(torch.addcmul(gi[:, 2 * size:], rz[t, :, :size], gh[t, :, 2 * size:],
-                                out=ns[t]))
-            torch.lerp(ns[t], h, rz[t, :, size:], out=hs[t])  # n + z * (h - n)
-            h = hs[t]
+            h = gru_cell(gi, gh[t], h, rz[t], ns[t], out=hs[t])
             query = query_context[t, :, :size]
             if keep is None:
                 query.copy_(h)
@@ -169,13 +165,10 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             dh = dh + (d_query if keep is None else d_query * keep[t])
             # the GRU cell
             h_prev = hs[t - 1] if t > 0 else h0
-            r, z, n = rz[t, :, :size], rz[t, :, size:], ns[t]
-            dn = torch.mul(dh * (1 - z), 1 - n * n, out=d_gates_in[t, :, 2 * size:])
-            torch.mul(dh * (h_prev - n), z * (1 - z), out=d_gates_hh[t, :, size:2 * size])
-            torch.mul(dn * ghn[t], r * (1 - r), out=d_gates_hh[t, :, :size])
-            torch.mul(dn, r, out=d_gates_hh[t, :, 2 * size:])
+            direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], d_gates_hh[t],
+                                       d_gates_in[t, :, 2 * size:])
             d_gates_in[t, :, :2 * size] = d_gates_hh[t, :, :2 * size]
-            dh = torch.addmm(dh * z, d_gates_hh[t], w_hh)
+            dh = torch.addmm(direct, d_gates_hh[t], w_hh)
             df = torch.mm(d_gates_in[t], w_feed)
 
         def rows(x: Tensor) -> Tensor:  # (T, B, n) -> (T * B, n)
