@@ -2,7 +2,8 @@
 
     python benchmarks/decode_speed.py --model-dir runs/multi30k_en_de
 
-Variants: fp32, int8 dynamic quantization of the linear layers, and bf16 autocast.
+Variants: fp32, int8 dynamic quantization of the linear layers, and bf16 (on CPU the output
+layer's product, on a GPU autocast: ``Translator._autocast``).
 Each variant runs in its own process, so its peak resident memory is that of decoding alone,
 and decodes the test set ``--repeat`` times (3); the fastest run counts, as with ``timeit``.
 For beam 5 it also reports the compute bound: the output layer's FLOPs (the largest matrix
@@ -19,7 +20,7 @@ import time
 
 from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
 
-# name: (beam, int8 dynamic quantization, bf16 autocast)
+# name: (beam, int8 dynamic quantization, bf16)
 VARIANTS = {"greedy": (1, False, False), "beam5": (5, False, False),
             "greedy-int8": (1, True, False), "beam5-int8": (5, True, False),
             "greedy-bf16": (1, False, True), "beam5-bf16": (5, False, True)}

@@ -68,3 +68,42 @@ def test_value_without_gradients_is_the_same(rows_per_chunk, monkeypatch):
     with torch.no_grad():
         without = output_cross_entropy(hidden, weight, bias, targets, 0, 0.1)
     torch.testing.assert_close(without, with_grad.detach())
+
+
+def _loss_and_grads(hidden, weight, bias, targets, **kwargs):
+    hidden, weight, bias = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    loss = output_cross_entropy(hidden, weight, bias, targets, 0, 0.1, **kwargs)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad, bias.grad
+
+
+@pytest.mark.parametrize("rows_per_chunk", [2048, 100])
+def test_bf16_products_without_autocast_are_close_to_fp32(rows_per_chunk, monkeypatch):
+    """matmul_dtype=bf16 (CPU bf16 training): 300 rows are padded to 512 for the products
+    and cut again; loss and gradients stay within bf16 rounding of float32."""
+    monkeypatch.setattr(loss_module, "ROWS_PER_CHUNK", rows_per_chunk)
+    torch.manual_seed(2)
+    hidden, weight, bias = torch.randn(300, 16), torch.randn(40, 16) * 0.3, torch.randn(40)
+    targets = torch.randint(0, 40, (300,))
+    expected = _loss_and_grads(hidden, weight, bias, targets)
+    got = _loss_and_grads(hidden, weight, bias, targets, matmul_dtype=torch.bfloat16)
+    assert abs(got[0].item() - expected[0].item()) / expected[0].item() < 0.01
+    for g, e in zip(got[1:], expected[1:]):
+        assert g.dtype == torch.float32 and g.shape == e.shape
+        assert (g - e).abs().max() <= 0.02 * e.abs().max()
+
+
+def test_bf16_scratch_buffer_is_not_shared_between_pending_losses():
+    """Two losses computed before one backward: the buffer reused for the bf16 products must
+    not leak one batch's gradient into the other's."""
+    torch.manual_seed(3)
+    weight, bias = torch.randn(30, 8), torch.randn(30)
+    h1, h2 = torch.randn(50, 8), torch.randn(70, 8) * 2
+    t1, t2 = torch.randint(1, 30, (50,)), torch.randint(1, 30, (70,))
+    alone = _loss_and_grads(h1, weight, bias, t1, matmul_dtype=torch.bfloat16)
+    w = weight.clone().requires_grad_()
+    first, second = h1.clone().requires_grad_(), h2.clone().requires_grad_()
+    loss = (output_cross_entropy(first, w, bias, t1, 0, 0.1, matmul_dtype=torch.bfloat16)
+            + output_cross_entropy(second, w, bias, t2, 0, 0.1, matmul_dtype=torch.bfloat16))
+    loss.backward()
+    torch.testing.assert_close(first.grad, alone[1])

@@ -81,6 +81,29 @@ def test_teacher_forcing_equals_decoding_step_by_step(attention, feeding):
     torch.testing.assert_close(torch.cat(steps, 1), scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention, feeding", [("bahdanau", True), ("general", False),
+                                                ("dot", True)])
+def test_decoding_with_combined_values_equals_the_combine_layer(attention, feeding):
+    """Without gradients the memory carries the values through the combine layer's context
+    half, and each step adds them up by attention weight: the same scores as the trained
+    path's tanh(W [h; c]), step by step and over the whole sequence."""
+    model = token_model(attention=attention, input_feeding=feeding, bidirectional=attention != "dot")
+    src, lengths, tgt_in = token_batch()
+    scores, weights = model(src, lengths, tgt_in)
+    assert model.encode(src, lengths)[0].combined_values is None  # gradients: the plain path
+    with torch.no_grad():
+        memory, state = model.encode(src, lengths)
+        assert memory.combined_values is not None
+        steps = []
+        for t in range(TGT_LEN):
+            step, state, _ = model.decode(tgt_in[:, t:t + 1], state, memory)
+            steps.append(step)
+        whole, whole_weights = model(src, lengths, tgt_in)
+    torch.testing.assert_close(torch.cat(steps, 1), scores.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole, scores.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole_weights, weights.detach())
+
+
 @pytest.mark.parametrize("attention", [None, "bahdanau"])
 def test_padding_invariance(attention):
     model = token_model(attention=attention, bidirectional=True, cell="lstm")

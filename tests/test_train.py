@@ -97,3 +97,34 @@ def test_a_finished_run_goes_on_with_more_epochs(corpus, tmp_path, capsys):
     _, second = checkpoint(model_dir)
     assert second["finished"] and second["epoch"] == 2 and second["step"] == 2 * first["step"]
     assert "training finished: 2 epochs done" in capsys.readouterr().err
+
+
+def test_bf16_on_cpu_runs_the_output_layer_in_bf16_without_autocast(corpus, tmp_path,
+                                                                     monkeypatch):
+    """CPU bf16 training: the fused loss's products in bf16, the rest float32 with no
+    autocast, so the step-wise decoder's fused path runs (it refuses autocast)."""
+    from seq2seq import loss as loss_module
+    from seq2seq import model as model_module
+    from seq2seq import stepwise
+
+    seen, fused_steps = [], []
+    real_loss, real_stepwise = loss_module.output_cross_entropy, stepwise.run_stepwise
+
+    def spy_loss(*args, **kwargs):
+        seen.append((args[-1] if len(args) > 6 else kwargs.get("matmul_dtype"),
+                     torch.is_autocast_enabled("cpu"), args[0].dtype))
+        return real_loss(*args, **kwargs)
+
+    def spy_stepwise(*args, **kwargs):
+        fused_steps.append(1)
+        return real_stepwise(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "output_cross_entropy", spy_loss)
+    monkeypatch.setattr(stepwise, "run_stepwise", spy_stepwise)
+    train(corpus, tmp_path / "run", "--set", "train.max_steps=3", "--set",
+          "train.precision=bf16")
+    assert seen and all(s == (torch.bfloat16, False, torch.float32) for s in seen)
+    assert len(fused_steps) >= 3 * 2  # every micro-batch (accumulate 2) took the fused path
+    tensors, state = checkpoint(tmp_path / "run")
+    assert state["step"] == 3
+    assert all(bool(torch.isfinite(t).all()) for k, t in tensors.items() if k.startswith("model."))

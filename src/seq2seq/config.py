@@ -130,7 +130,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops
     threads: int = 0  # torch threads on CPU; 0 means cores divided by processes per node
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (GPU: autocast; CPU: the output layer's products)
     backend: str = "auto"  # torch.distributed backend: auto | gloo | nccl
     checkpoint_delay_s: float = 0.0  # test hook: sleep while a checkpoint is half written
 

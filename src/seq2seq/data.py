@@ -221,7 +221,9 @@ def collate(indices: Sequence[int], src: Sequence[list[int]],
 
 def _pad(sequences: list[list[int]]) -> Tensor:
     """(len(sequences), longest) long tensor, PAD_ID after each sequence."""
-    out = torch.full((len(sequences), max(map(len, sequences), default=0)), PAD_ID, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        out[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    return out
+    if not sequences:
+        return torch.zeros(0, 0, dtype=torch.long)
+    longest = max(map(len, sequences))
+    # one tensor from padded lists: a tensor per row costs about 1 ms a training batch
+    return torch.tensor([[*s, *[PAD_ID] * (longest - len(s))] for s in sequences],
+                        dtype=torch.long)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from seq2seq import stepwise
 from seq2seq.attention import make_attention
@@ -31,16 +32,23 @@ class Memory:
     outputs: (batch, src_len, key_size) encoder outputs (the attention values).
     proj_keys: (batch, src_len, *) keys already projected by the attention, or None.
     mask: (batch, src_len) bool, True at real source positions.
+    combined_values: (batch, src_len, output_size) the encoder outputs times the context half
+        of the combine layer, or None. Set for decoding (``Decoder.prepare``): the context
+        enters ``tanh(W [h; c])`` only through ``W_c c = sum_s weight_s (W_c value_s)``, so
+        with this each step skips the context half of the combine product.
     """
 
     outputs: Tensor
     proj_keys: Tensor | None
     mask: Tensor
+    combined_values: Tensor | None = None
 
     def select(self, index: Tensor) -> Memory:
         """Pick batch rows (beam search expands and prunes with this)."""
-        keys = None if self.proj_keys is None else self.proj_keys.index_select(0, index)
-        return Memory(self.outputs.index_select(0, index), keys, self.mask.index_select(0, index))
+        def pick(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.index_select(0, index)
+        return Memory(self.outputs.index_select(0, index), pick(self.proj_keys),
+                      self.mask.index_select(0, index), pick(self.combined_values))
 
 
 @dataclass
@@ -86,9 +94,15 @@ class Decoder(nn.Module):
         self.combine = nn.Linear(hidden_size + context_size, output_size)
 
     def prepare(self, encoder_outputs: Tensor, mask: Tensor) -> Memory:
-        """Project the attention keys once per batch (before the step loop)."""
-        keys = None if self.attention is None else self.attention.project_keys(encoder_outputs)
-        return Memory(encoder_outputs, keys, mask)
+        """Project the attention keys once per batch (before the step loop); without
+        gradients (decoding) also the values through the combine layer's context half."""
+        if self.attention is None:
+            return Memory(encoder_outputs, None, mask)
+        keys = self.attention.project_keys(encoder_outputs)
+        combined = None
+        if not torch.is_grad_enabled() and isinstance(self.combine, nn.Linear):  # not int8
+            combined = F.linear(encoder_outputs, self.combine.weight[:, self.hidden_size:])
+        return Memory(encoder_outputs, keys, mask, combined)
 
     def init_state(self, encoder_final: State) -> DecoderState:
         """encoder_final: (batch, encoder_state_size), or (h, c) of those for an LSTM."""
@@ -183,7 +197,13 @@ class Decoder(nn.Module):
         if self.attention is None:
             return fast_tanh(self.combine(query)), None
         grouped = query.reshape(-1, beams * query.size(1), query.size(2))
-        context, weights = self.attention(grouped, memory.proj_keys, memory.outputs, memory.mask)
+        combined = memory.combined_values
+        values = memory.outputs if combined is None else combined
+        context, weights = self.attention(grouped, memory.proj_keys, values, memory.mask)
         context = context.view(query.size(0), query.size(1), -1)
         weights = weights.view(query.size(0), query.size(1), -1)
-        return fast_tanh(self.combine(torch.cat([query, context], dim=-1))), weights
+        if combined is None:
+            return fast_tanh(self.combine(torch.cat([query, context], dim=-1))), weights
+        # ``context`` is W_c c already: add the state half W_h h + b
+        state_half = F.linear(query, self.combine.weight[:, :self.hidden_size], self.combine.bias)
+        return fast_tanh(state_half.add_(context)), weights

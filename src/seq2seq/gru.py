@@ -41,7 +41,7 @@ def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
         the new state ``n + z * (h - n)``.
     """
     size = h.size(-1)
-    torch.sigmoid(gi[..., :2 * size] + gh[..., :2 * size], out=rz)
+    torch.add(gi[..., :2 * size], gh[..., :2 * size], out=rz).sigmoid_()
     tanh_(torch.addcmul(gi[..., 2 * size:], rz[..., :size], gh[..., 2 * size:], out=n))
     if out is None:
         return torch.lerp(n, h, rz[..., size:])
@@ -59,11 +59,22 @@ def gru_cell_backward(dh: Tensor, h_prev: Tensor, rz: Tensor, n: Tensor, ghn: Te
     """
     size = n.size(-1)
     r, z = rz[..., :size], rz[..., size:]
-    dn = torch.mul(dh * (1 - z), 1 - n * n, out=grad_gin)  # through tanh
-    torch.mul(dh * (h_prev - n), z * (1 - z), out=grad_gh[..., size:2 * size])
-    torch.mul(dn * ghn, r * (1 - r), out=grad_gh[..., :size])
+    dz_h = dh * z  # what flows to h_prev directly
+    dn = torch.ops.aten.tanh_backward.grad_input(dh - dz_h, n, grad_input=grad_gin)
+    torch.mul(dn, ghn, out=grad_gh[..., :size])  # d r, before the sigmoid
+    torch.mul(dh, h_prev - n, out=grad_gh[..., size:2 * size])  # d z, before the sigmoid
+    rz_grad = grad_gh[..., :2 * size]
+    torch.ops.aten.sigmoid_backward.grad_input(rz_grad, rz, grad_input=rz_grad)
     torch.mul(dn, r, out=grad_gh[..., 2 * size:])
-    return dh * z
+    return dz_h
+
+
+def _padded_steps(mask: Tensor | None, steps: int) -> list[bool]:
+    """For each step, whether some sequence is padding there (mask: (T, B) or None); steps
+    without padding skip the masking."""
+    if mask is None:
+        return [False] * steps
+    return (~mask.all(1)).tolist()
 
 
 class _GRULayerFunction(torch.autograd.Function):
@@ -86,9 +97,10 @@ class _GRULayerFunction(torch.autograd.Function):
         ns = torch.empty_like(hs)
         gh = gi.new_empty(steps, h0.size(0), h0.size(1), 3 * size)
         h = h0
+        padded = _padded_steps(mask, steps)
         for t in range(steps):  # results go straight into the saved buffers (out=)
             torch.baddbmm(bias, h, w_t, out=gh[t])  # (D, B, 3H)
-            if mask is None:
+            if not padded[t]:
                 gru_cell(gi[t], gh[t], h, rz[t], ns[t], out=hs[t])
             else:  # padding: the state stays
                 torch.where(mask[t].view(1, -1, 1), gru_cell(gi[t], gh[t], h, rz[t], ns[t]), h,
@@ -100,28 +112,32 @@ class _GRULayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hs: Tensor):
         h0, w_hh, hs, rz, ns, ghn, mask = ctx.saved_tensors
-        steps, size = hs.size(0), hs.size(-1)
-        grad_gh = grad_hs.new_empty(*hs.shape[:-1], 3 * size)  # (T, D, B, 3H)
-        grad_gin = torch.empty_like(hs)  # the n-gate part of grad gi
+        steps, directions, batch, size = hs.shape
+        # direction-major, so that each direction's T * B rows are one matrix after the loop
+        grad_gh = grad_hs.new_empty(directions, steps, batch, 3 * size)
+        grad_gin = grad_hs.new_empty(directions, steps, batch, size)  # n-gate part of grad gi
         dh = torch.zeros_like(h0)
+        padded = _padded_steps(mask, steps)
         for t in range(steps - 1, -1, -1):
             dh = dh + grad_hs[t]
             h_prev = hs[t - 1] if t > 0 else h0
-            if mask is not None:
+            if padded[t]:
                 real = mask[t].view(1, -1, 1)
                 frozen = torch.where(real, 0.0, dh)  # padding: the state passes through
                 dh = torch.where(real, dh, 0.0)
-            direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], grad_gh[t], grad_gin[t])
-            dh = torch.baddbmm(direct, grad_gh[t], w_hh)  # (D, B, H)
-            if mask is not None:
+            direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], grad_gh[:, t],
+                                       grad_gin[:, t])
+            dh = torch.baddbmm(direct, grad_gh[:, t], w_hh)  # (D, B, H)
+            if padded[t]:
                 dh = dh + frozen
-        directions = hs.size(1)
-        prev = torch.cat([h0.unsqueeze(0), hs[:-1]], 0)  # (T, D, B, H)
-        flat_gh = grad_gh.transpose(0, 1).reshape(directions, -1, 3 * size)  # (D, T*B, 3H)
-        flat_prev = prev.transpose(0, 1).reshape(directions, -1, size)  # (D, T*B, H)
-        grad_w = torch.bmm(flat_gh.transpose(1, 2), flat_prev)  # (D, 3H, H)
+        prev = hs.new_empty(directions, steps, batch, size)  # the state before each step
+        prev[:, 0] = h0
+        prev[:, 1:] = hs[:-1].transpose(0, 1)
+        flat_gh = grad_gh.view(directions, -1, 3 * size)  # (D, T*B, 3H)
+        grad_w = torch.bmm(flat_gh.transpose(1, 2), prev.view(directions, -1, size))  # (D, 3H, H)
         grad_b = flat_gh.sum(1)
-        grad_gi = torch.cat([grad_gh[..., :2 * size], grad_gin], -1)
+        grad_gh[..., 2 * size:] = grad_gin  # grad gi: grad gh but for the candidate part
+        grad_gi = grad_gh.transpose(0, 1)  # (T, D, B, 3H)
         return grad_gi, dh, grad_w, grad_b, None
 
 

@@ -7,24 +7,78 @@ step. ``output_cross_entropy`` computes the scores in row chunks, turns each chu
 gradient in place (softmax minus the smoothed target) and keeps only that for the backward
 pass, which is then two matrix products. Same value and gradients as
 ``nn.CrossEntropyLoss(ignore_index=..., reduction="sum", label_smoothing=...)``.
+
+Two CPU details, measured on (832, 8000) float32 scores: ``exp`` runs as ``exp2(x * log2 e)``
+(1.4 ms against 3.2 ms for ``exp_``), and the gradient is scaled in place with ``mul_`` and
+``sub_`` (0.4 ms; ``addcmul`` writing into one of its own inputs took 1.9 ms).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 ROWS_PER_CHUNK = 2048  # bounds the live scores to 2048 x vocabulary floats per chunk
+LOG2_E = 1.4426950408889634
+ROW_MULTIPLE = 256  # reduced-precision products on CPU: rows padded to a multiple of this
+_scratch = threading.local()
+
+
+def _reduced_rows(x: Tensor, dtype: torch.dtype, scratch: bool = False) -> Tensor:
+    """``x`` (rows, n) in ``dtype`` for a bf16/fp16 product; on CPU with zero rows added up to
+    a multiple of ``ROW_MULTIPLE``, and with ``scratch`` written into a per-thread buffer
+    that is reused.
+
+    oneDNN builds a kernel for each product shape, and the allocations of building one leave
+    holes in the heap. With every batch's row count a shape of its own, bf16 training of the
+    fast configuration grew to 1.10 GiB in 170 steps (rows padded to 64: the same); padded to
+    256 it stayed at 0.89 GiB and ran 1.5% slower. The reused buffer keeps the per-step
+    (rows, vocabulary) copies from adding holes of their own."""
+    if x.device.type != "cpu":
+        return x.to(dtype)
+    rows = -(-x.size(0) // ROW_MULTIPLE) * ROW_MULTIPLE
+    if scratch:
+        out = _scratch_buffer(rows, x.size(1), dtype)
+    else:
+        out = x.new_empty(rows, x.size(1), dtype=dtype)
+    out[:x.size(0)].copy_(x)
+    out[x.size(0):].zero_()
+    return out
+
+
+def _scratch_buffer(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """A (rows, cols) CPU tensor from this thread's reused buffer (grown when too small).
+    Its contents last until the next call."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < rows * cols:
+        buffer = _scratch.buffer = torch.empty(rows * cols, dtype=dtype)
+    return buffer[:rows * cols].view(rows, cols)
+
+
+def reduced_precision_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The output layer for decoding with its product in ``weight``'s dtype (bf16): (..., n)
+    ``hidden`` -> (..., vocab) float32 ``hidden @ weight.T + bias``, the bias added in
+    float32. Rows are padded as in ``_reduced_rows``."""
+    flat = hidden.reshape(-1, hidden.size(-1))
+    product = torch.mm(_reduced_rows(flat, weight.dtype), weight.t())[:flat.size(0)].float()
+    if bias is not None:
+        product.add_(bias)
+    return product.view(*hidden.shape[:-1], weight.size(0))
 
 
 class _OutputCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                ignore_index: int, smoothing: float, needs_grad: bool) -> Tensor:
+                ignore_index: int, smoothing: float, needs_grad: bool,
+                matmul_dtype: torch.dtype | None) -> Tensor:
         vocab = weight.size(0)
-        matmul_dtype = (torch.get_autocast_dtype(hidden.device.type)
-                        if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+        if matmul_dtype is None:
+            matmul_dtype = (torch.get_autocast_dtype(hidden.device.type)
+                            if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+        reduced = matmul_dtype in (torch.bfloat16, torch.float16)
         w = weight.to(matmul_dtype)
         # with gradients, every chunk's gradient is kept; without, one chunk's buffer is reused
         buffer_rows = hidden.size(0) if needs_grad else min(hidden.size(0), ROWS_PER_CHUNK)
@@ -33,22 +87,30 @@ class _OutputCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
             scores = grad_scores[rows] if needs_grad else grad_scores[:len(targets[rows])]
-            x = hidden[rows].to(matmul_dtype)
             if matmul_dtype == torch.float32:
+                x = hidden[rows].to(matmul_dtype)
                 if bias is None:
                     torch.mm(x, w.t(), out=scores)
                 else:
                     torch.addmm(bias, x, w.t(), out=scores)
+            elif not reduced:  # float64: the scores are float32 all the same
+                scores.copy_(torch.nn.functional.linear(hidden[rows], w, bias))
             else:
-                scores.copy_(torch.nn.functional.linear(x, w, bias if bias is None
-                                                         else bias.to(matmul_dtype)))
+                x = _reduced_rows(hidden[rows], matmul_dtype)
+                if x.device.type == "cpu":
+                    product = torch.mm(x, w.t(), out=_scratch_buffer(x.size(0), vocab, matmul_dtype))
+                else:
+                    product = x @ w.t()
+                scores.copy_(product[:len(scores)])
+                if bias is not None:
+                    scores.add_(bias)
             target = targets[rows]
             valid = (target != ignore_index).unsqueeze(1)  # (rows, 1)
             safe_target = target.masked_fill(~valid.squeeze(1), 0).unsqueeze(1)
             target_score = scores.gather(1, safe_target)  # (rows, 1)
             mean_score = scores.mean(1, keepdim=True) if smoothing else None
             top = scores.amax(1, keepdim=True)
-            scores.sub_(top).exp_()
+            scores.sub_(top).mul_(LOG2_E).exp2_()  # exp(scores - top)
             total = scores.sum(1, keepdim=True)
             log_z = top + total.log()  # (rows, 1)
             # loss = log Z - (1 - s) * target score - s * mean score
@@ -60,12 +122,12 @@ class _OutputCrossEntropy(torch.autograd.Function):
                 continue
             # gradient: softmax - (1 - s) * one-hot(target) - s / V, zero on ignored rows
             real = valid.float()
-            torch.addcmul((-smoothing / vocab) * real, scores, real / total, out=scores)
+            scores.mul_(real / total).sub_((smoothing / vocab) * real)
             scores.scatter_add_(1, safe_target, -(1.0 - smoothing) * real)
         if needs_grad:
             ctx.save_for_backward(hidden, weight, grad_scores)
         ctx.has_bias = bias is not None
-        ctx.matmul_dtype = matmul_dtype
+        ctx.matmul_dtype, ctx.reduced = matmul_dtype, reduced
         return loss
 
     @staticmethod
@@ -73,15 +135,20 @@ class _OutputCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         hidden, weight, grad_scores = ctx.saved_tensors
         dtype = ctx.matmul_dtype
-        g = grad_scores.to(dtype)
-        grad_hidden = (g @ weight.to(dtype)).to(hidden.dtype) * grad_loss
-        grad_weight = (g.t() @ hidden.to(dtype)).to(weight.dtype) * grad_loss
+        if not ctx.reduced:
+            g, h = grad_scores.to(dtype), hidden.to(dtype)
+        else:  # zero rows add nothing to grad_weight, and are cut from grad_hidden
+            g, h = _reduced_rows(grad_scores, dtype, scratch=True), _reduced_rows(hidden, dtype)
+        rows = hidden.size(0)
+        grad_hidden = (g @ weight.to(dtype))[:rows].to(hidden.dtype).mul_(grad_loss)
+        grad_weight = (g.t() @ h).to(weight.dtype).mul_(grad_loss)
         grad_bias = grad_scores.sum(0) * grad_loss if ctx.has_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                         ignore_index: int, label_smoothing: float = 0.0) -> Tensor:
+                         ignore_index: int, label_smoothing: float = 0.0,
+                         matmul_dtype: torch.dtype | None = None) -> Tensor:
     """Summed label-smoothed cross-entropy of ``hidden @ weight.T + bias`` against targets.
 
     Args:
@@ -90,6 +157,9 @@ def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         targets: (tokens,) ids; positions equal to ``ignore_index`` add nothing.
         label_smoothing: the share of probability spread evenly over the vocabulary, as in
             ``nn.CrossEntropyLoss``.
+        matmul_dtype: the dtype of the three matrix products (bf16 for mixed precision);
+            None: autocast's dtype where autocast is on, else ``hidden``'s. The softmax and
+            the loss are float32 either way.
 
     Returns:
         a float32 scalar, the sum over the non-ignored tokens.
@@ -99,4 +169,4 @@ def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _OutputCrossEntropy.apply(hidden, weight, bias, targets, ignore_index,
-                                     float(label_smoothing), needs_grad)
+                                     float(label_smoothing), needs_grad, matmul_dtype)

@@ -17,7 +17,7 @@ from seq2seq.config import ModelConfig
 from seq2seq.decoder import Decoder, DecoderState, Memory
 from seq2seq.encoder import Encoder
 from seq2seq.gru import GRU
-from seq2seq.loss import output_cross_entropy
+from seq2seq.loss import output_cross_entropy, reduced_precision_scores
 from seq2seq.ops import FastDropout
 
 
@@ -95,10 +95,22 @@ class Seq2Seq(nn.Module):
                                                    input_gates=nn.functional.embedding(prev, table))
         else:
             outputs, state, weights = self.decoder(self.embed_target(prev), state, memory, beams)
-        return self.generator(outputs), state, weights
+        return self._generate(outputs), state, weights
+
+    def _generate(self, outputs: Tensor) -> Tensor:
+        """The output layer; inside ``decoding(output_dtype=...)`` its product runs in that
+        dtype (weights converted once per block) and the scores come back float32."""
+        tables = self._decoding_tables.get(threading.get_ident())
+        dtype = None if tables is None else tables["output_dtype"]
+        if dtype is None or not isinstance(self.generator, nn.Linear):  # int8: as it is
+            return self.generator(outputs)
+        if "generator" not in tables:
+            tables["generator"] = self.generator.weight.detach().to(dtype)
+        return reduced_precision_scores(outputs, tables["generator"], self.generator.bias)
 
     @contextlib.contextmanager
-    def decoding(self, expected_rows: int = 0) -> Iterator[None]:
+    def decoding(self, expected_rows: int = 0,
+                 output_dtype: torch.dtype | None = None) -> Iterator[None]:
         """Decode many steps with frozen weights: within, tables computed from the weights
         (the GRU input projection of every target token) are made once and reused, and
         dropped at the end. Do not change the weights inside. Each thread has its own tables,
@@ -108,12 +120,14 @@ class Seq2Seq(nn.Module):
             expected_rows: about how many rows x steps the block will decode (for example
                 source tokens x beam), so that a table that pays for itself is made at the
                 first step, and one that would not is not made at all.
+            output_dtype: the dtype of the output layer's product in ``decode`` (bf16 decoding
+                on CPU; see ``loss.reduced_precision_scores``), or None for the model's own.
         """
         thread = threading.get_ident()
         if thread in self._decoding_tables:
             yield
             return
-        self._decoding_tables[thread] = {"rows": expected_rows}
+        self._decoding_tables[thread] = {"rows": expected_rows, "output_dtype": output_dtype}
         try:
             yield
         finally:
@@ -146,7 +160,8 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                 sampling_ratio: float = 0.0, tgt_out: Tensor | None = None,
-                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
+                label_smoothing: float = 0.0,
+                output_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced scores for every target step, or (given ``tgt_out``) their loss.
 
         Args:
@@ -161,6 +176,9 @@ class Seq2Seq(nn.Module):
                 label-smoothed cross-entropy instead of the scores (as nanoGPT's
                 ``forward(idx, targets)``; the output layer and the loss then run fused).
             label_smoothing: with ``tgt_out``, as in ``nn.CrossEntropyLoss``.
+            output_dtype: with ``tgt_out`` (and no scheduled sampling), the dtype of the
+                fused output layer's products (``output_cross_entropy``'s ``matmul_dtype``):
+                bf16 training on CPU sets it instead of autocasting the whole model.
 
         Returns:
             scores: (batch, tgt_len, tgt_vocab or tgt_features), or the float32 loss sum.
@@ -173,7 +191,8 @@ class Seq2Seq(nn.Module):
             outputs, _, weights = self.decoder(self.embed_target(tgt_in), state, memory)
             loss = output_cross_entropy(outputs.reshape(-1, outputs.size(-1)),
                                         self.generator.weight, self.generator.bias,
-                                        tgt_out.reshape(-1), self.pad_id, label_smoothing)
+                                        tgt_out.reshape(-1), self.pad_id, label_smoothing,
+                                        output_dtype)
             return loss, weights
         if sampling_ratio <= 0.0:
             scores, _, weights = self.decode(tgt_in, state, memory)

@@ -98,8 +98,11 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         query_context = h0.new_empty(steps, batch, size + values.size(2))  # [q; c]
         outs = h0.new_empty(steps, batch, w_combine.size(0))  # attentional vectors
         weights = h0.new_empty(steps, batch, src_len)
-        tanh_energy = (h0.new_empty(steps, batch, src_len, w_query.size(0)) if bahdanau
-                       else None)
+        # Bahdanau: tanh(k + q) = 2 sigmoid(2k + 2q) - 1; the sigmoid is kept (``gates``), and
+        # the scores are v . sigmoid(...) * 2, short of a constant that the softmax ignores
+        gates = h0.new_empty(steps, batch, src_len, w_query.size(0)) if bahdanau else None
+        if bahdanau:
+            keys2, w_query2, energy2 = 2 * proj_keys, 2 * w_query, 2 * energy
         padding = ~mask
         h, f = h0, f0
         for t in range(steps):
@@ -112,9 +115,9 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             else:
                 torch.mul(h, keep[t], out=query)
             if bahdanau:
-                projected = torch.mm(query, w_query.t())  # (B, A)
-                tanh_(torch.add(proj_keys, projected.unsqueeze(1), out=tanh_energy[t]))
-                scores = torch.matmul(tanh_energy[t], energy)  # (B, S)
+                projected2 = torch.mm(query, w_query2.t())  # (B, A)
+                torch.add(keys2, projected2.unsqueeze(1), out=gates[t]).sigmoid_()
+                scores = torch.matmul(gates[t], energy2)  # (B, S)
             else:  # a batched product with one column is slow: multiply and sum
                 scores = (proj_keys * query.unsqueeze(1)).sum(2)
             weights[t] = torch.softmax(scores.masked_fill_(padding, float("-inf")), -1)
@@ -123,14 +126,14 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             f = outs[t]
         ctx.save_for_backward(h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy,
                               w_combine, hs, rz, ns, gh[..., 2 * size:], query_context, outs,
-                              weights, tanh_energy)
+                              weights, gates)
         ctx.mark_non_differentiable(weights)
         return outs, hs[-1].clone(), weights
 
     @staticmethod
     def backward(ctx, grad_outs, grad_final, _grad_weights):
         (h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy, w_combine, hs, rz,
-         ns, ghn, query_context, outs, weights, tanh_energy) = ctx.saved_tensors
+         ns, ghn, query_context, outs, weights, gates) = ctx.saved_tensors
         steps, batch, size = hs.shape
         bahdanau = w_query is not None
         if grad_outs is None:
@@ -144,6 +147,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         d_scores = torch.empty_like(weights)
         d_projected = h0.new_empty(steps, batch, w_query.size(0)) if bahdanau else None
         d_proj_keys = torch.zeros_like(proj_keys) if bahdanau else None
+        energy4 = 4 * energy if bahdanau else None  # tanh' = 4 sigmoid' of the doubled input
         for t in range(steps - 1, -1, -1):
             torch.ops.aten.tanh_backward.grad_input(grad_outs[t] + df, outs[t],
                                                     grad_input=d_pre_combine[t])
@@ -155,8 +159,8 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             d_w -= (w * d_w).sum(1, keepdim=True)
             torch.mul(w, d_w, out=d_scores[t])  # softmax backward; 0 at padding
             if bahdanau:
-                d_pre = torch.ops.aten.tanh_backward(
-                    d_scores[t].unsqueeze(2) * energy, tanh_energy[t])  # (B, S, A)
+                d_pre = torch.ops.aten.sigmoid_backward(
+                    d_scores[t].unsqueeze(2) * energy4, gates[t])  # (B, S, A)
                 d_proj_keys += d_pre
                 torch.sum(d_pre, 1, out=d_projected[t])
                 d_query = torch.addmm(d_query, d_projected[t], w_query)
@@ -187,7 +191,8 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         if bahdanau:
             grads["proj_keys"] = d_proj_keys
             grads["w_query"] = rows(d_projected).t().mm(rows(query))
-            grads["energy"] = rows(tanh_energy).t().mv(d_scores.reshape(-1))
+            d = d_scores.reshape(-1)  # v's gradient: sum of tanh * d, tanh = 2 sigmoid - 1
+            grads["energy"] = 2 * rows(gates).t().mv(d) - d.sum()
         else:
             grads["proj_keys"] = torch.bmm(d_scores.permute(1, 2, 0), query.transpose(0, 1))
         names = ("gates_embed", "h0", "f0", "w_feed", "w_hh", "b_hh", "keep", "proj_keys",
