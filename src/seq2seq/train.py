@@ -72,6 +72,9 @@ class TrainState:
     stop_reason: str = ""
 
 
+VALID_BATCH_SIZE = 250  # sentences per validation decoding batch, at most
+
+
 def make_adam(params, lr: float) -> torch.optim.Optimizer:
     """Adam with the fused kernel (one call updates every parameter) where this torch has it
     for the device (CPU since torch 2.4), else the multi-tensor one."""
@@ -490,7 +493,10 @@ class _Run:
         config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data,
                                                                            long_pairs="truncate"))
         translator = Translator(self.model, self.src_tok, self.tgt_tok, config, self.device)
-        hypotheses = translator.translate(self.valid_src, beam=self.t.valid_beam)
+        # small batches: validation's (rows, vocabulary) buffers sit on top of training's peak
+        hypotheses = translator.translate(self.valid_src, beam=self.t.valid_beam,
+                                          batch_size=min(self.config.decode.batch_size,
+                                                         VALID_BATCH_SIZE))
         self.model.train()
         scores = score_translations(hypotheses, self.valid_ref)
         valid_loss = loss_sum / max(tokens, 1)
