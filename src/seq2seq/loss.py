@@ -58,15 +58,24 @@ def _scratch_buffer(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     return buffer[:rows * cols].view(rows, cols)
 
 
-def reduced_precision_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The output layer for decoding with its product in ``weight``'s dtype (bf16): (..., n)
-    ``hidden`` -> (..., vocab) float32 ``hidden @ weight.T + bias``, the bias added in
-    float32. Rows are padded as in ``_reduced_rows``."""
+def reduced_precision_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                             out: Tensor | None = None) -> Tensor:
+    """The output layer with its product in ``weight``'s dtype (bf16): (..., n) ``hidden`` ->
+    (..., vocab) float32 ``hidden @ weight.T + bias``, the bias added in float32, into
+    ``out`` if given. On CPU the rows are padded (``_reduced_rows``) and the product goes
+    into this thread's reused buffer."""
     flat = hidden.reshape(-1, hidden.size(-1))
-    product = torch.mm(_reduced_rows(flat, weight.dtype), weight.t())[:flat.size(0)].float()
+    x = _reduced_rows(flat, weight.dtype)
+    if x.device.type == "cpu":
+        product = torch.mm(x, weight.t(), out=_scratch_buffer(x.size(0), weight.size(0),
+                                                                weight.dtype))
+    else:
+        product = x @ weight.t()
+    product = product[:flat.size(0)]
+    out = product.float() if out is None else out.copy_(product)
     if bias is not None:
-        product.add_(bias)
-    return product.view(*hidden.shape[:-1], weight.size(0))
+        out.add_(bias)
+    return out.view(*hidden.shape[:-1], weight.size(0))
 
 
 class _OutputCrossEntropy(torch.autograd.Function):
@@ -96,14 +105,7 @@ class _OutputCrossEntropy(torch.autograd.Function):
             elif not reduced:  # float64: the scores are float32 all the same
                 scores.copy_(torch.nn.functional.linear(hidden[rows], w, bias))
             else:
-                x = _reduced_rows(hidden[rows], matmul_dtype)
-                if x.device.type == "cpu":
-                    product = torch.mm(x, w.t(), out=_scratch_buffer(x.size(0), vocab, matmul_dtype))
-                else:
-                    product = x @ w.t()
-                scores.copy_(product[:len(scores)])
-                if bias is not None:
-                    scores.add_(bias)
+                reduced_precision_scores(hidden[rows], w, bias, out=scores)
             target = targets[rows]
             valid = (target != ignore_index).unsqueeze(1)  # (rows, 1)
             safe_target = target.masked_fill(~valid.squeeze(1), 0).unsqueeze(1)
@@ -125,23 +127,23 @@ class _OutputCrossEntropy(torch.autograd.Function):
             scores.mul_(real / total).sub_((smoothing / vocab) * real)
             scores.scatter_add_(1, safe_target, -(1.0 - smoothing) * real)
         if needs_grad:
-            ctx.save_for_backward(hidden, weight, grad_scores)
-        ctx.has_bias = bias is not None
+            ctx.save_for_backward(hidden, w, grad_scores)
+        ctx.has_bias, ctx.weight_dtype = bias is not None, weight.dtype
         ctx.matmul_dtype, ctx.reduced = matmul_dtype, reduced
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        hidden, weight, grad_scores = ctx.saved_tensors
+        hidden, w, grad_scores = ctx.saved_tensors  # w: the weight in matmul_dtype
         dtype = ctx.matmul_dtype
         if not ctx.reduced:
             g, h = grad_scores.to(dtype), hidden.to(dtype)
         else:  # zero rows add nothing to grad_weight, and are cut from grad_hidden
             g, h = _reduced_rows(grad_scores, dtype, scratch=True), _reduced_rows(hidden, dtype)
         rows = hidden.size(0)
-        grad_hidden = (g @ weight.to(dtype))[:rows].to(hidden.dtype).mul_(grad_loss)
-        grad_weight = (g.t() @ h).to(weight.dtype).mul_(grad_loss)
+        grad_hidden = (g @ w)[:rows].to(hidden.dtype).mul_(grad_loss)
+        grad_weight = (g.t() @ h).to(ctx.weight_dtype).mul_(grad_loss)
         grad_bias = grad_scores.sum(0) * grad_loss if ctx.has_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 

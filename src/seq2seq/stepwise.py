@@ -100,8 +100,9 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         weights = h0.new_empty(steps, batch, src_len)
         # Bahdanau: tanh(k + q) = 2 sigmoid(2k + 2q) - 1; the sigmoid is kept (``gates``), and
         # the scores are v . sigmoid(...) * 2, short of a constant that the softmax ignores
-        gates = h0.new_empty(steps, batch, src_len, w_query.size(0)) if bahdanau else None
+        gates = None
         if bahdanau:
+            gates = h0.new_empty(steps, batch, src_len, w_query.size(0))
             keys2, w_query2, energy2 = 2 * proj_keys, 2 * w_query, 2 * energy
         padding = ~mask
         h, f = h0, f0

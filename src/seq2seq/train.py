@@ -35,7 +35,7 @@ from seq2seq.checkpoint import atomic_write_text, load_training_state, save_chec
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import Batch, DataError, EncodedCorpus, collate, encode_corpus, make_batches, read_parallel
 from seq2seq.metrics import score_translations
-from seq2seq.ops import keep_freed_memory
+from seq2seq.ops import keep_freed_memory, precision_plan
 from seq2seq.tokenize import load_tokenizers, train_tokenizers
 from seq2seq.translator import BEST, CONFIG_FILE, LAST, Translator, build_model
 
@@ -395,19 +395,14 @@ class _Run:
         return t.lr * warmup * state.lr_scale
 
     def _autocast(self):
-        """bf16 on a GPU: autocast over the model. On CPU only the output layer's products
-        run in bf16 (``_output_dtype``): they are most of the FLOPs and the one place where
-        bf16 was faster here; autocast over the whole model was no faster, kept the
-        step-wise decoder's fused path from running, and grew memory by about 0.6 GiB
-        (oneDNN builds and keeps a kernel for every shape of every small product)."""
-        if self.t.precision == "bf16" and self.device.type != "cpu":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Autocast for ``train.precision`` (see ``ops.precision_plan``)."""
+        autocast, _ = precision_plan(self.t.precision, self.device.type)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
 
     @property
     def _output_dtype(self) -> torch.dtype | None:
-        """The output layer's product dtype for ``Seq2Seq.forward`` (see ``_autocast``)."""
-        return torch.bfloat16 if self.t.precision == "bf16" and self.device.type == "cpu" else None
+        """The output layer's product dtype for ``Seq2Seq.forward`` (``ops.precision_plan``)."""
+        return precision_plan(self.t.precision, self.device.type)[1]
 
     def _should_stop(self) -> bool:
         t, state = self.t, self.state

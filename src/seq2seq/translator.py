@@ -23,7 +23,7 @@ from seq2seq.config import Config, ConfigError
 from seq2seq.data import collate, read_lines
 from seq2seq.metrics import score_translations
 from seq2seq.model import Seq2Seq
-from seq2seq.ops import keep_freed_memory
+from seq2seq.ops import keep_freed_memory, precision_plan
 from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
 
@@ -198,19 +198,14 @@ class Translator:
         return ids + [EOS_ID]
 
     def _autocast(self):
-        """bf16 on a GPU: autocast. On CPU only the output layer's product runs in bf16
-        (``_output_dtype``), as in training: autocast over the model was slower there and
-        kept a oneDNN kernel for every shape of every step (the memory of a training run
-        that validated in bf16 grew to 1.55 GiB)."""
-        if self.config.train.precision == "bf16" and self.device.type != "cpu":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        """Autocast for the model's precision (``ops.precision_plan``); off otherwise, even
+        inside a caller's autocast."""
+        autocast, _ = precision_plan(self.config.train.precision, self.device.type)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
 
     @property
     def _output_dtype(self) -> torch.dtype | None:
-        if self.config.train.precision == "bf16" and self.device.type == "cpu":
-            return torch.bfloat16
-        return None
+        return precision_plan(self.config.train.precision, self.device.type)[1]
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, src: Sequence[str] | str | Path, ref: Sequence[str] | str | Path,
