@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from seq2seq import loss as loss_module
-from seq2seq.loss import output_cross_entropy
+from seq2seq.loss import output_cross_entropy, reduced_precision_scores
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
@@ -107,3 +107,20 @@ def test_bf16_scratch_buffer_is_not_shared_between_pending_losses():
             + output_cross_entropy(second, w, bias, t2, 0, 0.1, matmul_dtype=torch.bfloat16))
     loss.backward()
     torch.testing.assert_close(first.grad, alone[1])
+
+
+def test_bf16_scratch_buffer_made_while_decoding_serves_training():
+    """The reused buffer may first be made (or grown) inside ``torch.inference_mode``, by
+    bf16 decoding; training's in-place writes into it must still work afterwards."""
+    _grow_buffer_in_inference_mode()
+    torch.manual_seed(4)
+    hidden, weight, bias = torch.randn(40, 8), torch.randn(30, 8), torch.randn(30)
+    targets = torch.randint(1, 30, (40,))
+    got = _loss_and_grads(hidden, weight, bias, targets, matmul_dtype=torch.bfloat16)
+    want = _loss_and_grads(hidden, weight, bias, targets)
+    assert abs(got[0].item() - want[0].item()) / want[0].item() < 0.01
+
+
+def _grow_buffer_in_inference_mode() -> None:
+    with torch.inference_mode():
+        reduced_precision_scores(torch.randn(3000, 8), torch.randn(600, 8).bfloat16(), None)

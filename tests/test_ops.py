@@ -1,5 +1,6 @@
 """seq2seq.ops: the fast tanh gives tanh's values and gradient; the fast dropout drops at its
-rate, scales what it keeps, and repeats under a seed; freed memory is reused."""
+rate, scales what it keeps, and repeats under a seed; freed memory is reused; the oneDNN
+product equals F.linear."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from seq2seq.ops import fast_dropout, fast_tanh, tanh_
+from seq2seq.ops import cpu_linear, fast_dropout, fast_tanh, tanh_
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 3e-7), (torch.float64, 1e-15)])
@@ -94,3 +95,26 @@ def test_keep_freed_memory_saves_page_faults():
     assert (applied, off) == ("True", "False")
     assert min(default) > 16_000
     assert kept[0] > 16_000 and max(kept[1:]) < 100
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_linear_equals_linear(bias, transposed):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 48, generator=g)
+    weight = torch.randn(48, 300, generator=g).t() if transposed else torch.randn(300, 48,
+                                                                                generator=g)
+    b = torch.randn(300, generator=g) if bias else None
+    torch.testing.assert_close(cpu_linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+    # where it falls back: a strided x or weight, a gradient, float64, no rows
+    torch.testing.assert_close(cpu_linear(x.t().contiguous().t(), weight, b),
+                               torch.nn.functional.linear(x, weight, b))
+    wide = torch.randn(300, 96, generator=g)
+    torch.testing.assert_close(cpu_linear(x, wide[:, :48], b),
+                               torch.nn.functional.linear(x, wide[:, :48], b))
+    x.requires_grad_(True)
+    cpu_linear(x, weight, b).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x))
+    assert cpu_linear(x.double(), weight.double()).dtype == torch.float64
+    assert cpu_linear(x[:0], weight, b).shape == (0, 300)
+

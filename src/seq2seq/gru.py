@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.ops import fast_dropout, tanh_
+from seq2seq.ops import cpu_linear, fast_dropout, tanh_
 
 
 def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
@@ -257,7 +257,7 @@ class GRU(nn.GRU):
             (1, batch, hidden), the new state (also the output).
         """
         h = hx[0]
-        gh = torch.addmm(self.bias_hh_l0, h, self.weight_hh_l0.t())
+        gh = cpu_linear(h.contiguous(), self.weight_hh_l0, self.bias_hh_l0)
         rz, n = gh.new_empty(h.size(0), 2 * self.hidden_size), torch.empty_like(h)
         return gru_cell(gates, gh, h, rz, n).unsqueeze(0)
 

@@ -54,7 +54,8 @@ def _scratch_buffer(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     Its contents last until the next call."""
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < rows * cols:
-        buffer = _scratch.buffer = torch.empty(rows * cols, dtype=dtype)
+        with torch.inference_mode(False):  # made while decoding, it still serves training
+            buffer = _scratch.buffer = torch.empty(rows * cols, dtype=dtype)
     return buffer[:rows * cols].view(rows, cols)
 
 

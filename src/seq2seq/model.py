@@ -18,7 +18,7 @@ from seq2seq.decoder import Decoder, DecoderState, Memory
 from seq2seq.encoder import Encoder
 from seq2seq.gru import GRU
 from seq2seq.loss import output_cross_entropy, reduced_precision_scores
-from seq2seq.ops import FastDropout
+from seq2seq.ops import FastDropout, cpu_linear
 
 
 class Seq2Seq(nn.Module):
@@ -98,15 +98,55 @@ class Seq2Seq(nn.Module):
         return self._generate(outputs), state, weights
 
     def _generate(self, outputs: Tensor) -> Tensor:
-        """The output layer; inside ``decoding(output_dtype=...)`` its product runs in that
-        dtype (weights converted once per block) and the scores come back float32."""
+        """The output layer. Without gradients on CPU its float32 product runs through oneDNN
+        (``ops.cpu_linear``). Inside ``decoding(output_dtype=...)`` the product runs in that
+        dtype (weights converted once per block), the scores come back float32, and the
+        outputs are kept for ``exact_logits``."""
         tables = self._decoding_tables.get(threading.get_ident())
         dtype = None if tables is None else tables["output_dtype"]
-        if dtype is None or not isinstance(self.generator, nn.Linear):  # int8: as it is
+        if not isinstance(self.generator, nn.Linear):  # int8: as it is
             return self.generator(outputs)
+        if dtype is None:
+            if torch.is_grad_enabled():
+                return self.generator(outputs)
+            flat = outputs.reshape(-1, outputs.size(-1))
+            return cpu_linear(flat, self.generator.weight, self.generator.bias).view(
+                *outputs.shape[:-1], -1)
         if "generator" not in tables:
             tables["generator"] = self.generator.weight.detach().to(dtype)
+        tables["outputs"] = outputs.reshape(-1, outputs.size(-1))
         return reduced_precision_scores(outputs, tables["generator"], self.generator.bias)
+
+    def rounds_scores(self) -> bool:
+        """Whether ``decode`` here (this thread's ``decoding`` block) rounds the output
+        layer's scores to a reduced precision, so that ``exact_logits`` has work to do."""
+        tables = self._decoding_tables.get(threading.get_ident())
+        return (tables is not None and tables["output_dtype"] is not None
+                and isinstance(self.generator, nn.Linear))
+
+    def exact_logits(self, rows: Tensor, tokens: Tensor) -> Tensor | None:
+        """The float32 scores of chosen (row, token) pairs of the last decoded step, where
+        that step's output layer ran in reduced precision (``decoding(output_dtype=...)``);
+        else None, since the step's scores are exact already.
+
+        A bf16 product rounds each score to 8 significant bits (about 0.03 on a score of
+        10), enough to reorder close candidates; decoding ranks by the rounded scores and
+        rescores only its few candidates in float32 (``search``).
+
+        Args:
+            rows, tokens: int tensors of one shape: rows of the last step's (rows, vocab)
+                scores (``decode`` with one step) and token ids.
+
+        Returns:
+            float32 ``outputs[rows] . weight[tokens] + bias[tokens]``, of that shape.
+        """
+        if not self.rounds_scores():
+            return None
+        hidden = self._decoding_tables[threading.get_ident()]["outputs"][rows].float()
+        logits = (hidden * nn.functional.embedding(tokens, self.generator.weight)).sum(-1)
+        if self.generator.bias is not None:
+            logits = logits + self.generator.bias[tokens]
+        return logits
 
     @contextlib.contextmanager
     def decoding(self, expected_rows: int = 0,

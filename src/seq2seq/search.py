@@ -3,7 +3,9 @@
 Both run on ``batch`` (greedy) or ``batch * beam`` (beam) rows at once and drop finished
 sentences from the work (greedy search in groups), so a batch costs about what its live
 sentences cost. The beams of a sentence share its encoder memory (``Decoder.forward``'s
-``beams``), and the best continuations are ranked by ``top_continuations``.
+``beams``), and the best continuations are ranked by ``top_continuations``. Where the output
+layer rounds its scores (bf16 decoding on CPU), the few candidates are rescored in float32
+(``rescore_candidates``), so that rounding does not reorder them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 BLOCK = 64  # vocabulary block width of ``top_continuations``
+RESCORED_GREEDY = 2  # greedy search over rounded (bf16) scores: candidates rescored per row
 
 
 def top_continuations(scores: Tensor, offsets: Tensor | None, group: int,
@@ -89,18 +92,51 @@ def top_continuations(scores: Tensor, offsets: Tensor | None, group: int,
 
 def _step_log_probs(model: Seq2Seq, prev: Tensor, state, memory, banned: Sequence[int],
                     at_limit: Tensor, eos: int, beams: int = 1):
-    """One decoder step: (rows, 1) ids -> (rows, vocab) float32 log-probs, state, weights.
-    Banned tokens get -inf, and rows at their length limit (``at_limit``, (rows,) bool) can
-    only end: eos gets log-probability 0."""
+    """One decoder step: (rows, 1) ids -> (rows, vocab) float32 log-probs, (rows, 1) their
+    log-normalisers, state, weights. Banned tokens get -inf, and rows at their length limit
+    (``at_limit``, (rows,) bool) can only end: eos gets log-probability 0."""
     scores, state, weights = model.decode(prev, state, memory, beams)
     log_probs = torch.log_softmax(scores[:, 0], dim=-1, dtype=torch.float32)
+    log_norm = scores[:, 0, :1].float() - log_probs[:, :1]  # before bans: finite
     if banned:
         log_probs[:, list(banned)] = float("-inf")
     if bool(at_limit.any()):
         rows = at_limit.nonzero().squeeze(1)
         log_probs[rows] = float("-inf")
         log_probs[rows, eos] = 0.0
-    return log_probs, state, None if weights is None else weights[:, 0]
+    return log_probs, log_norm, state, None if weights is None else weights[:, 0]
+
+
+def rescore_candidates(model: Seq2Seq, log_probs: Tensor, log_norm: Tensor, at_limit: Tensor,
+                       rows: Tensor, tokens: Tensor, values: Tensor) -> Tensor:
+    """Candidates' values with the output layer's rounding taken out (bf16 decoding).
+
+    Each candidate's score is recomputed in float32 (``Seq2Seq.exact_logits``), and so is
+    its row's log-normaliser, with the exact scores of that row's candidates in place of
+    the rounded ones. A row's candidates are its best tokens, so they hold most of its
+    probability mass, and the error left is that of the rest's mass.
+
+    Args:
+        log_probs, log_norm: (rows, vocab) and (rows, 1): the step's log-softmax of rounded
+            scores and its log-normalisers.
+        at_limit: (rows,) bool, rows that can only end (left as they are).
+        rows, tokens: candidates' rows and tokens, any one shape; each (row, token) once.
+        values: that shape, the candidates' log-probabilities plus any offset.
+
+    Returns:
+        the values, corrected where the log-probability was finite.
+    """
+    exact = model.exact_logits(rows, tokens)
+    if exact is None:
+        return values
+    rounded_lp, row_norm = log_probs[rows, tokens], log_norm[rows, 0]
+    fixed = torch.isfinite(values) & torch.isfinite(rounded_lp) & ~at_limit[rows]
+    # the row's probability mass that changes: exact minus rounded, over its candidates
+    change = torch.where(fixed, (exact - row_norm).exp() - rounded_lp.exp(), 0.0)
+    mass = torch.zeros(log_probs.size(0), device=log_probs.device).index_add_(
+        0, rows.reshape(-1), change.reshape(-1))
+    exact_lp = exact - row_norm - torch.log1p(mass[rows])
+    return torch.where(fixed, values - rounded_lp + exact_lp, values)
 
 
 @torch.inference_mode()
@@ -129,10 +165,18 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
     scores = torch.zeros(batch, device=device)
     attention = (torch.zeros(batch, steps, src.size(1), device=device)
                  if return_attention else None)
+    rescored = RESCORED_GREEDY if model.rounds_scores() else 1
     for step in range(steps):
-        log_probs, state, weights = _step_log_probs(
-            model, prev, state, memory, banned, step + 1 >= limits[active], eos)
-        best_score, best = top_continuations(log_probs, None, 1, 1)
+        at_limit = step + 1 >= limits[active]
+        log_probs, log_norm, state, weights = _step_log_probs(
+            model, prev, state, memory, banned, at_limit, eos)
+        best_score, best = top_continuations(log_probs, None, 1, rescored)
+        if rescored > 1:  # rank the few best of the rounded scores by their exact ones
+            row = torch.arange(best.size(0), device=device).unsqueeze(1).expand_as(best)
+            best_score = rescore_candidates(model, log_probs, log_norm, at_limit, row, best,
+                                            best_score)
+            pick = best_score.argmax(1, keepdim=True)
+            best, best_score = best.gather(1, pick), best_score.gather(1, pick)
         best, best_score = best[:, 0], best_score[:, 0]
         live = ~done
         rows = active[live]
@@ -186,13 +230,14 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     best_finished = torch.full((batch,), float("-inf"))  # best normalised finished score
     n_finished = torch.zeros(batch, dtype=torch.long)
+    rescore = model.rounds_scores()
 
     for step in range(int(limits.max())):
         at_limit = step + 1 >= limits[active]  # (live,)
         group = scores.size(1)  # rows per sentence: 1 at the first step, then k
-        log_probs, state, weights = _step_log_probs(
-            model, history[:, -1:], state, memory, banned, at_limit.repeat_interleave(group),
-            eos, group)
+        row_at_limit = at_limit.repeat_interleave(group)
+        log_probs, log_norm, state, weights = _step_log_probs(
+            model, history[:, -1:], state, memory, banned, row_at_limit, eos, group)
         vocab = log_probs.size(1)
         if return_attention and weights is not None:
             step_attn = weights.unsqueeze(1).float()
@@ -210,6 +255,11 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
         cand_origin = cand_index // vocab  # which beam of the sentence it extends
         cand_token = cand_index % vocab
         cand_rows = torch.arange(live, device=device).unsqueeze(1) * group + cand_origin
+        if rescore:  # exact scores for the candidates of rounded ones, best first again
+            cand_scores = rescore_candidates(model, log_probs, log_norm, row_at_limit,
+                                             cand_rows, cand_token, cand_scores)
+            cand_scores, order = cand_scores.sort(dim=1, descending=True)
+            cand_rows, cand_token = cand_rows.gather(1, order), cand_token.gather(1, order)
         is_eos = cand_token == eos
         rank = torch.arange(cand_scores.size(1), device=device).expand_as(cand_scores)
         ends = is_eos & (rank < k) & torch.isfinite(cand_scores)
