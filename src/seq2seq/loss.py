@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seq2seq.ops import records_grad
+
 ROWS_PER_CHUNK = 2048  # bounds the live scores to 2048 x vocabulary floats per chunk
 LOG2_E = 1.4426950408889634
 ROW_MULTIPLE = 256  # reduced-precision products on CPU: rows padded to a multiple of this
@@ -169,7 +171,6 @@ def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_grad = records_grad(hidden, weight, bias)
     return _OutputCrossEntropy.apply(hidden, weight, bias, targets, ignore_index,
                                      float(label_smoothing), needs_grad, matmul_dtype)

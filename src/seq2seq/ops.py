@@ -98,6 +98,18 @@ def precision_plan(precision: str, device_type: str) -> tuple[bool, torch.dtype 
     return bf16, None
 
 
+def precision_autocast(precision: str, device_type: str) -> torch.autocast:
+    """The autocast context of ``precision_plan``: bf16 where it autocasts, else off (even
+    inside a caller's autocast)."""
+    autocast, _ = precision_plan(precision, device_type)
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast)
+
+
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an operation on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _linear_pointwise():
     """oneDNN's fp32 ``x @ w.T (+ bias)`` (``torch.ops.mkldnn._linear_pointwise``, the op
     that TorchInductor's CPU backend calls), or None where this build has no oneDNN."""
@@ -128,8 +140,7 @@ def cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     is recorded (the oneDNN op has none)."""
     if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous()
-            or not weight.is_contiguous() or x.size(0) == 0 or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias)))):
+            or not weight.is_contiguous() or x.size(0) == 0 or records_grad(x, weight, bias)):
         return F.linear(x, weight, bias)
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 

@@ -35,7 +35,7 @@ from seq2seq.checkpoint import atomic_write_text, load_training_state, save_chec
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import Batch, DataError, EncodedCorpus, collate, encode_corpus, make_batches, read_parallel
 from seq2seq.metrics import score_translations
-from seq2seq.ops import keep_freed_memory, precision_plan
+from seq2seq.ops import keep_freed_memory, precision_autocast, precision_plan
 from seq2seq.tokenize import load_tokenizers, train_tokenizers
 from seq2seq.translator import BEST, CONFIG_FILE, LAST, Translator, build_model
 
@@ -396,8 +396,7 @@ class _Run:
 
     def _autocast(self):
         """Autocast for ``train.precision`` (see ``ops.precision_plan``)."""
-        autocast, _ = precision_plan(self.t.precision, self.device.type)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
+        return precision_autocast(self.t.precision, self.device.type)
 
     @property
     def _output_dtype(self) -> torch.dtype | None:

@@ -23,7 +23,7 @@ from seq2seq.config import Config, ConfigError
 from seq2seq.data import collate, read_lines
 from seq2seq.metrics import score_translations
 from seq2seq.model import Seq2Seq
-from seq2seq.ops import keep_freed_memory, precision_plan
+from seq2seq.ops import keep_freed_memory, precision_autocast, precision_plan
 from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
 
@@ -200,11 +200,11 @@ class Translator:
     def _autocast(self):
         """Autocast for the model's precision (``ops.precision_plan``); off otherwise, even
         inside a caller's autocast."""
-        autocast, _ = precision_plan(self.config.train.precision, self.device.type)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
+        return precision_autocast(self.config.train.precision, self.device.type)
 
     @property
     def _output_dtype(self) -> torch.dtype | None:
+        """The output layer's product dtype for ``Seq2Seq.decoding`` (``ops.precision_plan``)."""
         return precision_plan(self.config.train.precision, self.device.type)[1]
 
     # -- evaluation ------------------------------------------------------------------------
