@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import resource
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,11 +65,33 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def git_commit() -> str:
+    """The checkout's commit, with "+ uncommitted changes" when tracked files differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--short=7", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return "unknown (git not found)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def entry_anchor(title: str, when: datetime.datetime) -> str:
+    """An HTML id for a RESULTS.md entry, so that the table at the top can link to it."""
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60].rstrip("-")
+    return f"e{when:%Y%m%d-%H%M}-{slug}"
+
+
 def record(title: str, rows: list[tuple[str, str]]) -> None:
-    """Print the figures and append them, dated, with command and machine, to RESULTS.md."""
+    """Print the figures and append them to RESULTS.md with date, commit, command and machine."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    lines = [f"### {title}", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f'<a id="{entry_anchor(title, now)}"></a>', "", f"### {title}", "",
+             f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {git_commit()}",
              f"- machine: {machine()}", f"- command: `{command}`", ""]
     lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     text = "\n".join(lines) + "\n"

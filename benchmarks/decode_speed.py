@@ -29,7 +29,10 @@ VARIANTS = {"greedy": (1, False, False), "beam5": (5, False, False),
 def measure(model_dir: str, variant: str, batch_size: int | None, repeat: int = 3) -> dict:
     from seq2seq.data import read_lines
     from seq2seq.metrics import score_translations
+    from seq2seq.ops import keep_freed_memory
     from seq2seq.translator import Translator
+
+    keep_freed_memory()  # as the seq2seq command does
 
     beam, quantize, bf16 = VARIANTS[variant]
     translator = Translator.load(model_dir, quantize=quantize, precision="bf16" if bf16 else "fp32")

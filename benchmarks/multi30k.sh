@@ -45,6 +45,11 @@ cores="$(nproc)"
 cpu="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
 torch_version="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
 started="$(date -u '+%Y-%m-%d %H:%M UTC')"
+anchor="e$(date -u '+%Y%m%d-%H%M')-multi30k-$(basename "$CONFIG" .yaml | tr -c 'a-z0-9\n' '-')"
+commit="$(git rev-parse --short=7 HEAD 2>/dev/null || echo 'unknown (not a git checkout)')"
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  commit="$commit + uncommitted changes"
+fi
 
 train_cmd=("$PYTHON" -m seq2seq train --config "$CONFIG" --data-dir "$DATA_DIR" --model-dir "$MODEL_DIR"
            --max-minutes "$MAX_MINUTES")
@@ -97,8 +102,11 @@ eval "$figures"
 stop_reason="$(grep -o 'training finished: [^;]*' "$MODEL_DIR/train.log" | tail -1 | sed 's/training finished: //' || true)"
 
 section="
-## Multi30k en→de, $(basename "$CONFIG")${SET:+ ($SET)}, ${MAX_MINUTES} minutes, ${started}
+<a id=\"${anchor}\"></a>
 
+### Multi30k en→de, $(basename "$CONFIG")${SET:+ ($SET)}, ${MAX_MINUTES} minutes, ${started}
+
+- commit: ${commit}
 - machine: ${cores} cores (nproc), ${cpu:-unknown CPU}, torch ${torch_version}
 - command: \`MAX_MINUTES=${MAX_MINUTES} CONFIG=${CONFIG}${SET:+ SET=\"$SET\"} MODEL_DIR=${MODEL_DIR} benchmarks/multi30k.sh\`, that is \`${train_cmd[*]}\`, then \`${eval_cmd[*]}\` (and \`--lowercase\`)
 - test_2016_flickr (${test_sentences} sentences), beam ${BEAM}: **BLEU ${bleu}** (cased, detokenized sacreBLEU), BLEU ${bleu_lc} lowercased, chrF ${chrf}

@@ -30,8 +30,8 @@ def measure(config_path: str, warmup: int, steps: int) -> dict:
     from seq2seq.config import Config
     from seq2seq.data import collate, encode_corpus, make_batches, read_parallel
     from seq2seq.ops import keep_freed_memory
+    from seq2seq.schedule import make_adam
     from seq2seq.tokenize import train_tokenizers
-    from seq2seq.train import make_adam
     from seq2seq.translator import build_model
 
     applied = keep_freed_memory()  # False with SEQ2SEQ_KEEP_FREED_MEMORY=0

@@ -1,11 +1,14 @@
-"""Training throughput: target tokens/s, model FLOP/s, and their share of the matmul peak.
+"""Training throughput: sentences/s, target tokens/s, model FLOP/s, and their share of the matmul peak.
 
     python benchmarks/train_speed.py --config configs/multi30k_en_de.yaml --steps 150
 
 Trains for ``warmup + steps`` updates on Multi30k (no validation) and times the last
-``steps`` from metrics.jsonl. FLOPs are counted analytically from the matrix products of the
-batches actually trained (``Seq2Seq.estimate_flops``, x3 for forward and backward) and set
-against the fp32 matrix-product peak measured in the same run, as nanoGPT's estimate_mfu does.
+``steps`` from metrics.jsonl. Sentences/s counts the pairs of the timed batches: unlike
+target tokens, which depend on the tokenizer (sentencepiece pieces here, Moses words for
+JoeyNMT and OpenNMT-py), it compares the same work across toolkits. FLOPs are counted
+analytically from the matrix products of the batches actually trained
+(``Seq2Seq.estimate_flops``, x3 for forward and backward) and set against the fp32
+matrix-product peak measured in the same run, as nanoGPT's estimate_mfu does.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
 
 from seq2seq.config import Config
 from seq2seq.data import encode_corpus, make_batches, read_parallel
+from seq2seq.ops import keep_freed_memory
 from seq2seq.tokenize import load_tokenizers
 from seq2seq.train import train
-from seq2seq.translator import build_model
+from seq2seq.translator import Translator, build_model
 
 
 def main() -> None:
@@ -31,13 +35,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    keep_freed_memory()  # as the seq2seq command does
 
     config = Config.load(args.config).override(args.overrides)
     config.train.max_steps = args.warmup + args.steps
     config.train.log_every = 1
     config.data.valid_src = config.data.valid_tgt = ""
     with tempfile.TemporaryDirectory() as model_dir:
-        train(config, model_dir, data_dir=DATA_DIR)
+        train(config, model_dir, data_dir=DATA_DIR, translator=Translator)
         saved = Config.load(Path(model_dir) / "config.yaml")
         lines = [json.loads(x) for x in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
         src_tok, tgt_tok = load_tokenizers(Path(model_dir))
@@ -55,8 +60,9 @@ def main() -> None:
     batches = make_batches([len(s) for s in corpus.src], [len(s) for s in corpus.tgt],
                            t.batch_tokens, t.max_sentences, seed=t.seed, epoch=0)
     model = build_model(saved, src_tok, tgt_tok)
-    flops = 0.0
+    flops, sentences = 0.0, 0
     for indices in batches[args.warmup:args.warmup + args.steps]:
+        sentences += len(indices)
         src_len = max(len(corpus.src[i]) for i in indices)
         tgt_len = max(len(corpus.tgt[i]) for i in indices) + 1
         n = len(indices)
@@ -70,7 +76,8 @@ def main() -> None:
                   f"attention {m.attention}, input feeding {m.input_feeding}, embed {m.embed_size}, "
                   f"vocab {len(src_tok)}/{len(tgt_tok)}, {model.num_parameters():,} parameters"),
         ("batch", f"{t.batch_tokens} target tokens, {args.steps} timed steps after {args.warmup}"),
-        ("target tokens/s", f"{tokens / seconds:,.0f}"),
+        ("sentences/s", f"{sentences / seconds:,.0f}"),
+        ("target tokens/s", f"{tokens / seconds:,.0f} ({tokens / sentences:.2f} a sentence)"),
         ("model FLOP/s (analytic, x3 fwd+bwd)", f"{achieved / 1e9:.1f} GFLOP/s"),
         ("fp32 matmul peak measured", f"{peak / 1e9:.1f} GFLOP/s"),
         ("share of peak (MFU)", f"{100 * achieved / peak:.1f}%"),

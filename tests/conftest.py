@@ -9,13 +9,26 @@ near 99. Tests that need a model of their own with different settings train it t
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property-based tests draw the same examples on every run (a seed derived from each test), so
+# the suite passes or fails the same way each time: `python -m pytest -q` is what CI runs.
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples, for a developer's machine.
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 LETTERS = "abcdefgh"
 SPLITS = {"train": 3000, "valid": 200, "test": 200}
@@ -99,3 +112,50 @@ def translator(trained_model_dir):
     from seq2seq.translator import Translator
 
     return Translator.load(trained_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """A model trained by ``seq2seq demo --task reversal`` in a few seconds (character-level
+    GRU with attention), as a user would make one before ``seq2seq serve``."""
+    out = tmp_path_factory.mktemp("demo") / "reversal"
+    done = run_cli("demo", "--task", "reversal", "--max-seconds", "3", "--output-dir", out)
+    assert done.returncode == 0, f"the demo failed:\n{done.stderr[-3000:]}"
+    assert f"seq2seq serve --model-dir {out / 'model'}" in done.stdout  # its closing lines
+    return out / "model"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(*args: str | Path, env: dict[str, str] | None = None,
+            ready_within: float = 120) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A real ``seq2seq serve ARGS`` process on 127.0.0.1 and a free port; yields (process,
+    port) once ``GET /health`` answers 200, and stops the process at the end if it still runs."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seq2seq", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", *map(str, args)],
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"seq2seq serve exited: {process.communicate()[1].decode()[-3000:]}")
+            assert time.monotonic() < deadline, f"seq2seq serve not ready within {ready_within} s"
+            with contextlib.suppress(OSError):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    break
+            time.sleep(0.2)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)

@@ -3,6 +3,8 @@
 Property-based (hypothesis) over the readers, the tokenizers, ``Translator.translate`` and the
 ``seq2seq translate`` command: random Unicode, control characters, NUL bytes, CRLF, BOMs,
 invalid UTF-8, empty files, 100,000-character lines, mismatched pairs and truncated gzip.
+Valid input and broken input come from separate generators: valid input must be read, with
+exactly its content; broken input must be refused, naming the file and the broken line.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import gzip
 import io
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,24 @@ NASTY = st.sampled_from(["\n", "\r\n", "\r", "\x00", "\ufeff", "\t", "\x0b", "\x
 TEXT = st.lists(st.one_of(st.text(max_size=8), NASTY), max_size=30).map("".join)
 ANY_CHARS = st.text(st.characters(codec=None, exclude_categories=()), max_size=60)  # surrogates too
 LINE = st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=40)
+VALID_TEXT = st.one_of(TEXT, st.text(st.characters(codec="utf-8"), max_size=60))  # no lone surrogates
+# Byte sequences that are never UTF-8, whatever character follows them: a stray continuation
+# byte, bytes never used, a lead byte without its continuation, an encoded surrogate, an
+# overlong encoding.
+BAD_UTF8 = st.sampled_from([b"\x80", b"\xff", b"\xfe", b"\xc3", b"\xe2\x82", b"\xf0\x9f\x98",
+                            b"\xed\xa0\x80", b"\xc0\xaf"])
+
+
+@st.composite
+def lines_with_one_broken(draw, line=LINE):
+    """(lines as bytes, number of the broken line from 1): valid lines, one with a byte sequence
+    that is never UTF-8 put in at a character boundary."""
+    lines = draw(st.lists(line, min_size=1, max_size=8))
+    broken = draw(st.integers(0, len(lines) - 1))
+    at = draw(st.integers(0, len(lines[broken])))
+    encoded = [utf8(text) for text in lines]
+    encoded[broken] = utf8(lines[broken][:at]) + draw(BAD_UTF8) + utf8(lines[broken][at:])
+    return encoded, broken + 1
 
 
 def utf8(text: str) -> bytes:
@@ -65,13 +84,34 @@ def write(path: Path, data: bytes) -> Path:
 
 # -- readers ---------------------------------------------------------------------------------
 @FAST
-@given(data=st.one_of(TEXT.map(utf8), st.binary(max_size=200), ANY_CHARS.map(utf8)),
-       name=st.sampled_from(["f.txt", "f.gz"]))
-@example(data=b"", name="f.txt")
+@given(text=VALID_TEXT, name=st.sampled_from(["f.txt", "f.gz"]))
+@example(text="", name="f.txt")
+@example(text="\ufeff", name="f.txt")
+@example(text="\ufeffa\r\nb\x00c\r\n\r\n", name="f.gz")
+@example(text="a\rb\r\r\n\u2028c", name="f.txt")
+def test_read_lines_reads_valid_text_exactly(tmp_path, text, name):
+    path = write(tmp_path / name, utf8(text))
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    assert read_lines(path) == [line.removesuffix("\r") for line in lines]
+
+
+@FAST
+@given(broken=lines_with_one_broken(), name=st.sampled_from(["f.txt", "f.gz"]),
+       ending=st.sampled_from([b"\n", b"\r\n"]))
+def test_read_lines_refuses_invalid_utf8_naming_file_and_line(tmp_path, broken, name, ending):
+    lines, number = broken
+    path = write(tmp_path / name, b"".join(line + ending for line in lines))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{number}: invalid UTF-8"):
+        read_lines(path)
+
+
+@FAST
+@given(data=st.binary(max_size=200), name=st.sampled_from(["f.txt", "f.gz"]))
 @example(data=GZIP_MAGIC, name="f.txt")
-@example(data=UTF8_BOM, name="f.txt")
-@example(data=UTF8_BOM + b"a\r\nb\x00c\r\n\r\n", name="f.gz")
-def test_read_lines_gives_the_lines_or_names_file_and_line(tmp_path, data, name):
+def test_read_lines_on_random_bytes_matches_what_python_decodes(tmp_path, data, name):
+    """Random bytes are mostly broken, sometimes valid: Python's own decoder says which."""
     path = write(tmp_path / name, data)
     if name == "f.txt" and data.startswith(GZIP_MAGIC):  # never UTF-8: 0x8b cannot start a char
         with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1: corrupt or truncated gzip"):
@@ -112,28 +152,23 @@ def test_lines_over_max_line_chars_are_refused_with_file_and_line(tmp_path, line
 def test_100000_character_lines_are_read_and_one_more_is_refused(tmp_path, name, char):
     line = char * 100_000
     ok = write(tmp_path / name, utf8(f"short\n{line}\r\nend"))
-    start = time.perf_counter()
     assert read_lines(ok) == ["short", line, "end"]
     bad = write(tmp_path / ("over" + name), utf8(f"short\n{line}{char}\nend\n"))
     with pytest.raises(DataError, match=rf"{re.escape(str(bad))}:2: line of 100001 characters "
                                         r"exceeds the limit of 100000 \(data.max_line_chars\)"):
         read_lines(bad)
-    assert time.perf_counter() - start < 10
 
 
 @FAST
-@given(text=TEXT, cut=st.floats(0, 1, exclude_max=True))
+@given(text=VALID_TEXT, cut=st.floats(0, 1, exclude_min=True, exclude_max=True))
 def test_truncated_gzip_names_the_file(tmp_path, text, cut):
     whole = gzip.compress(utf8(text))
     path = tmp_path / "cut.gz"
-    path.write_bytes(whole[:int(len(whole) * cut)])
-    try:
-        lines = read_lines(path)
-    except DataError as error:
-        assert str(error).startswith(f"{path}:")
-        assert "corrupt or truncated gzip file" in str(error) or "invalid UTF-8" in str(error)
-    else:
-        assert lines == []  # an empty .gz file is an empty text
+    path.write_bytes(whole[:max(1, int(len(whole) * cut))])  # at least one byte gone, one left
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:\d+: corrupt or truncated gzip file"):
+        read_lines(path)
+    path.write_bytes(b"")
+    assert read_lines(path) == []  # an empty .gz file is an empty text
 
 
 def test_gzip_magic_with_garbage_names_the_file(tmp_path):
@@ -149,34 +184,52 @@ def test_missing_file_and_folder_are_named(tmp_path):
         read_lines(tmp_path)
 
 
-@FAST
-@given(src=st.lists(LINE, max_size=6), tgt=st.lists(LINE, max_size=6))
-def test_read_parallel_pairs_or_names_both_files(tmp_path, src, tgt):
-    a, b = tmp_path / "a.src", tmp_path / "b.tgt"
-    a.write_bytes(utf8("".join(line + "\n" for line in src)))
-    b.write_bytes(utf8("".join(line + "\n" for line in tgt)))
-    if len(src) == len(tgt):
-        assert read_parallel(a, b) == (src, tgt)
-    else:
-        with pytest.raises(DataError, match=rf"{re.escape(str(a))} has {len(src)} lines, "
-                                            rf"{re.escape(str(b))} has {len(tgt)}"):
-            read_parallel(a, b)
-
-
-@FAST
-@given(lines=st.lists(st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=10),
-                      max_size=6))
-def test_tsv_pairs_or_names_file_and_line(tmp_path, lines):
-    path = tmp_path / "pairs.tsv"
+def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_bytes(utf8("".join(line + "\n" for line in lines)))
-    wrong = [n for n, line in enumerate(lines, start=1) if line.count("\t") != 1]
-    if wrong:
-        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{wrong[0]}: expected "
-                                            r"source<TAB>target"):
-            read_parallel(path, None)
-    else:
-        pairs = [line.split("\t") for line in lines]
-        assert read_parallel(path, None) == ([s for s, _ in pairs], [t for _, t in pairs])
+    return path
+
+
+@FAST
+@given(pairs=st.lists(st.tuples(LINE, LINE), max_size=6))
+def test_read_parallel_reads_files_of_the_same_length(tmp_path, pairs):
+    src, tgt = [s for s, _ in pairs], [t for _, t in pairs]
+    a, b = write_lines(tmp_path / "a.src", src), write_lines(tmp_path / "b.tgt", tgt)
+    assert read_parallel(a, b) == (src, tgt)
+
+
+@FAST
+@given(src=st.lists(LINE, max_size=6), extra=st.lists(LINE, min_size=1, max_size=3),
+       longer=st.sampled_from(["src", "tgt"]))
+def test_read_parallel_names_both_files_when_their_lengths_differ(tmp_path, src, extra, longer):
+    tgt = list(reversed(src)) + extra
+    if longer == "src":
+        src, tgt = tgt, src
+    a, b = write_lines(tmp_path / "a.src", src), write_lines(tmp_path / "b.tgt", tgt)
+    with pytest.raises(DataError, match=rf"{re.escape(str(a))} has {len(src)} lines, "
+                                        rf"{re.escape(str(b))} has {len(tgt)}"):
+        read_parallel(a, b)
+
+
+NO_TAB = st.text(st.characters(codec="utf-8", exclude_characters="\n\r\t"), max_size=10)
+
+
+@FAST
+@given(pairs=st.lists(st.tuples(NO_TAB, NO_TAB), max_size=6))
+def test_tsv_pairs_are_read(tmp_path, pairs):
+    path = write_lines(tmp_path / "pairs.tsv", [f"{s}\t{t}" for s, t in pairs])
+    assert read_parallel(path, None) == ([s for s, _ in pairs], [t for _, t in pairs])
+
+
+@FAST
+@given(pairs=st.lists(st.tuples(NO_TAB, NO_TAB), max_size=6), bad=st.data(),
+       fields=st.lists(NO_TAB, max_size=4).filter(lambda f: len(f) != 2))
+def test_a_tsv_line_without_one_tab_is_refused_naming_file_and_line(tmp_path, pairs, bad, fields):
+    lines = [f"{s}\t{t}" for s, t in pairs]
+    number = bad.draw(st.integers(1, len(lines) + 1))
+    lines.insert(number - 1, "\t".join(fields))  # no tab, or two or more
+    path = write_lines(tmp_path / "pairs.tsv", lines)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{number}: expected source<TAB>target"):
+        read_parallel(path, None)
 
 
 def test_empty_files_read_as_no_lines(tmp_path):
@@ -234,16 +287,14 @@ def test_decode_takes_vocabulary_ids_and_names_the_others(tokenizers, ids, kind)
 @given(sentences=st.lists(st.one_of(TEXT, ANY_CHARS), max_size=6), beam=st.sampled_from([1, 3]))
 @example(sentences=["", " ", "\x00", "\ufeff", "a b c d e f g h"], beam=3)
 def test_translate_takes_any_text(translator, sentences, beam):
-    too_long = [n for n, s in enumerate(sentences, start=1)
-                if len(translator.src_tok.encode(s)) > translator.config.decode.max_input_len]
-    try:
-        out = translator.translate(sentences, beam=beam)
-    except ValueError as error:
-        assert too_long and str(error).startswith(f"input:{too_long[0]}: ")
-    else:
-        assert not too_long
-        assert len(out) == len(sentences) and all(isinstance(t, str) for t in out)
-        assert not any("\n" in t for t in out)
+    """Any text of up to 60 characters (far below decode.max_input_len tokens) is translated:
+    one line out per sentence, the same as when translated alone. Longer ones: the tests of
+    max_input_len below."""
+    out = translator.translate(sentences, beam=beam)
+    assert len(out) == len(sentences) and all(isinstance(t, str) and "\n" not in t for t in out)
+    assert out == [translator.translate([s], beam=beam)[0] for s in sentences]
+    blank = [o for s, o in zip(sentences, out) if not translator.src_tok.encode(s)]
+    assert blank == [""] * len(blank)  # no tokens: nothing to translate
 
 
 @pytest.fixture
@@ -258,7 +309,6 @@ def test_a_100000_character_line_is_refused_or_truncated_as_the_config_says(long
     translator.config.data.long_pairs = long_pairs
     limit = translator.config.decode.max_input_len = 300  # the default, 5,000, is slow to test
     line = " ".join("abcdefgh"[i % 8] for i in range(50_000))  # 99,999 characters, 50,000 words
-    start = time.perf_counter()
     if long_pairs == "skip":
         with pytest.raises(ValueError, match=rf"^input:2: 50000 tokens, more than "
                                              rf"decode.max_input_len={limit}; raise it, or set "
@@ -267,7 +317,6 @@ def test_a_100000_character_line_is_refused_or_truncated_as_the_config_says(long
     else:
         short, cut = translator.translate(["a b", line], beam=1)
         assert short == "b a" and 0 < len(cut.split()) <= 1.5 * limit + 10
-    assert time.perf_counter() - start < 20
 
 
 def run_translate(model_dir: Path, path: Path, capsys) -> tuple[int, str, str]:
@@ -281,19 +330,28 @@ def run_translate(model_dir: Path, path: Path, capsys) -> tuple[int, str, str]:
 
 
 @SLOW
-@given(data=st.one_of(TEXT.map(utf8), st.binary(max_size=120), ANY_CHARS.map(utf8)),
-       name=st.sampled_from(["in.txt", "in.gz"]))
-@example(data=b"", name="in.txt")
-@example(data=UTF8_BOM + b"a b\r\nc\x00d\n\xff\n", name="in.txt")
-def test_translate_command_on_any_file(trained_model_dir, tmp_path, capsys, data, name):
-    path = write(tmp_path / name, data)
+@given(text=VALID_TEXT, name=st.sampled_from(["in.txt", "in.gz"]))
+@example(text="", name="in.txt")
+@example(text="\ufeffa b\r\nc\x00d\n\nh g\r", name="in.gz")
+def test_translate_command_translates_every_line_of_a_valid_file(trained_model_dir, translator,
+                                                                 tmp_path, capsys, text, name):
+    path = write(tmp_path / name, utf8(text))
     code, err, out = run_translate(trained_model_dir, path, capsys)
-    assert "Traceback" not in err
-    if code == 0:
-        assert out.count("\n") == len(expected_lines(data))
-    else:
-        assert code == 1
-        assert re.search(rf"^seq2seq: error: {re.escape(str(path))}:\d+: ", err, re.MULTILINE), err
+    assert code == 0, err
+    lines = expected_lines(utf8(text))
+    assert out == "".join(t + "\n" for t in translator.translate(lines, beam=1))
+
+
+@SLOW
+@given(broken=lines_with_one_broken(), name=st.sampled_from(["in.txt", "in.gz"]))
+@example(broken=([b"a b", b"c\x00d", b"\xff"], 3), name="in.txt")
+def test_translate_command_refuses_a_file_with_invalid_utf8_naming_the_line(
+        trained_model_dir, tmp_path, capsys, broken, name):
+    lines, number = broken
+    path = write(tmp_path / name, b"".join(line + b"\n" for line in lines))
+    code, err, out = run_translate(trained_model_dir, path, capsys)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.startswith(f"seq2seq: error: {path}:{number}: invalid UTF-8"), err
 
 
 def test_translate_command_refuses_a_line_over_max_line_chars(trained_model_dir, tmp_path, capsys):
@@ -338,7 +396,9 @@ def test_translate_command_in_a_child_process_reads_bom_crlf_nul(trained_model_d
     done = run_cli("translate", "--model-dir", trained_model_dir, "--device", "cpu", "--beam", "1",
                    input=UTF8_BOM + b"a b c\r\nd\x00e f\r\n\r\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n") == ["c b a", done.stdout.split("\n")[1], "", ""]
+    # "d\x00e" is one unknown word to the word tokenizer: the line translates as it does in-process
+    second = Translator.load(trained_model_dir, device="cpu").translate(["d\x00e f"], beam=1)[0]
+    assert done.stdout.split("\n") == ["c b a", second, "", ""]
 
 
 # -- training data ---------------------------------------------------------------------------
@@ -386,17 +446,15 @@ def small_corpus(reversal_corpus, tmp_path) -> Path:
     return corpus
 
 
-@pytest.mark.parametrize("long_pairs, logged", [
-    ("skip", "encoded 197 of 200 pairs: skipped 0 with an empty side, 3 longer than 100 tokens; "
-             "truncated 0"),
-    ("truncate", "encoded 200 of 200 pairs: skipped 0 with an empty side, 0 longer than 100 tokens; "
-                 "truncated 3"),
+@pytest.mark.parametrize("long_pairs, kept, counts", [
+    ("skip", 197, "skipped 0 with an empty side, 3 longer than 100 tokens; truncated 0"),
+    ("truncate", 200, "skipped 0 with an empty side, 0 longer than 100 tokens; truncated 3"),
 ], ids=["skip", "truncate"])
 def test_long_training_pairs_are_skipped_or_truncated_and_counted(small_corpus, tmp_path, capsys,
-                                                                  long_pairs, logged):
+                                                                  long_pairs, kept, counts):
     code, err = _train(small_corpus, tmp_path / "model", capsys, f"data.long_pairs={long_pairs}")
     assert code == 0, err
-    assert logged in err
+    assert re.search(rf"^\w+ {kept} of 200 pairs\b[^\n]*: {re.escape(counts)}", err, re.MULTILINE), err
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -458,8 +516,8 @@ def _numpy_cases():
         "wrong features": (np.zeros((5, 4, 3)), "3 features per step .* input_size is 2"),
         "1-d": (np.zeros(5), r"shape \(5,\): expected \(n, T, 2\)"),
         "scalar": (3.0, r"shape \(\): expected \(n, T, 2\)"),
-        "nan": (nan, "NaN or infinite values: expected finite numbers"),
-        "inf": (inf, "NaN or infinite values: expected finite numbers"),
+        "nan": (nan, r"NaN or infinite values: (X\[0, 0, 0\] is nan; )?expected finite numbers"),
+        "inf": (inf, r"NaN or infinite values: (X\[0, 0, 0\] is inf; )?expected finite numbers"),
         "no sequences": (np.zeros((0, 4, 2)), "empty .*expected at least one sequence"),
         "no steps": (np.zeros((5, 0, 2)), "empty .*expected at least one sequence"),
         "empty list": ([], "expected"),

@@ -175,7 +175,7 @@ def test_translate_bad_input_files(trained_model_dir, tmp_path, capsys):
     good = tmp_path / "good.txt"
     good.write_text("a b c\n", encoding="utf-8")
     fails(capsys, ["translate", *model, "--input", good, "--n-best", "4", "--beam", "3"],
-          r"n_best \(4\) must be <= beam \(3\)")
+          r"--n-best 4: decode\.n_best \(4\) must be <= decode\.beam \(3\)")
 
 
 def test_translate_invalid_utf8_on_stdin(trained_model_dir, monkeypatch, capsys):
@@ -189,3 +189,13 @@ def test_evaluate_different_line_counts_name_both_files(trained_model_dir, rever
     refs.write_text("a b c\n", encoding="utf-8")
     fails(capsys, ["evaluate", "--model-dir", trained_model_dir, "--src", reversal_corpus / "valid.src",
                    "--ref", refs], r"valid\.src has 200 lines", r"refs\.txt has 1")
+
+
+def test_version_is_the_package_version(capsys):
+    import seq2seq
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"seq2seq {seq2seq.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", seq2seq.__version__)

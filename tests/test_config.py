@@ -122,3 +122,63 @@ def test_luong_is_an_alias_of_general(tmp_path):
     assert Config().override(["model.attention=luong"]).model.attention == "general"
     with pytest.raises(ConfigError, match="unknown attention 'bahdanov'"):
         Config().override(["model.attention=bahdanov"])
+
+
+# -- packaged configs and where data paths point ----------------------------------------------
+def test_a_packaged_config_loads_by_name_and_a_file_by_path_wins(tmp_path, monkeypatch):
+    from seq2seq.config import packaged_configs
+
+    configs = packaged_configs()
+    assert {"multi30k_en_de", "multi30k_en_de_fast", "multi30k_en_de_joey", "multi30k_en_fr"} <= set(configs)
+    by_name = Config.load("multi30k_en_de")
+    assert by_name.to_dict() == Config.load(configs["multi30k_en_de"]).to_dict()
+    assert Config.load("multi30k_en_de.yaml").to_dict() == by_name.to_dict()
+    assert by_name.data.train_tgt == "train.de.gz"
+    assert Config.load("multi30k_en_fr").data.train_tgt == "train.fr.gz"
+    monkeypatch.chdir(tmp_path)  # a file of that name in the current folder is read instead
+    (tmp_path / "multi30k_en_de").write_text("model: {hidden_size: 48}\n", encoding="utf-8")
+    assert Config.load("multi30k_en_de").model.hidden_size == 48
+    with pytest.raises(ConfigError, match=r"not found: multi30k_en_xx \(packaged configs: .*multi30k_en_de"):
+        Config.load("multi30k_en_xx")
+    with pytest.raises(ConfigError, match=r"config file not found: sub/multi30k_en_fr"):
+        Config.load("sub/multi30k_en_fr")  # a path with a folder is a path, never a packaged name
+
+
+def test_the_clone_configs_folder_is_the_packaged_one():
+    from pathlib import Path
+
+    from seq2seq.config import packaged_configs
+
+    clone = Path(__file__).resolve().parents[1] / "configs"
+    assert sorted(p.name for p in clone.glob("*.yaml")) == sorted(p.name for p in packaged_configs().values())
+
+
+def test_the_configs_command_lists_and_prints_them(capsys):
+    from seq2seq import cli
+
+    assert cli.main(["configs"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("multi30k_en_de ") and "English -> German" in line for line in listed)
+    assert cli.main(["configs", "multi30k_en_de_joey"]) == 0
+    import yaml
+
+    assert Config.from_dict(yaml.safe_load(capsys.readouterr().out)).model.attention == "bahdanau"
+    assert cli.main(["configs", "nope"]) == 1
+    assert "no packaged config 'nope'; the configs are: multi30k_en_de" in capsys.readouterr().err
+
+
+def test_data_paths_are_relative_to_data_dir_else_the_current_folder(tmp_path, monkeypatch):
+    from seq2seq.prepare import resolve_data_paths
+
+    config_dir, cwd = tmp_path / "configs", tmp_path / "cwd"
+    config_dir.mkdir()
+    cwd.mkdir()
+    path = write(config_dir, "data: {train_src: train.en, train_tgt: /abs/train.de}\n")
+    monkeypatch.chdir(cwd)
+    config = Config.load(path)
+    resolve_data_paths(config, None)  # not the config file's folder, as DataConfig says
+    assert config.data.train_src == str(cwd.resolve() / "train.en")
+    assert config.data.train_tgt == "/abs/train.de"
+    config = Config.load(path)
+    resolve_data_paths(config, tmp_path / "data")
+    assert config.data.train_src == str((tmp_path / "data" / "train.en").resolve())

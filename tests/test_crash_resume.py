@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -215,22 +217,33 @@ def test_resume_without_any_checkpoint_says_what_to_do(corpus, tmp_path):
 
 
 # -- Ctrl-C -------------------------------------------------------------------------------
-def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_is_exact(corpus, reference, tmp_path):
+def stop_by_signal_then_resume(corpus: Path, reference: Path, tmp_path: Path, signum: int,
+                               interrupted: str) -> None:
+    """Send ``signum`` at step 15 or later: a checkpoint, exit 128 + signum; resume is exact."""
     model_dir = tmp_path / "model"
     process = start(train_args(corpus, model_dir), tmp_path / "run1.txt")
     wait_for(lambda: max(logged_steps(model_dir), default=0) >= 15, process, "step 15")
-    process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 130
+    process.send_signal(signum)
+    assert process.wait(60) == 128 + signum
     err = (tmp_path / "run1.txt").read_text()
     assert "Traceback" not in err
     assert "--resume" in err and str(model_dir) in err
     stopped_at = step_of(model_dir / "last.safetensors")
-    assert stopped_at >= 15 and f"interrupted at step {stopped_at}" in err
+    assert stopped_at >= 15 and f"{interrupted} at step {stopped_at}" in err
     metrics(model_dir)
 
     code, err = finish(train_args(corpus, model_dir, "--resume"), tmp_path / "run2.txt")
     assert code == 0, err
     assert_same_run(model_dir, reference)
+
+
+def test_ctrl_c_writes_a_checkpoint_exits_130_and_resume_is_exact(corpus, reference, tmp_path):
+    stop_by_signal_then_resume(corpus, reference, tmp_path, signal.SIGINT, "interrupted")
+
+
+def test_sigterm_writes_a_checkpoint_exits_143_and_resume_is_exact(corpus, reference, tmp_path):
+    """Slurm and Kubernetes stop jobs with SIGTERM: it is handled as Ctrl-C is."""
+    stop_by_signal_then_resume(corpus, reference, tmp_path, signal.SIGTERM, "interrupted by SIGTERM")
 
 
 def test_resume_in_process_without_config_is_exact(partial_run, reference, tmp_path, capsys):
@@ -240,17 +253,44 @@ def test_resume_in_process_without_config_is_exact(partial_run, reference, tmp_p
     assert_same_run(model_dir, reference)
 
 
+@pytest.mark.parametrize("setting", ["model.cell=lstm", "model.input_feeding=false", "train.precision=bf16"],
+                         ids=["lstm", "no input feeding", "bf16"])
+def test_resume_is_exact_for_lstm_without_input_feeding_and_in_bf16(corpus, tmp_path, capsys, setting):
+    """The runs above are GRU, input feeding, fp32: stopped at step 20 and resumed, the other
+    cell, the plain decoder and bf16 training (the output layer's products in bf16 on CPU)
+    end as an uninterrupted run does, exactly."""
+    settings = ["--set", setting, "--set", "train.max_steps=30"]
+    reference = tmp_path / "reference"
+    assert cli.main(train_args(corpus, reference, *settings)) == 0
+    model_dir = tmp_path / "model"
+    original = _Run._should_stop
+
+    def stop_at_20(self):
+        self.interrupted = self.interrupted or self.state.step == 20
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Run, "_should_stop", stop_at_20)
+        assert cli.main(train_args(corpus, model_dir, *settings)) == cli.EXIT_INTERRUPTED
+    assert step_of(model_dir / "last.safetensors") == 20
+    assert cli.main(train_args(corpus, model_dir, "--resume", *settings)) == 0
+    assert "resuming from step 20" in capsys.readouterr().err
+    assert step_of(model_dir / "last.safetensors") == 30
+    assert_same_run(model_dir, reference)
+
+
 # -- disk full, read-only model directory -------------------------------------------------
 def _fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
 @pytest.mark.parametrize("failing", ["last.safetensors", "every file"])
-def test_disk_full_is_a_clear_error_and_keeps_the_last_checkpoint(partial_run, reference, corpus,
-                                                                   tmp_path, capsys, monkeypatch,
-                                                                   failing):
+def test_disk_full_at_fsync_is_a_clear_error_and_keeps_the_last_checkpoint(
+        partial_run, reference, corpus, tmp_path, capsys, monkeypatch, failing):
+    """ENOSPC reported by fsync (as network and copy-on-write file systems do, after write()
+    succeeded), simulated; the real full disk, failing write(), is the next test."""
     model_dir = copy_run(partial_run, tmp_path)
-    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
     real_fsync = os.fsync
 
     def full_disk(fd: int) -> None:
@@ -275,37 +315,129 @@ def test_disk_full_is_a_clear_error_and_keeps_the_last_checkpoint(partial_run, r
     assert_same_run(model_dir, reference)
 
 
-def test_read_only_model_directory_is_a_clear_error(partial_run, reference, corpus, tmp_path,
-                                                    capsys, monkeypatch):
+# Runs in a private mount namespace (see ``mount_namespace``): mounts a small tmpfs or makes a
+# read-only bind mount, runs one ``seq2seq`` command there, and (tmpfs) copies the model folder
+# out before the namespace, and the tmpfs with it, goes away.
+MOUNT_DRIVER = r"""
+import json, os, shutil, subprocess, sys
+spec = json.loads(sys.argv[1])
+model = spec["model"]
+if spec["kind"] == "full disk":
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", spec["mount"]], check=True)
+    model = shutil.copytree(spec["model"], os.path.join(spec["mount"], "model"))
+    room = os.statvfs(spec["mount"])
+    with open(os.path.join(spec["mount"], "filler"), "wb") as filler:  # leave spec["free"] bytes
+        filler.write(bytes(room.f_bavail * room.f_frsize - spec["free"]))
+else:
+    subprocess.run(["mount", "--bind", model, model], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", model], check=True)
+done = subprocess.run([sys.executable, "-m", "seq2seq", *spec["args"], "--model-dir", model],
+                      capture_output=True, text=True)
+if spec["kind"] == "full disk":
+    shutil.copytree(model, spec["copy_to"])
+print(json.dumps({"code": done.returncode, "stderr": done.stderr, "model": model}))
+"""
+
+
+def mount_namespace() -> list[str]:
+    """The command prefix that runs a command in a private mount namespace where it may mount
+    file systems: root's own, or a user namespace's for others. Skips the test, saying why,
+    where neither is allowed (a container without CAP_SYS_ADMIN, user namespaces disabled)."""
+    tried = []
+    for prefix in (["unshare", "--mount", "--propagation", "private"],
+                   ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]):
+        if shutil.which(prefix[0]) is None:
+            pytest.skip("unshare (util-linux) is not installed: no real full or read-only file "
+                        "system can be made; the simulated tests above still run")
+        probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", "/mnt"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            return prefix
+        tried.append(f"{' '.join(prefix)}: {probe.stderr.strip()}")
+    pytest.skip("no mount namespace may be made here, so no real full or read-only file system: "
+                + "; ".join(tried))
+
+
+def run_in_mount_namespace(kind: str, model_dir: Path, args: list[str], tmp_path: Path,
+                           free: int = 0) -> tuple[int, str, Path]:
+    """``seq2seq ARGS --model-dir`` on ``model_dir`` put on a tmpfs with ``free`` bytes left
+    (``kind`` 'full disk') or made read-only by a bind mount ('read-only'). Returns the exit
+    code, stderr and the model folder's path as the command saw it."""
+    spec = {"kind": kind, "model": str(model_dir), "args": args, "free": free,
+            "mount": str(tmp_path / "mnt"), "copy_to": str(tmp_path / "after")}
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run([*mount_namespace(), sys.executable, "-c", MOUNT_DRIVER, json.dumps(spec)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    return result["code"], result["stderr"], Path(result["model"])
+
+
+@pytest.mark.parametrize("free", [0, 64 * 1024], ids=["no room at all", "room for logs, not a checkpoint"])
+def test_a_real_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(partial_run, reference, corpus,
+                                                                         tmp_path, free):
+    """The model folder on a real tmpfs that is full (write() fails with ENOSPC): with no room
+    the first file written (metrics.jsonl, rewritten up to the checkpoint) is named; with room
+    for the logs only, the first checkpoint is. Then, on a disk with room, --resume is exact."""
     model_dir = copy_run(partial_run, tmp_path)
-    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
-    if os.geteuid() == 0:
-        # root writes through any mode bits: make the folder refuse new files as a
-        # read-only one would (every write here goes through a temporary file in the folder).
-        import tempfile
-
-        real_mkstemp = tempfile.mkstemp
-
-        def read_only(*args, dir=None, **kwargs):
-            if dir is not None and Path(dir).resolve() == model_dir.resolve():
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES),
-                                      str(Path(dir) / f"{kwargs.get('prefix', '')}x.tmp"))
-            return real_mkstemp(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    args = [a for a in train_args(corpus, model_dir, "--resume") if a not in ("--model-dir", str(model_dir))]
+    code, err, seen = run_in_mount_namespace("full disk", model_dir, args, tmp_path, free=free)
+    assert code == cli.EXIT_ERROR and "Traceback" not in err, err[-3000:]
+    named = re.search(r"^seq2seq: error: No space left on device \((.+)\)$", err, re.MULTILINE)
+    assert named, err[-3000:]
+    if free == 0:
+        assert named[1] == str(seen / "metrics.jsonl")
     else:
-        model_dir.chmod(0o555)
+        assert named[1] in (str(seen / "last.safetensors"), str(seen / "best.safetensors"))
+    after = tmp_path / "after"
+    assert not list(after.glob(".*.tmp")), "temporary files left behind"
+    for name in ("last.safetensors", "best.safetensors", "config.yaml"):
+        assert (after / name).read_bytes() == before[name], name
+    metrics(after)  # no torn line
+
+    assert cli.main(train_args(corpus, after, "--resume")) == 0  # a disk with room
+    assert_same_run(after, reference)
+
+
+def test_a_read_only_file_system_is_a_clear_error(partial_run, reference, corpus, tmp_path):
+    """The model folder bind-mounted read-only (EROFS, whoever runs the test, root too)."""
+    model_dir = copy_run(partial_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    args = [a for a in train_args(corpus, model_dir, "--resume") if a not in ("--model-dir", str(model_dir))]
+    code, err, _ = run_in_mount_namespace("read-only", model_dir, args, tmp_path)
+    assert code == cli.EXIT_ERROR and "Traceback" not in err, err[-3000:]
+    assert f"seq2seq: error: Read-only file system ({model_dir / 'metrics.jsonl'})" in err
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+
+    assert cli.main(train_args(corpus, model_dir, "--resume")) == 0
+    assert_same_run(model_dir, reference)
+
+
+def test_a_model_directory_without_write_permission_is_a_clear_error(partial_run, reference, corpus,
+                                                                     tmp_path):
+    """A folder the user may not write to (mode 0555: EACCES). Root writes through mode bits, so
+    as root the run is made in a user namespace of its own (``unshare --user``), where root's
+    powers over the files outside are gone and the mode bits apply to it as to anyone."""
+    model_dir = copy_run(partial_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    prefix = []
+    if os.geteuid() == 0:
+        prefix = ["unshare", "--user"]
+        probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+        if shutil.which("unshare") is None or probe.returncode != 0:
+            pytest.skip(f"root cannot give up its powers here (unshare --user: {probe.stderr.strip()}), "
+                        "so nothing is write-protected from it; the read-only mount test still runs")
+    model_dir.chmod(0o555)
     try:
-        capsys.readouterr()
-        assert cli.main(train_args(corpus, model_dir, "--resume")) == cli.EXIT_ERROR
-        err = capsys.readouterr().err
+        done = subprocess.run([*prefix, sys.executable, "-m", "seq2seq",
+                               *train_args(corpus, model_dir, "--resume")],
+                              capture_output=True, text=True, timeout=300)
     finally:
         model_dir.chmod(0o755)
-        monkeypatch.undo()
-    assert "Traceback" not in err
-    assert "seq2seq: error: Permission denied" in err
-    assert str(model_dir / "metrics.jsonl") in err  # the first file a resume rewrites
-    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert done.returncode == cli.EXIT_ERROR and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"seq2seq: error: Permission denied ({model_dir / 'metrics.jsonl'})" in done.stderr
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
 
     assert cli.main(train_args(corpus, model_dir, "--resume")) == 0
     assert_same_run(model_dir, reference)
@@ -334,6 +466,46 @@ def test_a_few_non_finite_losses_are_skipped_and_logged(partial_run, corpus, tmp
     events = [m for m in metrics(model_dir) if "event" in m]
     assert [(m["step"], m["bad_steps"]) for m in events] == [(22, 1), (23, 2), (30, 1)]
     assert all("non-finite" in m["event"] for m in events)
+    last, _ = read_checkpoint(model_dir / "last.safetensors")
+    assert all(torch.isfinite(t).all() for t in last.values() if t.is_floating_point())
+
+
+class _HugeGradient(torch.autograd.Function):
+    """The identity, whose gradient is 1e30 times the true one: every gradient stays finite,
+    their squares do not, so the loss is finite and the gradient norm infinite."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e30
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_skipped(partial_run, corpus, tmp_path,
+                                                                  monkeypatch):
+    model_dir = copy_run(partial_run, tmp_path)
+    original, norms = _Run._loss, []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def loss(self, batch):
+        result = original(self, batch)
+        return _HugeGradient.apply(result) if self.state.step + 1 in {23, 24} else result
+
+    def clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        norms.append((all(bool(p.grad.isfinite().all()) for p in parameters if p.grad is not None),
+                      float(real_clip(parameters, *args, **kwargs))))
+        return torch.tensor(norms[-1][1])
+
+    monkeypatch.setattr(_Run, "_loss", loss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert cli.main(train_args(corpus, model_dir, "--resume", "--set", "train.epochs=1")) == 0
+    assert norms[2] == (True, float("inf")) and norms[3] == (True, float("inf"))  # updates 23, 24
+    assert all(math.isfinite(norm) for i, (_, norm) in enumerate(norms) if i not in (2, 3))
+    events = [m for m in metrics(model_dir) if "event" in m]
+    assert [(m["step"], m["bad_steps"]) for m in events] == [(22, 1), (23, 2)]
     last, _ = read_checkpoint(model_dir / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in last.values() if t.is_floating_point())
 

@@ -119,11 +119,19 @@ def test_two_processes_train_as_one_with_accumulation(corpus, tmp_path):
     losses = train_losses(two)
     assert len(losses) == 16  # one line per step, written once
     assert sum(losses[-4:]) / 4 < losses[0] - 0.2
-    assert train_losses(one) == pytest.approx(losses, abs=1e-4)
-    a, b = model_weights(one), model_weights(two)
-    assert a.keys() == b.keys() and a
+    assert_same_training(one, two)
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    """The same logged losses and the same last checkpoint (weights and Adam moments), exactly.
+    Only the torch random state differs: rank 0 draws the seed of the first micro-batch of
+    each update, a single process ends on the last's."""
+    assert train_losses(one) == train_losses(two)
+    a, b = load_file(str(one / "last.safetensors")), load_file(str(two / "last.safetensors"))
+    assert a.keys() == b.keys() and any(name.startswith("model.") for name in a)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+        if not name.startswith("rng."):
+            assert torch.equal(a[name], b[name]), name
 
 
 def test_lost_rank_ends_the_survivor_and_a_restart_resumes(corpus, tmp_path):
@@ -142,14 +150,11 @@ def test_lost_rank_ends_the_survivor_and_a_restart_resumes(corpus, tmp_path):
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        code = procs[0].wait(timeout=90)
-        waited = time.monotonic() - killed
+        code = procs[0].wait(timeout=90)  # a bound on the test; the message below shows why it ended
     finally:
         stop(procs)
     log = (tmp_path / "rank0.log").read_text("utf-8", errors="replace")
     assert code == 1, log[-3000:]
-    assert waited < 60
     assert "seq2seq: error: rank 0 lost contact with the other processes (rank 1 stopped" in log
     assert "resume with --resume" in log
     assert "Traceback" not in log
@@ -167,6 +172,49 @@ def test_lost_rank_ends_the_survivor_and_a_restart_resumes(corpus, tmp_path):
     assert "restart 1 by torchrun: resuming from" in log
     assert f"resuming from step {resume_at} " in log
     assert checkpoint_step(model_dir) == resume_at + 3
+
+
+def test_two_processes_stopped_and_resumed_train_as_one_uninterrupted(corpus, tmp_path):
+    """Two ranks stopped at step 8 (a checkpoint) and resumed to step 16 end exactly where one
+    process with accumulate 2 ends, uninterrupted: resuming is exact with gloo too."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, *train_args(corpus, one, "train.accumulate=2")],
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for steps, resume in ((8, ()), (16, ("--resume",))):
+        procs = start_ranks([*train_args(corpus, two, f"train.max_steps={steps}"), *resume], tmp_path)
+        try:
+            codes = [p.wait(timeout=300) for p in procs]
+        finally:
+            stop(procs)
+        assert codes == [0, 0], (tmp_path / "rank0.log").read_text("utf-8", errors="replace")[-3000:]
+        assert checkpoint_step(two) == steps
+    assert "resuming from step 8" in (tmp_path / "rank0.log").read_text("utf-8")
+    assert_same_training(one, two)
+
+
+def test_two_ranks_into_a_locked_model_dir_both_stop_with_the_lock_error(corpus, tmp_path):
+    """Rank 0 alone takes the lock; when another process holds it, every rank stops at once with
+    the same error (none waits in a collective for a rank 0 that has left)."""
+    from seq2seq.prepare import ModelDirLock
+
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    holder = ModelDirLock(model_dir)  # this test process trains there, as far as they can tell
+    try:
+        procs = start_ranks(train_args(corpus, model_dir), tmp_path)
+        try:
+            codes = [p.wait(timeout=120) for p in procs]
+        finally:
+            stop(procs)
+    finally:
+        holder.release()
+    logs = [(tmp_path / f"rank{r}.log").read_text("utf-8", errors="replace") for r in range(2)]
+    assert codes == [1, 1], logs
+    for log in logs:
+        assert f"seq2seq: error: {model_dir} is in use: pid {os.getpid()} on" in log, log[-3000:]
+        assert "Traceback" not in log
+    assert sorted(p.name for p in model_dir.iterdir()) == ["train.lock"]
 
 
 # -- the pieces --------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""The CPU training path of seq2seq.gru.GRU must match nn.GRU exactly: outputs, final state and
-every gradient, with padding, both directions and several layers."""
+"""The fused training path of seq2seq.gru.GRU (FastPaths.fused_gru) must match nn.GRU exactly:
+outputs, final state and every gradient, with padding, both directions and several layers;
+it runs in training mode with the flag on, and nn.GRU runs otherwise."""
 
 import pytest
 import torch
 from torch import nn
 
+from seq2seq.fastpath import FastPaths
 from seq2seq.gru import GRU, reverse_index, run_padded
+
+FUSED = FastPaths(fused_gru=True)
 
 
 def _run(module, fused: bool, x, lengths, hx):
@@ -29,11 +33,11 @@ def _run(module, fused: bool, x, lengths, hx):
 def test_fused_path_matches_nn_gru(bidirectional, layers, padded, with_hx):
     torch.manual_seed(0)
     gru = GRU(5, 7, num_layers=layers, batch_first=True, bidirectional=bidirectional).double()
+    gru.paths = FUSED
     x = torch.randn(4, 6, 5, dtype=torch.double)
     lengths = torch.tensor([6, 3, 1, 5]) if padded else None
     directions = 2 if bidirectional else 1
     hx = torch.randn(layers * directions, 4, 7, dtype=torch.double) if with_hx else None
-    assert gru.use_fused(x.requires_grad_())
     fused = _run(gru, True, x, lengths, hx)
     reference = _run(gru, False, x, lengths, hx)
     torch.testing.assert_close(fused[0], reference[0])
@@ -45,6 +49,7 @@ def test_fused_path_matches_nn_gru(bidirectional, layers, padded, with_hx):
 def test_padded_positions_are_zero_and_do_not_change_results():
     torch.manual_seed(1)
     gru = GRU(3, 4, batch_first=True, bidirectional=True)
+    gru.paths = FUSED
     x = torch.randn(2, 5, 3, requires_grad=True)
     out, h_n = gru.forward_padded(x, torch.tensor([5, 2]))
     assert torch.all(out[1, 2:] == 0)
@@ -53,10 +58,27 @@ def test_padded_positions_are_zero_and_do_not_change_results():
     torch.testing.assert_close(h_n[:, 1], h_alone[:, 0])
 
 
-def test_inference_uses_nn_gru():
-    gru = GRU(3, 4, batch_first=True)
-    with torch.inference_mode():
-        assert not gru.use_fused(torch.zeros(1, 2, 3))
+def _fused_calls(gru: GRU, x: torch.Tensor) -> int:
+    """How many nodes of the fused layer Function the output's graph holds."""
+    out, _ = gru.forward_padded(x.requires_grad_())
+    seen, stack, count = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "_GRULayerFunctionBackward"
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return count
+
+
+def test_fused_path_runs_in_training_mode_with_its_flag_only():
+    gru = GRU(3, 4, num_layers=2, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    assert _fused_calls(gru, x) == 0  # a GRU alone: the reference paths
+    gru.paths = FUSED
+    assert _fused_calls(gru, x) == 2  # one Function per layer
+    assert _fused_calls(gru.eval(), x) == 0  # evaluation and decoding: nn.GRU
 
 
 def test_state_dict_is_nn_grus():

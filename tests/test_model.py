@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seq2seq.config import ConfigError, ModelConfig
-from seq2seq.model import Seq2Seq
+from seq2seq.model import DecodingSession, Seq2Seq
 
 VOCAB, FEATURES, LENGTHS, TGT_LEN = 11, 3, [6, 2, 4], 5
 
@@ -84,24 +84,19 @@ def test_teacher_forcing_equals_decoding_step_by_step(attention, feeding):
 @pytest.mark.parametrize("attention, feeding", [("bahdanau", True), ("general", False),
                                                 ("dot", True)])
 def test_decoding_with_combined_values_equals_the_combine_layer(attention, feeding):
-    """Without gradients the memory carries the values through the combine layer's context
+    """A decoding session's memory carries the values through the combine layer's context
     half, and each step adds them up by attention weight: the same scores as the trained
-    path's tanh(W [h; c]), step by step and over the whole sequence."""
+    path's tanh(W [h; c])."""
     model = token_model(attention=attention, input_feeding=feeding, bidirectional=attention != "dot")
     src, lengths, tgt_in = token_batch()
     scores, weights = model(src, lengths, tgt_in)
-    assert model.encode(src, lengths)[0].combined_values is None  # gradients: the plain path
+    assert model.encode(src, lengths)[0].combined_values is None  # outside a session
     with torch.no_grad():
-        memory, state = model.encode(src, lengths)
-        assert memory.combined_values is not None
-        steps = []
-        for t in range(TGT_LEN):
-            step, state, _ = model.decode(tgt_in[:, t:t + 1], state, memory)
-            steps.append(step)
-        whole, whole_weights = model(src, lengths, tgt_in)
-    torch.testing.assert_close(torch.cat(steps, 1), scores.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(whole, scores.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(whole_weights, weights.detach())
+        session = DecodingSession(model)
+        assert session.encode(src, lengths)[0].combined_values is not None
+        steps, step_weights = _decode_steps(model, src, lengths, tgt_in, session=session)
+    torch.testing.assert_close(steps, scores.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_weights, weights[:, -1].detach())
 
 
 @pytest.mark.parametrize("attention", [None, "bahdanau"])
@@ -169,16 +164,18 @@ def test_bad_construction_raises():
         Seq2Seq(config(attention="dot", bidirectional=True), src_vocab=5, tgt_vocab=5)
 
 
-def _decode_steps(model, src, lengths, tgt_in, beams=1):
-    memory, state = model.encode(src, lengths)
+def _decode_steps(model, src, lengths, tgt_in, beams=1, session=None):
+    """Decode tgt_in one step at a time through a session; (scores, last step's weights)."""
+    session = session or DecodingSession(model)
+    memory, state = session.encode(src, lengths)
     if beams > 1:  # each sentence's state repeated per beam; memory stays once per sentence
         state = state.select(torch.arange(src.size(0)).repeat_interleave(beams))
         tgt_in = tgt_in.repeat_interleave(beams, 0)
     steps = []
     for t in range(TGT_LEN):
-        step, state, weights = model.decode(tgt_in[:, t:t + 1], state, memory, beams)
+        step, state, weights = session.step(tgt_in[:, t:t + 1], state, memory, beams)
         steps.append(step)
-    return torch.cat(steps, 1), weights
+    return torch.cat(steps, 1), None if weights is None else weights[:, 0]
 
 
 @pytest.mark.parametrize("attention, feeding", [("general", False), ("bahdanau", True), (None, False)])
@@ -186,44 +183,37 @@ def test_decoding_tables_give_the_same_steps(attention, feeding):
     model = token_model(attention=attention, input_feeding=feeding)
     src, lengths, tgt_in = token_batch()
     with torch.no_grad():
-        plain, _ = _decode_steps(model, src, lengths, tgt_in)
-        with model.decoding():
-            assert model._decodes_by_table(tgt_in[:, :1])
-            tabled, _ = _decode_steps(model, src, lengths, tgt_in)
-            tabled_again, _ = _decode_steps(model, src, lengths, tgt_in)
-            tables = next(iter(model._decoding_tables.values()))
-            assert "gru_input" in tables  # 3 rows x 5 steps: more rows than the 11 tokens
-        assert not model._decodes_by_table(tgt_in[:, :1])
-    torch.testing.assert_close(tabled, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tabled_again, plain, atol=1e-5, rtol=1e-5)
+        scores, _ = model(src, lengths, tgt_in)
+        session = DecodingSession(model)
+        tabled, _ = _decode_steps(model, src, lengths, tgt_in, session=session)
+        assert session.gru_input is not None  # 3 rows x 5 steps: more rows than the 11 tokens
+        tabled_again, _ = _decode_steps(model, src, lengths, tgt_in, session=session)
+    torch.testing.assert_close(tabled, scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tabled_again, scores, atol=1e-5, rtol=1e-5)
 
 
 def test_decoding_table_is_made_only_when_enough_rows_use_it():
     model = token_model(attention="general", input_feeding=False)
     src, lengths, tgt_in = token_batch()
-    with torch.no_grad(), model.decoding():
-        memory, state = model.encode(src[:1], lengths[:1])
-        for t in range(TGT_LEN):  # 5 rows in all, fewer than the 11 tokens of the table
-            _, state, _ = model.decode(tgt_in[:1, t:t + 1], state, memory)
-        tables = next(iter(model._decoding_tables.values()))
-        assert "gru_input" not in tables and tables["rows"] == TGT_LEN
-    with torch.no_grad(), model.decoding(expected_rows=VOCAB):  # the caller expects enough
-        memory, state = model.encode(src[:1], lengths[:1])
-        model.decode(tgt_in[:1, :1], state, memory)
-        assert "gru_input" in next(iter(model._decoding_tables.values()))
+    with torch.no_grad():
+        session = DecodingSession(model)
+        _decode_steps(model, src[:1], lengths[:1], tgt_in[:1], session=session)
+        assert session.gru_input is None and session.rows == TGT_LEN  # 5 rows < 11 tokens
+        session = DecodingSession(model, expected_rows=VOCAB)  # the caller expects enough
+        memory, state = session.encode(src[:1], lengths[:1])
+        session.step(tgt_in[:1, :1], state, memory)
+        assert session.gru_input is not None
 
 
-def test_decoding_tables_follow_weight_changes_between_blocks():
+def test_sessions_follow_weight_changes():
     model = token_model(attention="general", input_feeding=False)
     src, lengths, tgt_in = token_batch()
     with torch.no_grad():
-        with model.decoding():
-            before, _ = _decode_steps(model, src, lengths, tgt_in)
+        before, _ = _decode_steps(model, src, lengths, tgt_in)
         model.tgt_embed.weight.add_(0.5)  # as an optimizer step between validations
         model.decoder.rnn.weight_ih_l0.mul_(1.5)
-        with model.decoding():
-            after, _ = _decode_steps(model, src, lengths, tgt_in)
-        plain, _ = _decode_steps(model, src, lengths, tgt_in)
+        after, _ = _decode_steps(model, src, lengths, tgt_in)
+        plain, _ = model(src, lengths, tgt_in)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
 
@@ -240,34 +230,47 @@ def test_beams_share_the_memory_of_their_sentence(attention, feeding):
     torch.testing.assert_close(weights, expanded_weights, atol=1e-6, rtol=1e-5)
 
 
-def test_decoding_blocks_nest_and_threads_keep_their_own_tables():
-    import threading
+def _attributes(model) -> list[dict]:
+    """Every module's attributes, as object ids (dicts such as _parameters by their items)."""
+    def ids(value):
+        return {k: id(v) for k, v in value.items()} if isinstance(value, dict) else id(value)
+    return [{name: ids(value) for name, value in vars(module).items()}
+            for module in model.modules()]
 
-    model = token_model(attention="general", input_feeding=False)
+
+def test_the_model_holds_no_per_call_state():
+    """Decoding leaves every module's attributes as they were: what it made lives in the
+    session."""
+    model = token_model(attention="bahdanau", input_feeding=True)
     src, lengths, tgt_in = token_batch()
+    before = _attributes(model)
     with torch.no_grad():
-        plain, _ = _decode_steps(model, src, lengths, tgt_in)
-        with model.decoding():
-            with model.decoding():  # an inner block reuses the outer one's tables
-                inner, _ = _decode_steps(model, src, lengths, tgt_in)
-            assert model._decodes_by_table(tgt_in[:, :1])  # still inside the outer block
-        results, errors = [], []
+        session = DecodingSession(model)
+        _decode_steps(model, src, lengths, tgt_in, session=session)
+    assert session.gru_input is not None
+    assert _attributes(model) == before
 
-        def work():
-            try:
-                with torch.no_grad(), model.decoding():
-                    for _ in range(20):
-                        results.append(_decode_steps(model, src, lengths, tgt_in)[0])
-            except Exception as error:  # noqa: BLE001 - reported below
-                errors.append(error)
 
-        threads = [threading.Thread(target=work) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert not errors and len(results) == 60
-    torch.testing.assert_close(inner, plain, atol=1e-5, rtol=1e-5)
-    for result in results:
-        torch.testing.assert_close(result, plain, atol=1e-5, rtol=1e-5)
-    assert model._decoding_tables == {}
+@pytest.mark.parametrize("options", [{}, {"precision": "bf16"}, {"quantize": True}],
+                         ids=["fp32", "bf16", "int8"])
+def test_threads_share_one_translator(trained_model_dir, options):
+    """8 threads translating at once with one Translator (each call its own decoding
+    session) get exactly the sequential translations, greedy and beam."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seq2seq.translator import Translator
+
+    translator = Translator.load(trained_model_dir, device="cpu", **options)
+    assert translator.model.paths.bf16_output == ("precision" in options)
+    sentences = ["a b c d", "h g f e d c b a", "c c a", "b a", "e f g h a b c d", "d d h"] * 3
+    jobs = [(sentences[i:] + sentences[:i], 1 + 2 * (i % 2)) for i in range(8)]
+    want = [translator.translate(lines, beam=beam) for lines, beam in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda job: translator.translate(job[0], beam=job[1]), jobs * 3))
+    assert got == want * 3
+
+
+def test_a_session_needs_eval_mode():
+    model = token_model().train()
+    with pytest.raises(ValueError, match=r"decode with the model in eval mode \(model.eval\(\)\)"):
+        DecodingSession(model)

@@ -221,12 +221,12 @@ def test_rescore_candidates_removes_the_rounding():
     assert torch.equal(got[3], values[3]) and torch.equal(got[:, -1], values[:, -1])
 
 
-def _decode_all(net: Seq2Seq, src, lengths, output_dtype):
+def _decode_all(net: Seq2Seq, src, lengths, precision):
     limits = max_output_lengths(lengths, 2.0)
-    with net.decoding(output_dtype=output_dtype):
-        greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
-        beam = beam_search(net, src, lengths, beam=4, bos=BOS, eos=EOS, max_lengths=limits,
-                           n_best=4)
+    assert net.set_fast_paths("fast", "cpu", precision).bf16_output == (precision == "bf16")
+    greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
+    beam = beam_search(net, src, lengths, beam=4, bos=BOS, eos=EOS, max_lengths=limits,
+                       n_best=4)
     return greedy, beam
 
 
@@ -244,18 +244,18 @@ def test_bf16_output_layer_decodes_as_float32_once_rescored(monkeypatch):
     src = torch.randint(3, 40, (48, 8), generator=g)
     src[torch.arange(8) >= lengths.unsqueeze(1)] = PAD
 
-    def decode(output_dtype):
-        greedy, beam = _decode_all(net, src, lengths, output_dtype)
+    def decode(precision):
+        greedy, beam = _decode_all(net, src, lengths, precision)
         n_best = [h.tokens for hyps in beam for h in hyps]
         return n_best, [([h.tokens for h in greedy], torch.tensor([h.score for h in greedy])),
                         ([hyps[0].tokens for hyps in beam],
                          torch.tensor([hyps[0].score for hyps in beam]))]
 
-    n_best32, results32 = decode(None)
-    n_best16, results16 = decode(torch.bfloat16)
+    n_best32, results32 = decode("fp32")
+    n_best16, results16 = decode("bf16")
     monkeypatch.setattr(search, "rescore_candidates", lambda *args: args[-1])
     monkeypatch.setattr(search, "RESCORED_GREEDY", 1)
-    n_best_rounded, results_rounded = decode(torch.bfloat16)
+    n_best_rounded, results_rounded = decode("bf16")
 
     assert n_best16 == n_best32
     for (tokens, exact), (tokens16, rescored), (tokens_r, rounded) in zip(  # greedy, beam

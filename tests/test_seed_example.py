@@ -1,7 +1,8 @@
 """The user's seed example runs unchanged and learns the progression.
 
-The example lives outside the repository, in ``../shared/seed`` beside the clone. It trains
-500 epochs (about 5 s of one core) and prints as it goes; its printing is silenced here.
+The example lives outside the repository, in ``../shared/seed`` beside the clone, so the test
+runs where that folder is and is skipped, saying why, in a plain clone. It trains 500 epochs
+and prints as it goes; its printing is silenced here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ SEED_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not SEED_EXAMPLE.is_file(),
+                    reason=f"the user's own example is not part of the repository: {SEED_EXAMPLE} "
+                           "is absent (a plain clone); examples/ holds the package's own")
 def test_seed_example_predicts_every_last_number():
-    assert SEED_EXAMPLE.is_file(), f"the seed example is missing: {SEED_EXAMPLE}"
     # The example seeds nothing; fixing the global generators makes this test repeatable.
     torch.manual_seed(0)
     np.random.seed(0)

@@ -299,6 +299,22 @@ def test_bad_training_data_raises(X, Y, match):
         untrained().train(X, Y, epochs=1, learning_rate=1e-3, verbose=False)
 
 
+def test_values_past_float32_are_refused_with_their_position():
+    """1e39 is finite in float64 and inf in float32: it is checked after the conversion."""
+    X, Y = GOOD_X.copy(), GOOD_Y.copy()
+    X[2, 3, 1] = 1e39
+    with pytest.raises(ValueError, match=r"X contains NaN or infinite values: expected finite numbers; "
+                                         r"X\[2, 3, 1\] is 1e\+39, past float32's largest value 3.4e\+38"):
+        untrained().train(X, GOOD_Y, epochs=1, learning_rate=1e-3, verbose=False)
+    Y[1, 0, 3] = -1e300
+    with pytest.raises(ValueError, match=r"Y\[1, 0, 3\] is -1e\+300, past float32's"):
+        untrained().train(GOOD_X, Y, epochs=1, learning_rate=1e-3, verbose=False)
+    with pytest.raises(ValueError, match=r"X\[1\]\[0, 2\] is 1e\+39"):
+        untrained().predict_batch([np.zeros((2, 3)), [[0, 0, 1e39]]], length=1)
+    with pytest.raises(ValueError, match=r"x\[1, 0\] is nan"):
+        untrained().predict(np.array([[0.0, 0, 0], [np.nan, 0, 0]]), length=1)
+
+
 @pytest.mark.parametrize("Y, match", [
     (np.full((4, 2), 4), "class ids from 4 to 4: expected 0 to 3"),
     (np.full((4, 2, 4), 0.5), "probability vectors"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seq2seq.config import DataConfig
-from seq2seq.data import read_lines
 from seq2seq.tokenize import (
     BOS_ID,
     EOS_ID,
@@ -22,15 +23,42 @@ from seq2seq.tokenize import (
     train_tokenizers,
 )
 
-MULTI30K = Path(__file__).resolve().parents[1].parent / "shared/data/multi30k"
 KINDS = ("sentencepiece", "word", "char")
+
+# A toy English-German corpus in the manner of Multi30k's image captions, made by the test:
+# (English, German) words of each slot; names, made of syllables, give the long tail of rare
+# words that a real corpus has (thousands of word types, most seen once or twice).
+SUBJECTS = [("a", "ein"), ("one", "ein"), ("the", "der")]
+ADJECTIVES = [("young", "junger"), ("old", "alter"), ("tall", "großer"), ("happy", "fröhlicher"),
+              ("small", "kleiner"), ("brown", "brauner"), ("", "")]
+NOUNS = [("man", "Mann"), ("dog", "Hund"), ("boy", "Junge"), ("worker", "Arbeiter"),
+         ("musician", "Musiker"), ("cyclist", "Radfahrer")]
+VERBS = [("runs", "läuft"), ("sits", "sitzt"), ("waits", "wartet"), ("sings", "singt"),
+         ("plays", "spielt"), ("jumps", "springt")]
+PLACES = [("in the park", "im Park"), ("on a bench", "auf einer Bank"), ("near the water", "am Wasser"),
+          ("in front of a building", "vor einem Gebäude"), ("on the street", "auf der Straße")]
+SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "bel", "do", "fi", "gor", "he", "jun", "ne", "pra",
+             "qui", "vol", "wen", "zu", "xi", "yan"]
+
+
+def caption_pairs(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """``n`` (English, German) captions such as "a young man named Kalomi runs in the park ."."""
+    rng = random.Random(seed)
+    english, german = [], []
+    for _ in range(n):
+        (s, s_de), (a, a_de), (o, o_de), (v, v_de), (p, p_de) = (
+            rng.choice(words) for words in (SUBJECTS, ADJECTIVES, NOUNS, VERBS, PLACES))
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        english.append(" ".join(w for w in (s, a, o, "named", name, v, p, ".") if w))
+        german.append(" ".join(w for w in (s_de, a_de, o_de, "namens", name, v_de, p_de, ".") if w))
+    return english, german
 
 
 @pytest.fixture(scope="module")
 def corpus() -> dict[str, list[str]]:
-    """2,000 training and 300 validation lines of Multi30k English and German."""
-    return {f"{split}.{lang}": read_lines(MULTI30K / f"{split}.{lang}.gz")[:size]
-            for split, size in (("train", 2000), ("val", 300)) for lang in ("en", "de")}
+    """2,000 training and 300 validation lines of toy English and German captions."""
+    train, val = caption_pairs(2000, seed=0), caption_pairs(300, seed=1)
+    return {"train.en": train[0], "train.de": train[1], "val.en": val[0], "val.de": val[1]}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +136,12 @@ def test_word_and_char_roundtrip(trained, corpus):
 
 def test_word_vocabulary_is_capped_most_frequent_first(trained, corpus):
     _, word, _ = trained["word"]
+    counts = Counter(w for line in corpus["train.en"] for w in line.split())
+    assert len(counts) > 1000 - len(SPECIALS)  # more word types than the vocabulary holds
     assert len(word) == 1000
-    assert word.id_to_piece(4) == "a"  # the commonest English word in Multi30k
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))  # ties in alphabetical order
+    assert word.tokens[len(SPECIALS):] == ranked[:1000 - len(SPECIALS)]
+    assert word.encode(ranked[-1]) == [UNK_ID]  # a word seen least of all is left out
     _, char, _ = trained["char"]
     assert set("".join(corpus["train.en"])) == set(char.tokens[4:])
 

@@ -111,8 +111,8 @@ def test_bf16_on_cpu_runs_the_output_layer_in_bf16_without_autocast(corpus, tmp_
     real_loss, real_stepwise = loss_module.output_cross_entropy, stepwise.run_stepwise
 
     def spy_loss(*args, **kwargs):
-        seen.append((args[-1] if len(args) > 6 else kwargs.get("matmul_dtype"),
-                     torch.is_autocast_enabled("cpu"), args[0].dtype))
+        autocast = (torch.ones(1, 1) @ torch.ones(1, 1)).dtype != torch.float32  # any torch version
+        seen.append((args[-1] if len(args) > 6 else kwargs.get("matmul_dtype"), autocast, args[0].dtype))
         return real_loss(*args, **kwargs)
 
     def spy_stepwise(*args, **kwargs):

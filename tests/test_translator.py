@@ -1,11 +1,14 @@
 """The Python API on the session's tiny reversal model: search invariants, batching, odd input.
 
-Invariants: beam 1 is greedy; n-best lists are sorted; with raw log-probabilities (length
-penalty 0) beam search never finds a worse translation than greedy search.
+Invariants: beam 1 is greedy; greedy takes the most likely token at every step; n-best lists
+are sorted; a beam wide enough to hold every hypothesis finds exactly what exhaustive search
+finds (every output of a two-word vocabulary up to the length limit, scored by teacher forcing).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 
 import pytest
@@ -13,9 +16,11 @@ import torch
 from conftest import long_line, reversal_pairs
 
 import seq2seq.translator as translator_module
+from seq2seq.config import Config
 from seq2seq.data import collate
+from seq2seq.model import Seq2Seq
 from seq2seq.search import beam_search, max_output_lengths
-from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer
 from seq2seq.translator import Translator
 
 # In-distribution sentences, then harder ones: unseen lengths, unknown words, repeats.
@@ -47,13 +52,88 @@ def test_n_best_is_sorted_and_distinct(translator):
         assert len({tuple(h.tokens) for h in hyps}) == 5
 
 
-def test_beam_scores_at_least_greedy_without_length_penalty(translator, monkeypatch):
-    monkeypatch.setattr(translator.config.decode, "length_penalty", 0.0)
-    greedy = translator.hypotheses(SENTENCES, beam=1)
-    for beam in (2, 5):
-        found = translator.hypotheses(SENTENCES, beam=beam)
-        for sentence, (g,), (b,) in zip(SENTENCES, greedy, found):
-            assert b.score >= g.score - 1e-4, (sentence, beam, b, g)
+def forced_log_probs(translator: Translator, source: str, outputs: list[list[int]]) -> torch.Tensor:
+    """(len(outputs), longest + 1, vocab) log-probabilities of each step of each output followed by
+    eos, from one teacher-forced pass of the model (not the step-by-step decoder search uses)."""
+    src = collate([0], [translator.encode_source(source)])
+    longest = max(map(len, outputs))
+    tgt_in = torch.tensor([[BOS_ID, *out] + [PAD_ID] * (longest - len(out)) for out in outputs])
+    with torch.inference_mode():
+        scores, _ = translator.model(src.src.expand(len(outputs), -1),
+                                     src.src_lengths.expand(len(outputs)), tgt_in)
+    return torch.log_softmax(scores.double(), dim=-1)
+
+
+def exhaustive_search(translator: Translator, source: str, words: list[int]) -> dict[tuple, float]:
+    """Every output of ``words`` up to the length limit, with the score beam search gives it:
+    the sum of its steps' log-probabilities (eos is certain at the limit, where nothing else
+    may come) divided by GNMT's length penalty ((5 + steps) / 6) ** alpha, eos counted."""
+    decode = translator.config.decode
+    steps = math.ceil(len(translator.encode_source(source)) * decode.max_len_ratio) + 5
+    outputs = [list(out) for n in range(steps) for out in itertools.product(words, repeat=n)]
+    log_probs = forced_log_probs(translator, source, outputs)
+    found = {}
+    for i, out in enumerate(outputs):
+        total = sum(float(log_probs[i, t, token]) for t, token in enumerate(out))
+        if len(out) + 1 < steps:
+            total += float(log_probs[i, len(out), EOS_ID])
+        found[tuple(out)] = total / ((5 + len(out) + 1) / 6) ** decode.length_penalty
+    return found
+
+
+@pytest.fixture(scope="module", params=[("gru", True), ("lstm", False)], ids=["gru", "lstm-no-feeding"])
+def two_word_translator(request) -> Translator:
+    """An untrained model over the words "a" and "b", its output layer scaled up so that its
+    distributions are far from uniform and scores far from ties."""
+    cell, input_feeding = request.param
+    config = Config()
+    config.override([f"model.cell={cell}", f"model.input_feeding={input_feeding}", "model.embed_size=8",
+                     "model.hidden_size=16", "model.attention=bahdanau", "model.dropout=0"])
+    tokenizer = Tokenizer("word", tokens=[*SPECIALS, "a", "b"])
+    torch.manual_seed(7)
+    model = Seq2Seq(config.model, src_vocab=len(tokenizer), tgt_vocab=len(tokenizer), pad_id=PAD_ID)
+    with torch.no_grad():
+        model.generator.weight.mul_(6.0)
+    return Translator(model, tokenizer, tokenizer, config, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("source", ["a b", "b b a b"])
+def test_a_beam_that_holds_every_hypothesis_equals_exhaustive_search(two_word_translator, monkeypatch,
+                                                                     alpha, source):
+    translator = two_word_translator
+    monkeypatch.setattr(translator.config.decode, "length_penalty", alpha)
+    # 0.1 * (source tokens + eos) rounds up to 1: outputs of up to 5 words, then eos (depth 5).
+    monkeypatch.setattr(translator.config.decode, "max_len_ratio", 0.1)
+    words = [translator.tgt_tok.tokens.index(w) for w in ("a", "b")]
+    exhaustive = exhaustive_search(translator, source, words)
+    assert len(exhaustive) == 63 and max(map(len, exhaustive)) == 5
+    ranked = sorted(exhaustive, key=exhaustive.get, reverse=True)
+    assert exhaustive[ranked[0]] - exhaustive[ranked[1]] > 1e-3, "a near tie: choose another seed"
+
+    # 2 words of 3 finite ways (eos too) on at most 16 beams: 48 candidates a step fit in 64
+    (found,) = translator.hypotheses([source], beam=64, n_best=63)
+    assert {tuple(h.tokens) for h in found} == set(exhaustive)
+    for h in found:
+        assert h.score == pytest.approx(exhaustive[tuple(h.tokens)], abs=1e-4), h.tokens
+    assert found[0].tokens == list(ranked[0])
+    assert translator.translate([source], beam=64) == [translator.tgt_tok.decode(ranked[0])]
+
+
+def test_greedy_takes_the_most_likely_token_at_every_step(translator):
+    for sentence, (hyp,) in zip(SENTENCES, translator.hypotheses(SENTENCES, beam=1)):
+        if not hyp.tokens and not translator.src_tok.encode(sentence):
+            continue  # nothing to translate: not decoded
+        log_probs = forced_log_probs(translator, sentence, [hyp.tokens])[0]
+        log_probs[:, [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")  # banned, as in decoding
+        chosen = [*hyp.tokens, EOS_ID]
+        limit = math.ceil(len(translator.encode_source(sentence))
+                          * translator.config.decode.max_len_ratio) + 5
+        for t, token in enumerate(chosen):
+            if t + 1 < limit:  # at the limit only eos may come
+                assert int(log_probs[t].argmax()) == token, (sentence, t)
+        assert hyp.score == pytest.approx(sum(float(log_probs[t, tok]) for t, tok in enumerate(chosen)
+                                              if t + 1 < limit), abs=1e-3)
 
 
 def test_load_once_translate_many(trained_model_dir, monkeypatch):
@@ -81,7 +161,7 @@ def test_input_order_is_kept_when_batched_by_length(translator):
 
 
 def test_n_best_greater_than_beam_is_an_error(translator):
-    with pytest.raises(ValueError, match=r"n_best \(3\) must be <= beam \(2\)"):
+    with pytest.raises(ValueError, match=r"n_best \(3\) must be <= decode\.beam \(2\)"):
         translator.translate(["a b c"], beam=2, n_best=3)
     with pytest.raises(TypeError, match="a list of sentences"):
         translator.translate("a b c")

@@ -13,7 +13,6 @@ import pickle
 import re
 import shlex
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -190,9 +189,9 @@ def _edit_config(model_dir: Path, section: str, key: str, value) -> None:
 def test_config_that_does_not_match_the_weights_is_refused_before_allocating(model_dir, tmp_path,
                                                                              capsys, marker, value):
     _edit_config(model_dir, "model", "hidden_size", value)  # 10**6: 12 TB of GRU weights
-    start = time.perf_counter()
+    # Building a 12 TB model would fail to allocate (a different error) or exhaust memory: the
+    # shape error proves the refusal came first.
     assert_refused(model_dir, tmp_path, capsys, marker, "has shape")
-    assert time.perf_counter() - start < 10, "a model of the tampered size was built"
     with pytest.raises(CheckpointError, match=r"weight '[\w.]+' has shape \(\d+, \d+\), the model "
                                               r"that the settings describe expects"):
         Translator.load(model_dir)
@@ -300,6 +299,4 @@ def test_rnn_load_names_the_setting_that_does_not_fit(rnn_dir, marker, change, n
     settings = json.loads(path.read_text())
     settings.update(change)
     path.write_text(json.dumps(settings))
-    start = time.perf_counter()
     _refused_by_rnn_load(rnn_dir, marker, named)
-    assert time.perf_counter() - start < 10

@@ -9,25 +9,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from seq2seq.ops import fast_tanh
+from seq2seq.fastpath import REFERENCE, FastPaths
+from seq2seq.ops import tanh
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over source positions in float32, with exactly zero weight on padding.
+    """Softmax over source positions in float32 (or float64), with exactly zero weight on padding.
 
     Args:
         scores: (batch, tgt_len, src_len) in any float dtype (bf16 under autocast).
         mask: (batch, src_len) bool, True at real positions; every row has one True.
 
     Returns:
-        (batch, tgt_len, src_len) float32 weights; each row sums to 1.
+        (batch, tgt_len, src_len) float32 weights (float64 for float64 scores); each row sums
+        to 1.
     """
-    scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
 class BahdanauAttention(nn.Module):
     """Additive attention: score(q, k) = v^T tanh(W_q q + W_k k)."""
+
+    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
 
     def __init__(self, query_size: int, key_size: int, attention_size: int) -> None:
         super().__init__()
@@ -53,7 +58,7 @@ class BahdanauAttention(nn.Module):
             context: (batch, tgt_len, key_size) and weights: (batch, tgt_len, src_len).
         """
         proj_query = self.query_layer(query)  # (batch, tgt_len, attention_size)
-        energy = fast_tanh(proj_query.unsqueeze(2) + proj_keys.unsqueeze(1))
+        energy = tanh(proj_query.unsqueeze(2) + proj_keys.unsqueeze(1), self.paths.fast_tanh)
         scores = self.energy_layer(energy).squeeze(-1)  # (batch, tgt_len, src_len)
         weights = masked_softmax(scores, mask)
         return torch.bmm(weights.to(values.dtype), values), weights

@@ -10,9 +10,11 @@ sees the old checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,21 +36,41 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or not matching the model."""
 
 
-# -- atomic writes -------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is never partial.
+# -- writing files -------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0, *,
+                       cut_hard_links: bool = False) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is never partial, whatever is there now.
 
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then the
-    file is renamed over ``path``. ``delay_s`` sleeps half-way through the write: a test hook
-    that makes the write window reachable for a kill.
+    - Nothing there, or a regular file: the bytes go to a temporary file in the same folder,
+      are flushed and fsync'ed, then renamed over ``path``. An existing file keeps its mode
+      (and, for root, its owner); a new one gets ``0666`` less the umask.
+    - A symlink: its target is written as above; the link stays a link.
+    - A character device or a FIFO (``/dev/null``, ``<(...)``, a named pipe): written straight
+      into, not replaced. A FIFO blocks until it has a reader, as the shell's ``>`` does.
+    - A read-only file (no write bit, even for root) is refused: ``PermissionError``.
+    - A file with other hard links is rewritten in place, so every name sees the new bytes,
+      as ``>`` and ``rsync --inplace`` do (not atomic: a crash can leave it partial). Files a
+      run owns (checkpoints) pass ``cut_hard_links`` and are replaced as usual: a snapshot
+      made with ``cp -al`` keeps the old version.
+    - A folder, socket or block device is refused.
+
+    Errors are ``OSError``s whose filename is ``path``, never the temporary file. ``delay_s``
+    sleeps half-way through the write: a test hook that makes the write window reachable for
+    a kill.
     """
-    path = Path(path)
+    target, info, how = check_output(path, cut_hard_links=cut_hard_links)
+    if how != "replace":
+        return _write_into(target, data, path, sync=how == "in place")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as error:  # a read-only or missing folder
         raise _naming(error, path) from None
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the files from other users
+        # mkstemp's 0600 would hide the files from other users; an existing file keeps its mode
+        os.fchmod(fd, stat.S_IMODE(info.st_mode) if info else 0o666 & ~_UMASK)
+        if info is not None and os.geteuid() == 0:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, info.st_uid, info.st_gid)
         with os.fdopen(fd, "wb") as handle:
             half = len(data) // 2
             handle.write(data[:half])
@@ -58,13 +80,55 @@ def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0) -> N
             handle.write(data[half:])
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):  # disk full: the message must say which file
             raise _naming(error, path) from None
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(target.parent)
+
+
+def check_output(path: str | Path, cut_hard_links: bool = False
+                 ) -> tuple[Path, os.stat_result | None, str]:
+    """How ``atomic_write_bytes`` would write ``path``, or the error it would raise, without
+    writing: (the symlink-resolved target, its stat or None when new, 'replace' | 'in place' |
+    'straight'). Commands call it before long work, so a bad target is refused up front."""
+    target = Path(os.path.realpath(path))
+    try:
+        info: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        return target, None, "replace"
+    except OSError as error:
+        raise _naming(error, path) from None
+    kind = stat.S_IFMT(info.st_mode)
+    if kind in (stat.S_IFCHR, stat.S_IFIFO):
+        return target, info, "straight"
+    if kind == stat.S_IFDIR:
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    if kind != stat.S_IFREG:
+        raise OSError(errno.EINVAL, "not a regular file, character device or FIFO; not written",
+                      str(path))
+    if not info.st_mode & 0o222 or not os.access(target, os.W_OK):
+        if os.statvfs(target.parent).f_flag & os.ST_RDONLY:  # the whole file system is
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        raise PermissionError(errno.EACCES, "read-only file, not replaced (make it writable or "
+                                            "remove it first)", str(path))
+    return target, info, "in place" if info.st_nlink > 1 and not cut_hard_links else "replace"
+
+
+def _write_into(target: Path, data: bytes, path: str | Path, sync: bool) -> None:
+    """Write ``data`` into the existing ``target`` (a device, FIFO or hard-linked file)."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if sync:  # a regular file: drop what is left of the old content, then sync
+                handle.truncate(len(data))
+                os.fsync(handle.fileno())
+    except OSError as error:
+        raise _naming(error, path) from None
 
 
 def _naming(error: OSError, path: Path) -> OSError:
@@ -102,11 +166,60 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# -- reading model files -------------------------------------------------------------------
+MAX_FILE_BYTES = 64 << 20  # settings, tokenizers, vocabularies: a 256k-piece model is ~5 MB
+
+
+def read_regular_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` when it is a regular file (symlinks followed) of at most ``limit``.
+
+    A model folder may come from anyone: a ``config.yaml`` that is a symlink to ``/dev/zero``
+    or a FIFO would otherwise be read until memory runs out, or block forever. The file is
+    opened without blocking and checked before anything is read. Raises ``FileNotFoundError``
+    (or another ``OSError``) naming the file, or a ``ValueError`` naming it and what it is.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise _naming(error, Path(path)) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); model "
+                             f"files are read only from regular files")
+        if info.st_size > limit:
+            raise ValueError(f"{path}: {info.st_size} bytes, more than the {limit} that a file "
+                             f"of this kind may have")
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # it grew while being read
+        raise ValueError(f"{path}: more than the {limit} bytes that a file of this kind may have")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+    return kinds.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _regular_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint that is missing or not a regular file (a FIFO, a device)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: not a regular file ({_file_kind(info.st_mode)})")
+
+
 # -- model weights -------------------------------------------------------------------------
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state without repeats: a tied weight is stored once, under its first name."""
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_quantized:  # packed int8 weights
+            raise CheckpointError(f"a quantized model is not saved ({name!r}): --quantize applies "
+                                  "when a model is loaded; save the float32 model")
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen:
             continue
@@ -155,14 +268,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any],
         tensors.update(rng_tensors)
         meta["rng"] = rng_meta
     header = {"format": FORMAT, "meta": json.dumps(meta)}
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header), delay_s=delay_s)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header), delay_s=delay_s,
+                       cut_hard_links=True)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint file: (tensors by full name, meta). Never unpickles anything."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _regular_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
@@ -175,6 +288,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: metadata is not valid JSON ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: metadata is nested too deeply") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: metadata must be a JSON object")
     return tensors, meta
@@ -212,8 +327,7 @@ def check_shapes(path: str | Path, model: nn.Module, prefix: str = MODEL_PREFIX)
     file's weight names carry (``model.`` in checkpoints).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _regular_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             shapes = {name[len(prefix):]: tuple(handle.get_slice(name).get_shape())
@@ -239,6 +353,9 @@ def load_model(path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load only the model weights of a checkpoint into ``model``; returns its meta."""
     tensors, meta = read_checkpoint(path)
     weights = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    for name, tensor in weights.items():  # NaN weights would decode to nothing, silently
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: weight {name!r} holds NaN or infinite values")
     load_model_tensors(model, weights, str(path))
     return meta
 

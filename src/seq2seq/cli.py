@@ -1,16 +1,27 @@
-"""The ``seq2seq`` command: demo, train, translate, evaluate, attention."""
+"""The ``seq2seq`` command: demo, train, prepare, translate, evaluate, attention, serve, configs,
+data.
+
+Each command imports its modules when it runs (the function-level imports below), so that
+parsing the arguments (``--help``, a wrong flag) loads none of the heavy ones: the server
+(fastapi), the plots (matplotlib), the downloads (pooch).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, TextIO
 
-from seq2seq.checkpoint import CheckpointError, atomic_write_text
-from seq2seq.config import Config, ConfigError
+from seq2seq import __version__
+from seq2seq.checkpoint import CheckpointError, atomic_write_text, check_output
+from seq2seq.config import Config, ConfigError, check_device
 from seq2seq.data import DataError
+from seq2seq.model_dir import CONFIG_FILE, LAST
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -18,6 +29,7 @@ EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seq2seq", description="RNN encoder-decoder models with attention.")
+    parser.add_argument("--version", action="version", version=f"seq2seq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train a small attention model on a generated task")
@@ -33,8 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", type=Path, help="folder the config's data paths are relative to")
     train.add_argument("--max-minutes", type=float, help="time budget (train.max_minutes)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a trained model that --model-dir holds (else an error)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override a config setting")
+
+    prepare = commands.add_parser(
+        "prepare", help="encode a training corpus once into memory-mapped arrays for train")
+    prepare.add_argument("--config", type=Path, required=True, help="YAML config")
+    prepare.add_argument("--data-dir", type=Path, help="folder the config's data paths are relative to")
+    prepare.add_argument("--output", type=Path, required=True,
+                         help="folder to write (train reads it with --set data.prepared=FOLDER)")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="encoding processes (default: one per core)")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="SECTION.KEY=VALUE", help="override a config setting")
 
     translate = commands.add_parser("translate", help="translate lines (stdin to stdout)")
     _model_args(translate)
@@ -53,12 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
     attention = commands.add_parser("attention", help="plot the attention of one translation")
     _model_args(attention)
     attention.add_argument("--text", required=True)
-    attention.add_argument("--output", type=Path, required=True, help="PNG file to write")
+    attention.add_argument("--output", type=Path, help="PNG file to write")
+    attention.add_argument("--html", type=Path,
+                           help="HTML page to write: the heatmap to hover, as `seq2seq serve` shows it")
+
+    serve = commands.add_parser("serve", help="serve models over HTTP: a REST API and a page")
+    _model_args(serve, model_dir_required=False)
+    serve.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=DIR",
+                       help="serve the model in DIR as NAME; repeat for several (the first is the default)")
+    serve.add_argument("--n-best", type=int, help="alternatives per sentence (default: decode.n_best)")
+    serve.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    serve.add_argument("--api-key-env", metavar="NAME",
+                       help="require 'Authorization: Bearer KEY' (KEY from environment variable NAME)")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _serve_limits(serve)
+
+    configs = commands.add_parser("configs", help="list the packaged configs, or print one")
+    configs.add_argument("name", nargs="?", help="print this config's YAML (to copy and edit)")
+
+    data = commands.add_parser("data", help="download a public corpus and check its checksums")
+    data.add_argument("corpus", choices=("multi30k",), help="multi30k: Multi30k task 1, en/de/fr")
+    data.add_argument("--output", type=Path, required=True, help="folder to put the files in")
+    data.add_argument("--base-url", help="a mirror of the files (default: the corpus's GitHub source)")
     return parser
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-dir", type=Path, required=True)
+def _model_args(parser: argparse.ArgumentParser, model_dir_required: bool = True) -> None:
+    parser.add_argument("--model-dir", type=Path, required=model_dir_required)
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default from the config)")
     parser.add_argument("--batch-size", type=int,
                         help="sentences per greedy batch (beam search: 2 * N / beam)")
@@ -66,25 +114,43 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         help="decoding precision (default: the model's train.precision)")
+    parser.add_argument("--kernels", choices=("fast", "reference"),
+                        help="fast paths or plain PyTorch (default: the model's train.kernels)")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantization of the linear layers (CPU)")
+
+
+def _serve_limits(parser: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from seq2seq.serve import ServeConfig, flag
+
+    for field in fields(ServeConfig):
+        parser.add_argument(flag(field.name), type=type(field.default), metavar="N",
+                            help=f"{field.metadata['help']} (default: {field.default})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from seq2seq.distributed import DistributedError
+    from seq2seq.ops import keep_freed_memory
     from seq2seq.train import TrainingError, TrainingInterrupted
+
+    keep_freed_memory()  # process-wide, so the command does it, not the library: see ops.py
 
     try:
         return COMMANDS[args.command](args) or 0
     except TrainingInterrupted as error:
         print(f"seq2seq: {error}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return error.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     except KeyboardInterrupt:
         print("seq2seq: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ConfigError, DataError, CheckpointError, TrainingError, DistributedError, ValueError) as error:
         print(f"seq2seq: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `seq2seq translate ... | head -1`: the reader has had enough
+        _silence_stdout()
         return EXIT_ERROR
     except OSError as error:  # disk full, read-only folder, missing file ...
         where = f" ({error.filename})" if error.filename else ""
@@ -92,25 +158,57 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again on the
+    closed pipe (the Python documentation's advice for SIGPIPE)."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _stdout() -> TextIO:
+    """sys.stdout, or a clear error when the command was started with it closed (``>&-``)."""
+    if sys.stdout is None:
+        raise ConfigError("standard output is closed: give --output FILE, or redirect it")
+    return sys.stdout
+
+
+def _apply_flags(config: Config, flags: list[tuple[str, str, Any]]) -> None:
+    """Copy the flags given (``--beam``) into their settings (``decode.beam``), checked as the
+    config checks them, so a bad one is an error naming both: ``--beam 0: decode.beam must be
+    > 0, got 0``. A flag not given (None) leaves its setting as it is."""
+    for flag, key, value in flags:
+        if value is None:
+            continue
+        try:
+            config.set(key, value, source=flag)
+            config.validate()
+        except ConfigError as error:
+            raise ConfigError(f"{flag} {value}: {error}") from None
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from seq2seq.prepare import refuse_own_config
     from seq2seq.train import train
+    from seq2seq.translator import Translator
 
     resume = args.resume or _restarted_by_torchrun(args.model_dir)
     if args.config is not None:
+        if not resume:
+            refuse_own_config(args.config, args.model_dir)
         config = Config.load(args.config)
     elif resume:
-        if not (args.model_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {args.model_dir} is not a model directory (no config.yaml)")
-        config = Config.load(args.model_dir / "config.yaml")
+        if not (args.model_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume: {args.model_dir} is not a model directory (no {CONFIG_FILE})")
+        config = Config.load(args.model_dir / CONFIG_FILE)
     else:
         raise ConfigError("train needs --config FILE (or --resume with an existing --model-dir)")
-    if args.max_minutes is not None:
-        config.train.max_minutes = args.max_minutes
+    _apply_flags(config, [("--max-minutes", "train.max_minutes", args.max_minutes)])
     config.override(args.overrides)
     data_dir = args.data_dir
     if data_dir is None and args.config is None:
         data_dir = Path("/")  # a resumed run's saved paths are absolute
-    train(config, args.model_dir, data_dir=data_dir, resume=resume)
+    train(config, args.model_dir, data_dir=data_dir, resume=resume, overwrite=args.overwrite,
+          translator=Translator)
     return 0
 
 
@@ -118,10 +216,10 @@ def _restarted_by_torchrun(model_dir: Path) -> bool:
     """torchrun --max-restarts starts failed workers again: they resume from the last checkpoint
     of the run (if it got that far) instead of refusing a model directory that holds one."""
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0 or not (model_dir / "last.safetensors").is_file():
+    if attempt == 0 or not (model_dir / LAST).is_file():
         return False
     if os.environ.get("RANK", "0") == "0":
-        print(f"seq2seq: restart {attempt} by torchrun: resuming from {model_dir / 'last.safetensors'}",
+        print(f"seq2seq: restart {attempt} by torchrun: resuming from {model_dir / LAST}",
               file=sys.stderr)
     return True
 
@@ -129,24 +227,30 @@ def _restarted_by_torchrun(model_dir: Path) -> bool:
 def _load(args: argparse.Namespace):
     from seq2seq.translator import Translator
 
+    check_device(args.device, "--device")
     translator = Translator.load(args.model_dir, checkpoint=args.checkpoint, device=args.device,
-                                 quantize=args.quantize or None, precision=args.precision)
-    if args.batch_size:
-        translator.config.decode.batch_size = args.batch_size
+                                 quantize=args.quantize or None, precision=args.precision,
+                                 kernels=args.kernels)
+    _apply_flags(translator.config, [("--beam", "decode.beam", args.beam),
+                                     ("--n-best", "decode.n_best", getattr(args, "n_best", None)),
+                                     ("--batch-size", "decode.batch_size", args.batch_size)])
     return translator
 
 
 def run_translate(args: argparse.Namespace) -> int:
     from seq2seq.data import read_lines
 
+    if args.output is not None:
+        check_output(args.output)  # a read-only or impossible target, refused before the work
     translator = _load(args)
+    stdout = _stdout() if args.output is None else None
+    data = translator.config.data
     if args.input is not None:
-        lines = read_lines(args.input, translator.config.data.max_line_chars)
+        lines = read_lines(args.input, data.max_line_chars, data.max_lines)
     else:
-        lines = _read_stdin(translator.config.data.max_line_chars)
+        lines = _read_stdin(data.max_line_chars, data.max_lines)
     source = str(args.input) if args.input is not None else "<stdin>"
-    beam = args.beam or translator.config.decode.beam
-    n_best = args.n_best or translator.config.decode.n_best
+    beam, n_best = translator.config.decode.beam, translator.config.decode.n_best
     if n_best > 1:
         results = translator.hypotheses(lines, beam=beam, n_best=n_best, source=source)
         out = [
@@ -156,18 +260,22 @@ def run_translate(args: argparse.Namespace) -> int:
     else:
         out = translator.translate(lines, beam=beam, source=source)
     text = "".join(line + "\n" for line in out)
-    if args.output is not None:
+    if stdout is None:
         atomic_write_text(args.output, text)
     else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        stdout.write(text)
+        stdout.flush()
     return 0
 
 
-def _read_stdin(max_line_chars: int) -> list[str]:
+def _read_stdin(max_line_chars: int, max_lines: int = 100_000_000) -> list[str]:
+    if sys.stdin is None:
+        raise ConfigError("standard input is closed: give --input FILE")
     lines = []
     limit = 4 * max_line_chars + 6  # bytes: as read_lines, memory stays bounded on a huge line
     for number, raw in enumerate(iter(lambda: sys.stdin.buffer.readline(limit), b""), start=1):
+        if number > max_lines:
+            raise DataError(f"<stdin>: more than {max_lines} lines (data.max_lines)")
         if len(raw) == limit and not raw.endswith(b"\n"):
             raise DataError(f"<stdin>:{number}: line longer than the limit of {max_line_chars} "
                             f"characters (data.max_line_chars)")
@@ -188,15 +296,88 @@ def _read_stdin(max_line_chars: int) -> list[str]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     translator = _load(args)
-    result = translator.evaluate(args.src, args.ref, beam=args.beam, lowercase=args.lowercase)
-    print(json.dumps(result))
+    stdout = _stdout()
+    result = translator.evaluate(args.src, args.ref, lowercase=args.lowercase)
+    print(json.dumps(result), file=stdout)
     return 0
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    if args.output is None and args.html is None:
+        raise ConfigError("attention needs --output FILE.png, --html FILE.html, or both")
+    for target in (args.output, args.html):
+        if target is not None:
+            check_output(target)  # refused before the model is loaded
     translator = _load(args)
-    path = translator.plot_attention(args.text, args.output, beam=args.beam or 1)
-    print(f"attention heatmap written to {path}")
+    beam = 1 if args.beam is None else translator.config.decode.beam
+    if args.output is not None:
+        path = translator.plot_attention(args.text, args.output, beam=beam)
+        print(f"attention heatmap written to {path}")
+    if args.html is not None:
+        from seq2seq.page import attention_page
+
+        atomic_write_text(args.html, attention_page(translator, args.text, beam=beam,
+                                                    model=args.model_dir.name))
+        print(f"attention page written to {args.html}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from seq2seq.serve import ServeConfig, require_extra
+
+    require_extra()
+    from seq2seq.rest import run_server
+
+    models = _served_models(args)
+    config = ServeConfig(**{name: getattr(args, name) for name in ServeConfig.names()
+                            if getattr(args, name) is not None}).validate()
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is unset "
+                              f"or empty")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # each model loads as `translate` loads one, with the same flags (beam, precision ...)
+    loaders = {name: functools.partial(_load, argparse.Namespace(**{**vars(args), "model_dir": folder}))
+               for name, folder in models.items()}
+    run_server(loaders, config, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level)
+    return 0
+
+
+def _served_models(args: argparse.Namespace) -> dict[str, Path]:
+    """NAME -> model directory from --model NAME=DIR (repeated) and --model-dir DIR (named after
+    the folder), each checked to be a model directory before the server starts."""
+    models: dict[str, Path] = {}
+    if args.model_dir is not None:
+        models[args.model_dir.name or "model"] = args.model_dir
+    for spec in args.models:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--model {spec!r}: expected NAME=DIR")
+        if name in models:
+            raise ConfigError(f"--model {spec!r}: the name {name!r} is given twice")
+        models[name] = Path(folder)
+    if not models:
+        raise ConfigError("serve needs --model-dir DIR or --model NAME=DIR")
+    for name, folder in models.items():
+        if not (folder / CONFIG_FILE).is_file():
+            raise ConfigError(f"model {name!r}: {folder} is not a model directory (no {CONFIG_FILE})")
+    return models
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from seq2seq.binarize import binarize
+    from seq2seq.prepare import resolve_data_paths
+
+    config = Config.load(args.config).override(args.overrides)
+    resolve_data_paths(config, args.data_dir)
+    binarize(config, args.output, workers=args.workers, log=lambda message: print(message, file=sys.stderr))
     return 0
 
 
@@ -207,5 +388,32 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": run_demo, "train": run_train, "translate": run_translate,
-            "evaluate": run_evaluate, "attention": run_attention}
+def run_configs(args: argparse.Namespace) -> int:
+    from seq2seq.config import packaged_configs
+
+    configs = packaged_configs()
+    if args.name is None:
+        for name, path in configs.items():
+            first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+            print(f"{name:24} {first.split('. ')[0].rstrip(':.')}")
+        return 0
+    if args.name not in configs:
+        raise ConfigError(f"no packaged config {args.name!r}; the configs are: {', '.join(configs)}")
+    _stdout().write(configs[args.name].read_text(encoding="utf-8"))
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from seq2seq.datasets import MULTI30K_URL, DownloadError, download_multi30k
+
+    try:
+        download_multi30k(args.output, base_url=args.base_url or MULTI30K_URL)
+    except DownloadError as error:
+        raise DataError(str(error)) from None
+    return 0
+
+
+COMMANDS = {"demo": run_demo, "train": run_train, "prepare": run_prepare,
+            "translate": run_translate,
+            "evaluate": run_evaluate, "attention": run_attention, "serve": run_serve, "configs": run_configs,
+            "data": run_data}

@@ -8,7 +8,9 @@ go through the same checks, so an unknown or mistyped key is an error that names
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,15 @@ CELLS = ("rnn", "gru", "lstm")
 ATTENTIONS = ("bahdanau", "dot", "general")
 ATTENTION_ALIASES = {"luong": "general", "none": None, "": None}
 TOKENIZERS = ("sentencepiece", "word", "char")
+DEVICES = re.compile(r"auto|cpu|cuda(:\d{1,4})?")
+# Upper bounds: a model of 10,000 layers takes a minute to refuse, even with no memory behind it;
+# ints past C's ranges crash inside the libraries. Wide enough for any real run.
+MAX_INT = 2**62
+MAX_LAYERS = 64
+MAX_BEAM = 1000
+MAX_LINE_CHARS = 100_000_000
+MAX_LEN_RATIO = 100.0
+MAX_THREADS = 4096
 
 
 class ConfigError(ValueError):
@@ -31,12 +42,12 @@ def normalize_attention(name: str | None) -> str | None:
     """'luong' means Luong's 'general' score; None or 'none' means no attention."""
     if name is None:
         return None
-    key = str(name).lower()
+    key = name.lower() if isinstance(name, str) else None
     if key in ATTENTION_ALIASES:
         return ATTENTION_ALIASES[key]
     if key not in ATTENTIONS:
         raise ConfigError(
-            f"unknown attention {name!r}: expected one of None, 'bahdanau', 'luong', "
+            f"unknown attention {quote(name)}: expected one of None, 'bahdanau', 'luong', "
             f"'dot', 'general'"
         )
     return key
@@ -46,8 +57,10 @@ def normalize_attention(name: str | None) -> str | None:
 class DataConfig:
     """Where the parallel text is and how it becomes token ids.
 
-    Paths are relative to ``--data-dir`` (or the config file's folder). A source path ending
-    in ``.tsv`` with no target path is read as one tab-separated file of pairs.
+    Relative paths are relative to ``--data-dir`` (``data_dir=`` in Python), or to the current
+    directory when none is given, never to the config file's folder: a packaged config lives
+    inside the installed package. A source path ending in ``.tsv`` with no target path is
+    read as one tab-separated file of pairs.
     """
 
     train_src: str = ""
@@ -65,15 +78,23 @@ class DataConfig:
     max_len: int = 100  # tokens per side; longer training pairs are skipped or truncated
     long_pairs: str = "skip"  # skip | truncate
     max_line_chars: int = 100_000  # lines longer than this are refused with an error
+    max_lines: int = 100_000_000  # a file (or stdin) with more lines is refused: memory is bounded
+    tokenizer_sample: int = 1_000_000  # training pairs (sampled reproducibly) the tokenizers learn from
+    # Prepared training data (``seq2seq prepare``); empty: train prepares it in the model folder
+    prepared: str = ""
 
     def validate(self) -> None:
         if self.tokenizer not in TOKENIZERS:
-            raise ConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+            raise ConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {quote(self.tokenizer)}")
         if self.long_pairs not in ("skip", "truncate"):
-            raise ConfigError(f"data.long_pairs must be 'skip' or 'truncate', got {self.long_pairs!r}")
+            raise ConfigError(f"data.long_pairs must be 'skip' or 'truncate', got "
+                              f"{quote(self.long_pairs)}")
         _positive("data.max_len", self.max_len)
         _positive("data.vocab_size", self.vocab_size)
         _positive("data.max_line_chars", self.max_line_chars)
+        _at_most("data.max_line_chars", self.max_line_chars, MAX_LINE_CHARS)
+        _positive("data.max_lines", self.max_lines)
+        _positive("data.tokenizer_sample", self.tokenizer_sample)
 
 
 @dataclass
@@ -94,12 +115,13 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.cell not in CELLS:
-            raise ConfigError(f"model.cell must be one of {CELLS}, got {self.cell!r}")
+            raise ConfigError(f"model.cell must be one of {CELLS}, got {quote(self.cell)}")
         self.attention = normalize_attention(self.attention)
         for name in ("embed_size", "hidden_size", "encoder_layers", "decoder_layers"):
             _positive(f"model.{name}", getattr(self, name))
-        if self.attention_size < 0:
-            raise ConfigError("model.attention_size must be >= 0")
+        for name in ("encoder_layers", "decoder_layers"):
+            _at_most(f"model.{name}", getattr(self, name), MAX_LAYERS)
+        _non_negative("model.attention_size", self.attention_size)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -131,6 +153,7 @@ class TrainConfig:
     threads: int = 0  # torch threads on CPU; 0 means cores divided by processes per node
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (GPU: autocast; CPU: the output layer's products)
+    kernels: str = "fast"  # fast | reference (plain PyTorch only): see seq2seq/fastpath.py
     backend: str = "auto"  # torch.distributed backend: auto | gloo | nccl
     checkpoint_delay_s: float = 0.0  # test hook: sleep while a checkpoint is half written
 
@@ -138,11 +161,13 @@ class TrainConfig:
         for name in ("batch_tokens", "max_sentences", "accumulate", "epochs", "log_every",
                      "valid_beam", "plateau_patience"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("patience", "valid_every", "warmup_steps", "max_steps", "max_bad_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _at_most("train.valid_beam", self.valid_beam, MAX_BEAM)
+        for name in ("patience", "valid_every", "warmup_steps", "max_steps", "max_bad_steps", "seed",
+                     "threads", "max_minutes", "min_lr", "clip_grad", "checkpoint_delay_s"):
+            _non_negative(f"train.{name}", getattr(self, name))
+        _at_most("train.threads", self.threads, MAX_THREADS)
+        _positive("train.lr", self.lr)
+        check_device(self.device, "train.device")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
         if not 0.0 < self.plateau_factor <= 1.0:
@@ -152,9 +177,11 @@ class TrainConfig:
         if not 0.0 <= self.sampling_ratio <= 1.0:
             raise ConfigError("train.sampling_ratio must be in [0, 1]")
         if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {quote(self.precision)}")
+        if self.kernels not in ("fast", "reference"):
+            raise ConfigError(f"train.kernels must be 'fast' or 'reference', got {quote(self.kernels)}")
         if self.backend not in ("auto", "gloo", "nccl"):
-            raise ConfigError(f"train.backend must be auto, gloo or nccl, got {self.backend!r}")
+            raise ConfigError(f"train.backend must be auto, gloo or nccl, got {quote(self.backend)}")
 
 
 @dataclass
@@ -175,10 +202,11 @@ class DecodeConfig:
     def validate(self) -> None:
         for name in ("beam", "batch_size", "n_best", "max_input_len"):
             _positive(f"decode.{name}", getattr(self, name))
+        _at_most("decode.beam", self.beam, MAX_BEAM)
         if self.n_best > self.beam:
             raise ConfigError(f"decode.n_best ({self.n_best}) must be <= decode.beam ({self.beam})")
-        if self.max_len_ratio <= 0:
-            raise ConfigError("decode.max_len_ratio must be > 0")
+        _positive("decode.max_len_ratio", self.max_len_ratio)
+        _at_most("decode.max_len_ratio", self.max_len_ratio, MAX_LEN_RATIO)
 
 
 @dataclass
@@ -191,8 +219,10 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def validate(self) -> Config:
+        """Check every setting: its type's range first (ints within +-2**62, floats finite,
+        the same check for YAML, ``--set``, flags and the API), then each section's rules."""
         for section in self.sections():
-            getattr(self, section).validate()
+            _check_section(section, getattr(self, section))
         return self
 
     @staticmethod
@@ -212,25 +242,40 @@ class Config:
         for section, values in raw.items():
             if section not in cls.sections():
                 raise ConfigError(
-                    f"{source}: unknown section {section!r}; expected {', '.join(cls.sections())}"
+                    f"{source}: unknown section {quote(section)}; expected "
+                    f"{', '.join(cls.sections())}"
                 )
             if values is None:
                 continue
             if not isinstance(values, dict):
-                raise ConfigError(f"{source}: section {section!r} must be a mapping")
+                raise ConfigError(f"{source}: section {quote(section)} must be a mapping")
             for key, value in values.items():
                 config.set(f"{section}.{key}", value, source=source)
-        return config.validate()
+        try:
+            return config.validate()
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        """Read a YAML config: a file, or the name of a packaged one (``seq2seq configs``)."""
+        from seq2seq.checkpoint import read_regular_file
+
+        path = find_config(path)
+        try:  # a regular file only, of bounded size: never /dev/zero or a FIFO's endless stream
+            text = read_regular_file(path).decode("utf-8")
+            raw = yaml.safe_load(text)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path} (packaged configs: "
+                              f"{', '.join(packaged_configs()) or 'none'})") from None
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_bounded(str(error))}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+        except ValueError as error:  # not a regular file, or too large
+            raise ConfigError(str(error)) from None
         return cls.from_dict(raw, source=str(path))
 
     def save(self, path: str | Path) -> None:
@@ -243,14 +288,14 @@ class Config:
         section, _, key = dotted_key.partition(".")
         if section not in self.sections() or not key:
             raise ConfigError(
-                f"{source}: {dotted_key!r} must look like section.key with section one of "
+                f"{source}: {quote(dotted_key)} must look like section.key with section one of "
                 f"{', '.join(self.sections())}"
             )
         target = getattr(self, section)
         fields = {f.name: f for f in dataclasses.fields(target)}
         if key not in fields:
             raise ConfigError(
-                f"{source}: unknown setting {dotted_key!r}; {section} has: {', '.join(fields)}"
+                f"{source}: unknown setting {quote(dotted_key)}; {section} has: {', '.join(fields)}"
             )
         hint = typing.get_type_hints(type(target))[key]
         setattr(target, key, _coerce(value, hint, f"{source}: {dotted_key}"))
@@ -259,19 +304,97 @@ class Config:
         """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
         for assignment in assignments:
             if "=" not in assignment:
-                raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+                raise ConfigError(f"--set {quote(assignment)}: expected section.key=value")
             key, _, text = assignment.partition("=")
             try:
                 value = yaml.safe_load(text) if text.strip() else ""
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):  # not YAML (or nested too deeply): a string
                 value = text
             self.set(key.strip(), value)
         return self.validate()
 
 
-def _positive(name: str, value: int) -> None:
-    if value <= 0:
+PACKAGED_CONFIGS = Path(__file__).with_name("configs")
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Name -> path of the configs installed with the package (``multi30k_en_de`` ...)."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """The path itself when it exists, else the packaged config of that name (with or
+    without ``.yaml``), else the path unchanged, so that reading it names the missing file."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    return packaged_configs().get(path.stem if path.suffix == ".yaml" else path.name, path)
+
+
+def _check_section(section: str, values: Any) -> None:
+    for item in dataclasses.fields(values):
+        _representable(f"{section}.{item.name}", getattr(values, item.name))
+    values.validate()
+
+
+def decode_settings(decode: DecodeConfig, source: str = "translate()", **values: Any) -> DecodeConfig:
+    """A copy of ``decode`` with ``values`` set (None keeps a setting), converted and checked as
+    a config file's are: the Python API's ``beam=0`` meets the same check as ``--beam 0``."""
+    decode = dataclasses.replace(decode)
+    hints = typing.get_type_hints(DecodeConfig)
+    for key, value in values.items():
+        if value is not None:
+            setattr(decode, key, _coerce(value, hints[key], f"{source}: {key}"))
+    _check_section("decode", decode)
+    return decode
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
         raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+def _at_most(name: str, value: float, limit: float) -> None:
+    if not value <= limit:
+        raise ConfigError(f"{name} must be <= {limit}, got {value}")
+
+
+def _representable(name: str, value: Any) -> None:
+    """Every number a setting holds is finite and, for ints, within +-MAX_INT."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ConfigError(f"{name} must be at most 2**62 in size, got {quote(value)}")
+
+
+def check_device(name: Any, where: str = "device") -> str:
+    """``name`` if it is 'auto', 'cpu', 'cuda' or 'cuda:N', else a ConfigError naming ``where``.
+
+    Checked by name only: whether CUDA is there is ``device.resolve_device``'s question."""
+    if not isinstance(name, str) or not DEVICES.fullmatch(name):
+        raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, got {quote(name)}")
+    return name
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = 120
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict = 2, 4, 4
+_QUOTE.maxlong = 40
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to about 200 characters: error messages quote what they were given,
+    and a YAML alias bomb of 363 bytes expands to gigabytes when printed whole."""
+    return _bounded(_QUOTE.repr(value))
+
+
+def _bounded(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # YAML 1.1 reads 1e-4 (no dot, no exponent sign) as a string; numeric fields accept it.
@@ -300,9 +423,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return int(value)
         elif kind is float:
             if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
+                try:
+                    return float(value)
+                except OverflowError:  # an int past float's range
+                    raise ConfigError(f"{where}: {quote(value)} is too large") from None
         elif kind is str:
             if isinstance(value, str):
                 return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    raise ConfigError(f"{where}: expected {names}, got {quote(value)}")

@@ -9,7 +9,12 @@ should not train on; ``make_batches`` groups examples of similar length under a 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
+import io
+import itertools
+import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,30 +36,85 @@ class DataError(ValueError):
 
 
 # -- reading ----------------------------------------------------------------------------------
-def read_lines(path: str | Path, max_line_chars: int = 100_000) -> list[str]:
-    """The lines of a UTF-8 text file (gzip'ed or not), without line endings or a leading BOM."""
-    return list(_iter_lines(Path(path), max_line_chars))
+def read_lines(path: str | Path, max_line_chars: int = 100_000,
+               max_lines: int | None = 100_000_000) -> list[str]:
+    """The lines of a UTF-8 text file (gzip'ed or not), without line endings or a leading BOM.
+
+    ``path`` may be a pipe (``<(cat f)``, ``/dev/stdin``, a FIFO): it is opened once and read
+    once. A line over ``max_line_chars`` characters, or more than ``max_lines`` lines, is a
+    ``DataError``: memory stays bounded even on ``/dev/zero`` or an endless pipe.
+    """
+    return list(_iter_lines(Path(path), max_line_chars, max_lines))
 
 
-def _iter_lines(path: Path, max_line_chars: int) -> Iterator[str]:
+def require_rereadable(path: str | Path, setting: str, why: str) -> None:
+    """Refuse ``path`` (named by ``setting``) when it can be read only once, a FIFO, a pipe or a
+    device, where it must be read more than once (``why``): the second reading would find
+    nothing, or wait forever for a writer. A missing file is left to the reader to name."""
     try:
-        with path.open("rb") as probe:
-            zipped = path.suffix == ".gz" or probe.read(2) == GZIP_MAGIC
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO or pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise DataError(f"{path} ({setting}) is {kind}: {why}, so it must be a regular file; "
+                        f"copy it to one first (cat {path} > FILE)")
+
+
+class _Replayed(io.RawIOBase):
+    """``stream`` with ``head``, the bytes already read from its start, given back first.
+
+    A pipe cannot seek back: the bytes read to sniff for gzip must not be lost."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        super().__init__()
+        self._head, self._stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        return self._stream.readinto(buffer)
+
+
+def _open_sniffed(path: Path, stack: contextlib.ExitStack) -> tuple[BinaryIO, bool]:
+    """``path`` opened once, as a binary stream of its text: gunzipped when it starts with gzip's
+    magic bytes (or is named ``.gz``). Works on pipes, which can be read only once."""
+    raw = stack.enter_context(path.open("rb", buffering=0))
+    head = b""
+    while len(head) < len(GZIP_MAGIC) and (more := raw.read(len(GZIP_MAGIC) - len(head))):
+        head += more
+    stream = stack.enter_context(io.BufferedReader(_Replayed(head, raw), 1 << 16))
+    if path.suffix == ".gz" or head == GZIP_MAGIC:
+        return stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb")), True
+    return stream, False
+
+
+def _iter_lines(path: Path, max_line_chars: int, max_lines: int | None = None) -> Iterator[str]:
     # A line of N characters has at most 4N bytes in UTF-8 (+3 for a BOM, +2 for "\r\n"): reading
     # that much at a time keeps memory bounded however long a broken file's lines are.
     limit = 4 * max_line_chars + 6
-    number = 0
-    try:
-        with gzip.open(path, "rb") if zipped else path.open("rb") as handle:
+    number, zipped = 0, path.suffix == ".gz"
+    with contextlib.ExitStack() as stack:
+        try:
+            handle, zipped = _open_sniffed(path, stack)
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except OSError as error:
+            raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+        try:
             while raw := handle.readline(limit):
                 number += 1
+                if max_lines is not None and number > max_lines:
+                    raise DataError(f"{path}: more than {max_lines} lines (data.max_lines)")
                 if len(raw) == limit and not raw.endswith(b"\n"):
-                    n = _line_chars(raw, handle) - (number == 1 and raw.startswith(UTF8_BOM))
-                    raise DataError(_too_long(path, number, n, max_line_chars))
+                    n, endless = _line_chars(raw, handle, limit)
+                    n -= number == 1 and raw.startswith(UTF8_BOM)
+                    raise DataError(_too_long(path, number, n, max_line_chars, endless))
                 if number == 1 and raw.startswith(UTF8_BOM):
                     raw = raw[len(UTF8_BOM):]
                     if not raw:  # a file of just a BOM is empty, as an editor shows it
@@ -69,26 +129,32 @@ def _iter_lines(path: Path, max_line_chars: int) -> Iterator[str]:
                 if len(line) > max_line_chars:
                     raise DataError(_too_long(path, number, len(line), max_line_chars))
                 yield line
-    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-        what = "corrupt or truncated gzip file" if zipped else "read error"
-        raise DataError(f"{path}:{number + 1}: {what}: {error}") from None
+        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+            what = "corrupt or truncated gzip file" if zipped else "read error"
+            raise DataError(f"{path}:{number + 1}: {what}: {error}") from None
 
 
-def _line_chars(start: bytes, handle: BinaryIO) -> int:
+def _line_chars(start: bytes, handle: BinaryIO, limit: int) -> tuple[int, bool]:
     """Characters in the line that begins with ``start``, reading the rest in chunks; its line
-    ending (\\n, \\r\\n, or a last \\r) is not counted, as ``read_lines`` drops it."""
+    ending (\\n, \\r\\n, or a last \\r) is not counted, as ``read_lines`` drops it. Past
+    ``16 * limit`` bytes (an endless line: ``/dev/zero``) the count stops: (count, True)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     count = len(decoder.decode(start))
     tail = start[-2:]
+    read = len(start)
     while not tail.endswith(b"\n") and (chunk := handle.readline(1 << 20)):
         count += len(decoder.decode(chunk))
         tail = (tail + chunk)[-2:]
+        read += len(chunk)
+        if read > 16 * limit and not tail.endswith(b"\n"):
+            return count, True
     count += len(decoder.decode(b"", final=True))
-    return count - (2 if tail == b"\r\n" else 1 if tail[-1:] in (b"\n", b"\r") else 0)
+    return count - (2 if tail == b"\r\n" else 1 if tail[-1:] in (b"\n", b"\r") else 0), False
 
 
-def _too_long(path: Path, number: int, n: int, limit: int) -> str:
-    return (f"{path}:{number}: line of {n} characters exceeds the limit of {limit} "
+def _too_long(path: Path, number: int, n: int, limit: int, endless: bool = False) -> str:
+    n_text = f"more than {n}" if endless else str(n)
+    return (f"{path}:{number}: line of {n_text} characters exceeds the limit of {limit} "
             f"(data.max_line_chars)")
 
 
@@ -110,6 +176,30 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path | None,
         raise DataError(f"parallel files differ in length: {src_path} has {len(src)} lines, "
                         f"{tgt_path} has {len(tgt)}")
     return src, tgt
+
+
+def iter_parallel(src_path: str | Path, tgt_path: str | Path | None,
+                  max_line_chars: int = 100_000) -> Iterator[tuple[str, str]]:
+    """``read_parallel``'s pairs one at a time, with the same checks: memory stays bounded
+    however large the files are. A length mismatch is found when the shorter file ends."""
+    if not tgt_path:
+        for number, line in enumerate(_iter_lines(Path(src_path), max_line_chars), start=1):
+            if line.count("\t") != 1:
+                raise DataError(f"{src_path}:{number}: expected source<TAB>target, found "
+                                f"{line.count(chr(9))} tabs")
+            left, right = line.split("\t")
+            yield left, right
+        return
+    src = _iter_lines(Path(src_path), max_line_chars)
+    tgt = _iter_lines(Path(tgt_path), max_line_chars)
+    number = 0
+    for number, pair in enumerate(itertools.zip_longest(src, tgt), start=1):
+        if pair[0] is None or pair[1] is None:
+            rest = number + sum(1 for _ in (src if pair[1] is None else tgt))
+            src_count, tgt_count = (number - 1, rest) if pair[0] is None else (rest, number - 1)
+            raise DataError(f"parallel files differ in length: {src_path} has {src_count} lines, "
+                            f"{tgt_path} has {tgt_count}")
+        yield pair
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -153,32 +243,43 @@ def encode_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str], src_tok: T
 
 # -- batching ---------------------------------------------------------------------------------
 def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_tokens: int,
-                 max_sentences: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
-    """Group example indices into batches of similar length.
+                 max_sentences: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+    """Group example indices into batches of similar length; each batch is an integer array.
 
     Examples are ordered by (target length, source length), ties broken at random, and cut into
     consecutive runs with ``len(batch) * longest_target <= batch_tokens`` (target length + 1 for
     EOS) and ``len(batch) <= max_sentences``; an example over the budget alone forms its own
     batch. The batches' order is then shuffled. Deterministic for a given (seed, epoch).
+    Memory: a few bytes per example (lengths may be NumPy arrays, e.g. memory-mapped ones).
     """
     if len(src_lengths) != len(tgt_lengths):
         raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths")
     rng = np.random.default_rng([seed, epoch])
-    tgt = np.asarray(tgt_lengths, dtype=np.int64) + 1
-    src = np.asarray(src_lengths, dtype=np.int64)
+    tgt = np.asarray(tgt_lengths)
+    src = np.asarray(src_lengths)
     order = np.lexsort((rng.random(len(tgt)), src, tgt))  # the last key sorts first
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    longest = 0
-    for index, length in zip(order.tolist(), tgt[order].tolist()):
-        grown = max(longest, length)
-        if batch and ((len(batch) + 1) * grown > batch_tokens or len(batch) >= max_sentences):
-            batches.append(batch)
-            batch, grown = [], length
-        batch.append(index)
-        longest = grown
-    if batch:
-        batches.append(batch)
+    order = order.astype(np.int32 if len(order) < 2**31 else np.int64)  # half the memory
+    # Sorted by target length, a batch's longest target is its last one: a run of examples of
+    # one length L fills batches of cap(L) = max(1, min(max_sentences, batch_tokens // (L+1))).
+    # Walking the distinct lengths (at most max_len + 1 of them) gives the same cuts as
+    # walking the examples one by one.
+    values, counts = np.unique(tgt[order], return_counts=True)
+    sizes: list[int] = []
+    current = 0  # examples in the open batch
+    for length, count in zip(values.tolist(), counts.tolist()):
+        cap = max(1, min(max_sentences, batch_tokens // (length + 1)))
+        if current >= cap:
+            sizes.append(current)
+            current = 0
+        take = min(count, cap - current)
+        current, count = current + take, count - take
+        if count:
+            sizes.append(current)
+            sizes.extend([cap] * (count // cap))
+            current = count % cap
+    if current:
+        sizes.append(current)
+    batches = np.split(order, np.cumsum(sizes[:-1], dtype=np.int64)) if sizes else []
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -206,7 +307,7 @@ class Batch:
 def collate(indices: Sequence[int], src: Sequence[list[int]],
             tgt: Sequence[list[int]] | None = None) -> Batch:
     """Pad the examples ``indices`` of ``src`` (and ``tgt``) into a ``Batch``."""
-    indices = list(indices)
+    indices = [int(i) for i in indices]  # a batch of make_batches is an array
     sources = [src[i] for i in indices]
     src_lengths = torch.tensor([len(s) for s in sources], dtype=torch.long)
     if tgt is None:

@@ -5,9 +5,11 @@ JoeyNMT does the same for Bahdanau scores) and combines state and context into a
 attentional vector ``tanh(W [h; c])``, which the model's output layer turns into scores.
 
 With input feeding, that vector is also part of the next step's input, so the steps must run
-one at a time (in CPU training, a one-layer GRU does so inside one autograd Function:
-``stepwise.py``). Without it the RNN does not depend on attention, and the whole target
-sequence goes through the fused RNN kernel in one call, followed by one batched attention.
+one at a time (``step``; in training with ``FastPaths.stepwise``, inside one autograd
+Function: ``stepwise.py``). Without it the RNN does not depend on attention, and the whole
+target sequence goes through the fused RNN kernel in one call, followed by one batched
+attention. ``forward`` runs teacher-forced steps; decoding runs ``step`` (through
+``model.DecodingSession``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from torch.nn import functional as F
 from seq2seq import stepwise
 from seq2seq.attention import make_attention
 from seq2seq.encoder import State, make_rnn
+from seq2seq.fastpath import REFERENCE, FastPaths
 from seq2seq.gru import GRU
-from seq2seq.ops import FastDropout, fast_tanh
+from seq2seq.ops import Dropout, tanh
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Memory:
     proj_keys: (batch, src_len, *) keys already projected by the attention, or None.
     mask: (batch, src_len) bool, True at real source positions.
     combined_values: (batch, src_len, output_size) the encoder outputs times the context half
-        of the combine layer, or None. Set for decoding (``Decoder.prepare``): the context
+        of the combine layer, or None. Set for decoding (``Decoder.combine_values``): the context
         enters ``tanh(W [h; c])`` only through ``W_c c = sum_s weight_s (W_c value_s)``, so
         with this each step skips the context half of the combine product.
     """
@@ -71,6 +74,8 @@ class DecoderState:
 class Decoder(nn.Module):
     """RNN decoder producing one attentional vector per target step."""
 
+    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
+
     def __init__(self, cell: str, input_size: int, hidden_size: int, output_size: int,
                  encoder_output_size: int, encoder_state_size: int, num_layers: int = 1,
                  attention: str | None = "bahdanau", attention_size: int = 0,
@@ -85,7 +90,7 @@ class Decoder(nn.Module):
                                          attention_size or hidden_size)
         rnn_input = input_size + (output_size if self.input_feeding else 0)
         self.rnn = make_rnn(cell, rnn_input, hidden_size, num_layers, dropout)
-        self.dropout = FastDropout(dropout)
+        self.dropout = Dropout(dropout)
         # The bridge maps the encoder's final state to every decoder layer's initial state.
         self.bridge = nn.Linear(encoder_state_size, num_layers * hidden_size)
         self.cell_bridge = (nn.Linear(encoder_state_size, num_layers * hidden_size)
@@ -94,15 +99,15 @@ class Decoder(nn.Module):
         self.combine = nn.Linear(hidden_size + context_size, output_size)
 
     def prepare(self, encoder_outputs: Tensor, mask: Tensor) -> Memory:
-        """Project the attention keys once per batch (before the step loop); without
-        gradients (decoding) also the values through the combine layer's context half."""
+        """Project the attention keys once per batch, before the step loop."""
         if self.attention is None:
             return Memory(encoder_outputs, None, mask)
-        keys = self.attention.project_keys(encoder_outputs)
-        combined = None
-        if not torch.is_grad_enabled() and isinstance(self.combine, nn.Linear):  # not int8
-            combined = F.linear(encoder_outputs, self.combine.weight[:, self.hidden_size:])
-        return Memory(encoder_outputs, keys, mask, combined)
+        return Memory(encoder_outputs, self.attention.project_keys(encoder_outputs), mask)
+
+    def combine_values(self, memory: Memory) -> Memory:
+        """``memory`` with ``combined_values``, for decoding (``FastPaths.combined_values``)."""
+        combined = F.linear(memory.outputs, self.combine.weight[:, self.hidden_size:])
+        return Memory(memory.outputs, memory.proj_keys, memory.mask, combined)
 
     def init_state(self, encoder_final: State) -> DecoderState:
         """encoder_final: (batch, encoder_state_size), or (h, c) of those for an LSTM."""
@@ -126,67 +131,56 @@ class Decoder(nn.Module):
         out = torch.tanh(layer(final)).view(batch, self.num_layers, self.hidden_size)
         return out.transpose(0, 1).contiguous()
 
-    def forward(self, inputs: Tensor | None, state: DecoderState, memory: Memory,
-                beams: int = 1, input_gates: Tensor | None = None,
-                ) -> tuple[Tensor, DecoderState, Tensor | None]:
+    def forward(self, inputs: Tensor, state: DecoderState,
+                memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
         """Run the decoder over ``tgt_len`` steps with the given (teacher-forced) inputs.
 
         Args:
             inputs: (batch, tgt_len, input_size) embedded previous tokens or vectors.
             state: the state before the first of these steps.
             memory: from ``prepare``.
-            beams: beam search's rows: ``batch = sentences * beams`` (a sentence's beams
-                adjacent) while ``memory`` holds each sentence once, so the encoder outputs
-                are never copied per beam. Needs ``tgt_len == 1``.
-            input_gates: instead of ``inputs``, for one step of a one-layer GRU: (batch, 1,
-                3 * hidden) the embedding's input projection, looked up from
-                ``GRU.input_table`` when decoding.
 
         Returns:
             outputs: (batch, tgt_len, output_size) attentional vectors.
             state: the state after the last step.
             weights: (batch, tgt_len, src_len) float32 attention weights, or None.
         """
-        if input_gates is not None:
-            return self._gru_step(input_gates, state, memory, beams)
-        if beams > 1 and inputs.size(1) != 1:
-            raise ValueError(f"beams > 1 needs one step at a time, got {inputs.size(1)} steps")
-        if self.input_feeding:
-            return self._forward_stepwise(inputs, state, memory, beams)
-        if isinstance(self.rnn, GRU):  # all steps in one fused call
-            rnn_out, hidden = self.rnn.forward_padded(inputs, hx=state.hidden)
-        else:
-            rnn_out, hidden = self.rnn(inputs, state.hidden)
-        outputs, weights = self._attend(rnn_out, memory, beams)
-        return outputs, DecoderState(hidden, None), weights
-
-    def _forward_stepwise(self, inputs: Tensor, state: DecoderState, memory: Memory,
-                          beams: int) -> tuple[Tensor, DecoderState, Tensor | None]:
-        if stepwise.applies(self, inputs, state.hidden, beams):  # CPU training, fused
+        if self.input_feeding and self.training and self.paths.stepwise:
             outputs, hidden, weights = stepwise.run_stepwise(
                 self, inputs, state.hidden, state.feed, memory.proj_keys, memory.outputs,
                 memory.mask)
             return outputs, DecoderState(hidden, outputs[:, -1]), weights
-        outputs, weights = [], []
-        hidden, feed = state.hidden, state.feed
-        for t in range(inputs.size(1)):
-            step_input = torch.cat([inputs[:, t:t + 1], feed.unsqueeze(1)], dim=-1)
-            rnn_out, hidden = self.rnn(step_input, hidden)  # (batch, 1, hidden)
-            out, weight = self._attend(rnn_out, memory, beams)
-            feed = out.squeeze(1)
-            outputs.append(out)
-            weights.append(weight)
-        return torch.cat(outputs, 1), DecoderState(hidden, feed), torch.cat(weights, 1)
+        if self.input_feeding:  # one step at a time
+            steps = []
+            for t in range(inputs.size(1)):
+                out, state, weight = self.step(inputs[:, t:t + 1], state, memory)
+                steps.append((out, weight))
+            return torch.cat([o for o, _ in steps], 1), state, torch.cat([w for _, w in steps], 1)
+        if isinstance(self.rnn, GRU):  # all steps in one fused call
+            rnn_out, hidden = self.rnn.forward_padded(inputs, hx=state.hidden)
+        else:
+            rnn_out, hidden = self.rnn(inputs, state.hidden)
+        outputs, weights = self._attend(rnn_out, memory)
+        return outputs, DecoderState(hidden, None), weights
 
-    def _gru_step(self, input_gates: Tensor, state: DecoderState, memory: Memory,
-                  beams: int) -> tuple[Tensor, DecoderState, Tensor | None]:
-        """One decoding step of a one-layer GRU from precomputed input gates."""
-        gates = input_gates[:, 0]
-        if self.input_feeding:  # the fed-back part of the input projection
-            embed_size = self.rnn.input_size - self.output_size
-            gates = torch.addmm(gates, state.feed, self.rnn.weight_ih_l0[:, embed_size:].t())
-        hidden = self.rnn.step(gates, state.hidden)
-        out, weights = self._attend(hidden.transpose(0, 1), memory, beams)
+    def step(self, inputs: Tensor | None, state: DecoderState, memory: Memory, beams: int = 1,
+             input_gates: Tensor | None = None) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """``forward`` for one step of ``rows = sentences * beams`` rows, a sentence's beams
+        adjacent while ``memory`` holds each sentence once (never copied per beam).
+        ``inputs``: (rows, 1, input_size); or, for a one-layer GRU, ``input_gates``: (rows,
+        1, 3 * hidden) their input projection, from ``GRU.input_table``."""
+        if input_gates is not None:
+            gates = input_gates[:, 0]
+            if self.input_feeding:  # the fed-back part of the input projection
+                embed_size = self.rnn.input_size - self.output_size
+                gates = torch.addmm(gates, state.feed, self.rnn.weight_ih_l0[:, embed_size:].t())
+            hidden = self.rnn.step(gates, state.hidden)
+            rnn_out = hidden.transpose(0, 1)
+        else:
+            if self.input_feeding:
+                inputs = torch.cat([inputs, state.feed.unsqueeze(1)], dim=-1)
+            rnn_out, hidden = self.rnn(inputs, state.hidden)  # (rows, 1, hidden)
+        out, weights = self._attend(rnn_out, memory, beams)
         return out, DecoderState(hidden, out[:, 0] if self.input_feeding else None), weights
 
     def _attend(self, rnn_out: Tensor, memory: Memory,
@@ -194,8 +188,9 @@ class Decoder(nn.Module):
         """(batch, steps, hidden) -> attentional vectors (batch, steps, output_size), weights.
         With ``beams`` > 1 the beams of a sentence attend as that sentence's steps."""
         query = self.dropout(rnn_out)
+        fast = self.paths.fast_tanh
         if self.attention is None:
-            return fast_tanh(self.combine(query)), None
+            return tanh(self.combine(query), fast), None
         grouped = query.reshape(-1, beams * query.size(1), query.size(2))
         combined = memory.combined_values
         values = memory.outputs if combined is None else combined
@@ -203,7 +198,7 @@ class Decoder(nn.Module):
         context = context.view(query.size(0), query.size(1), -1)
         weights = weights.view(query.size(0), query.size(1), -1)
         if combined is None:
-            return fast_tanh(self.combine(torch.cat([query, context], dim=-1))), weights
+            return tanh(self.combine(torch.cat([query, context], dim=-1)), fast), weights
         # ``context`` is W_c c already: add the state half W_h h + b
         state_half = F.linear(query, self.combine.weight[:, :self.hidden_size], self.combine.bias)
-        return fast_tanh(state_half.add_(context)), weights
+        return tanh(state_half.add_(context), fast), weights

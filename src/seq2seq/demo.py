@@ -1,4 +1,4 @@
-"""``seq2seq demo``: train a small attention model on a generated task, in about a minute.
+"""``seq2seq demo``: train a small attention model on a generated task, in about 30 seconds.
 
 Everything goes through the library's real path: ``tasks.make_task`` and ``write_task`` put
 the data in ``OUTPUT_DIR/data``, ``seq2seq.train.train`` trains a character-level model into
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seq2seq.config import Config
+from seq2seq.model_dir import METRICS_FILE, remove_trained_files
+from seq2seq.plot import plot_losses
 from seq2seq.tasks import make_task, write_task
+from seq2seq.train import train
+from seq2seq.translator import Translator
 
 MARKER = ".seq2seq-demo"  # marks an output folder as the demo's own
-MODEL_FILES = ("config.yaml", "tokenizer.json", "src.vocab.json", "tgt.vocab.json",
-               "last.safetensors", "best.safetensors", "metrics.jsonl")
 DATA_FILES = tuple(f"{split}.{side}" for split in ("train", "valid", "test") for side in ("src", "tgt"))
 PICTURES = ("attention.png", "losses.png")
 SHOWN_EXAMPLES, SHOWN_MISTAKES = 8, 3
@@ -96,7 +98,7 @@ def demo_config(task: str, max_seconds: float | None = None, seed: int = 1) -> C
     config.override([*DEMO_SETTINGS, *spec.settings])
     config.train.seed = seed
     config.train.max_minutes = (spec.max_seconds if max_seconds is None else max_seconds) / 60
-    return config
+    return config.validate()  # a seed of -1 or a budget of nan is named here, before any work
 
 
 def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed: int = 1,
@@ -106,13 +108,9 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
     ``max_seconds`` is the training budget (default: the task's ``max_seconds``). Progress goes
     to stderr (from training), the results to stdout.
     """
-    from seq2seq.plot import plot_losses
-    from seq2seq.train import METRICS_FILE, train
-    from seq2seq.translator import Translator
-
     start = time.monotonic()
     spec = _task(task)
-    if max_seconds is not None and max_seconds <= 0:
+    if max_seconds is not None and not 0 < max_seconds < float("inf"):
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     out = Path(output_dir)
     data_dir, model_dir = out / "data", out / "model"
@@ -126,7 +124,7 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
             setattr(config.data, key, name)
     print(f"seq2seq demo: {task}, {len(data.train):,} generated training pairs in {data_dir}; "
           f"for example {data.train[0][0]!r} -> {data.train[0][1]!r}", flush=True)
-    train(config, model_dir, data_dir=data_dir)
+    train(config, model_dir, data_dir=data_dir, translator=Translator)
 
     translator = Translator.load(model_dir)
     test = data.test[spec.n_valid:]
@@ -149,6 +147,9 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
     seconds = time.monotonic() - start
     print(f"done in {seconds:.0f} s. Try the model yourself:")
     print(f"  echo {shlex.quote(spec.example)} | seq2seq translate --model-dir {shlex.quote(str(model_dir))}")
+    print("or serve it, with a page that shows its attention at http://127.0.0.1:8000 (needs the serve "
+          "extra):")
+    print(f"  seq2seq serve --model-dir {shlex.quote(str(model_dir))}")
     sys.stdout.flush()
     return DemoResult(task, accuracy, sum(right), len(test), out, model_dir, attention_png,
                       losses_png, seconds)
@@ -174,7 +175,9 @@ def _claim(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `seq2seq demo`; a new demo run may replace its contents\n",
                               encoding="utf-8")
-    for folder, names in ((out / "model", MODEL_FILES), (out / "data", DATA_FILES), (out, PICTURES)):
+    if (out / "model").is_dir():
+        remove_trained_files(out / "model")
+    for folder, names in ((out / "data", DATA_FILES), (out, PICTURES)):
         for name in names:
             (folder / name).unlink(missing_ok=True)
 

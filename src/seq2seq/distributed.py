@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from seq2seq.config import ConfigError
+from seq2seq.device import resolve_device
 
 TIMEOUT_S = 60.0  # a lock-step collective that waits longer has lost a process
 PATIENT_TIMEOUT_S = 3600.0  # waiting for rank 0 to validate or write a checkpoint
@@ -71,8 +72,6 @@ class Distributed:
 
     def device(self, requested: str) -> torch.device:
         """Each process of a CUDA run takes the GPU of its local rank."""
-        from seq2seq.translator import resolve_device
-
         device = resolve_device(requested)
         if self.enabled and device.type == "cuda":
             device = _local_gpu(self.local_rank)

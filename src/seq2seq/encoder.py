@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq.gru import GRU, run_padded
-from seq2seq.ops import FastDropout
+from seq2seq.ops import Dropout
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": GRU, "lstm": nn.LSTM}
 
@@ -16,8 +16,8 @@ State = Tensor | tuple[Tensor, Tensor]
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int,
              dropout: float, bidirectional: bool = False) -> nn.RNNBase:
-    """A batch-first ``nn.RNN``/``GRU``/``nn.LSTM``: cuDNN on GPU; on CPU oneDNN for the LSTM
-    and ``seq2seq.gru.GRU``'s whole-sequence training path for the GRU."""
+    """A batch-first ``nn.RNN``/``GRU``/``nn.LSTM``: cuDNN on GPU; on CPU oneDNN for the LSTM,
+    and for the GRU ``seq2seq.gru.GRU``, with its fused training path."""
     return RNN_CLASSES[cell](
         input_size, hidden_size, num_layers=num_layers, batch_first=True,
         dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional,
@@ -39,7 +39,7 @@ class Encoder(nn.Module):
         self.num_layers = num_layers
         self.num_directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.num_directions
-        self.dropout = FastDropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = make_rnn(cell, input_size, hidden_size, num_layers, dropout, bidirectional)
 
     def forward(self, inputs: Tensor, lengths: Tensor) -> tuple[Tensor, State]:

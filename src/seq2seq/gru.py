@@ -3,7 +3,7 @@
 PyTorch fuses the LSTM's training on CPU (oneDNN) but not the GRU's: autograd records each
 time step's gate arithmetic and computes each step's weight gradient as a small matrix
 product (batch rows) that it then adds up. ``GRU`` keeps ``nn.GRU``'s parameters and
-results and changes how training computes them on CPU:
+results and, in training mode with ``FastPaths.fused_gru``, changes how they are computed:
 
 - the input projections of all steps are one matrix product before the loop, and their
   gradients one product after it;
@@ -13,9 +13,8 @@ results and changes how training computes them on CPU:
 - padding is handled with masks (a sequence's state freezes after its last position), so
   padded batches need no packing.
 
-Inference and CUDA use ``nn.GRU`` unchanged (both paths give the same results), except
-that decoding one token at a time can run ``step`` from a table of input projections
-(``input_table``, see ``Seq2Seq.decoding``).
+Otherwise it is ``nn.GRU`` (``run_padded``). Decoding one token at a time runs ``step`` from
+a table of input projections (``input_table``, see ``model.DecodingSession``).
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.ops import cpu_linear, fast_dropout, tanh_
+from seq2seq.fastpath import REFERENCE, FastPaths
+from seq2seq.ops import cpu_linear, dropout, tanh_
 
 
 def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
@@ -172,16 +172,13 @@ def reverse_index(lengths: Tensor, steps: int) -> Tensor:
 
 
 class GRU(nn.GRU):
-    """``nn.GRU`` (batch first) with a faster training path on CPU; same parameters and results.
+    """``nn.GRU`` (batch first) with a fused training path; same parameters and results.
 
-    ``forward_padded`` takes a padded batch and its lengths (no packing needed); when the
-    fast path does not apply it calls ``nn.GRU`` through ``run_padded``.
+    ``forward_padded`` takes a padded batch and its lengths (no packing needed); outside
+    training or without ``paths.fused_gru`` it calls ``nn.GRU`` through ``run_padded``.
     """
 
-    def use_fused(self, inputs: Tensor) -> bool:
-        """The fused path pays off when training (gradients recorded) on CPU."""
-        return (inputs.device.type == "cpu" and self.bias and torch.is_grad_enabled()
-                and (inputs.requires_grad or self.weight_hh_l0.requires_grad))
+    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
 
     def forward_padded(self, inputs: Tensor, lengths: Tensor | None = None,
                        hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -199,7 +196,7 @@ class GRU(nn.GRU):
         """
         if not self.batch_first:
             raise ValueError("GRU.forward_padded needs batch_first=True")
-        if not self.use_fused(inputs):
+        if not (self.training and self.paths.fused_gru):
             return run_padded(self, inputs, lengths, hx)
         batch, steps, device = inputs.size(0), inputs.size(1), inputs.device
         directions = 2 if self.bidirectional else 1
@@ -218,7 +215,7 @@ class GRU(nn.GRU):
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
-                layer_input = fast_dropout(layer_input, self.dropout, self.training)
+                layer_input = dropout(layer_input, self.dropout, self.training, self.paths.fast_dropout)
             weights = [self._weights(layer, d) for d in range(directions)]
             gi = [F.linear(layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
             if directions == 2:  # the backward direction reads each sequence reversed
@@ -256,8 +253,9 @@ class GRU(nn.GRU):
         Returns:
             (1, batch, hidden), the new state (also the output).
         """
-        h = hx[0]
-        gh = cpu_linear(h.contiguous(), self.weight_hh_l0, self.bias_hh_l0)
+        h = hx[0].contiguous()
+        linear = cpu_linear if self.paths.onednn_step else F.linear
+        gh = linear(h, self.weight_hh_l0, self.bias_hh_l0)
         rz, n = gh.new_empty(h.size(0), 2 * self.hidden_size), torch.empty_like(h)
         return gru_cell(gates, gh, h, rz, n).unsqueeze(0)
 

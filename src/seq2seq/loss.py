@@ -1,16 +1,15 @@
-"""The training loss: output layer and label-smoothed cross-entropy in one pass.
+"""The training loss's fast path (``FastPaths.fused_loss``): output layer and label-smoothed
+cross-entropy in one pass.
 
 ``nn.Linear`` followed by ``nn.CrossEntropyLoss`` stores the (tokens, vocabulary) scores,
 their log-softmax and, in the backward pass, a gradient of the same size, each a separate
-sweep over memory. With the 8,000-piece vocabulary that is about a tenth of a CPU training
-step. ``output_cross_entropy`` computes the scores in row chunks, turns each chunk into its
-gradient in place (softmax minus the smoothed target) and keeps only that for the backward
-pass, which is then two matrix products. Same value and gradients as
+sweep over memory. ``output_cross_entropy`` computes the scores in row chunks, turns each
+chunk into its gradient in place (softmax minus the smoothed target) and keeps only that for
+the backward pass, which is then two matrix products. Same value and gradients as
 ``nn.CrossEntropyLoss(ignore_index=..., reduction="sum", label_smoothing=...)``.
 
-Two CPU details, measured on (832, 8000) float32 scores: ``exp`` runs as ``exp2(x * log2 e)``
-(1.4 ms against 3.2 ms for ``exp_``), and the gradient is scaled in place with ``mul_`` and
-``sub_`` (0.4 ms; ``addcmul`` writing into one of its own inputs took 1.9 ms).
+On CPU ``exp`` runs as ``exp2(x * log2 e)`` and the gradient is scaled in place with ``mul_``
+and ``sub_``, the faster forms there (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import threading
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-
-from seq2seq.ops import records_grad
 
 ROWS_PER_CHUNK = 2048  # bounds the live scores to 2048 x vocabulary floats per chunk
 LOG2_E = 1.4426950408889634
@@ -35,10 +32,9 @@ def _reduced_rows(x: Tensor, dtype: torch.dtype, scratch: bool = False) -> Tenso
     that is reused.
 
     oneDNN builds a kernel for each product shape, and the allocations of building one leave
-    holes in the heap. With every batch's row count a shape of its own, bf16 training of the
-    fast configuration grew to 1.10 GiB in 170 steps (rows padded to 64: the same); padded to
-    256 it stayed at 0.89 GiB and ran 1.5% slower. The reused buffer keeps the per-step
-    (rows, vocabulary) copies from adding holes of their own."""
+    holes in the heap: with every batch's row count a shape of its own, bf16 training's
+    memory kept growing (benchmarks/RESULTS.md). Padded rows bound the shapes, and the reused
+    buffer keeps the per-step (rows, vocabulary) copies from adding holes of their own."""
     if x.device.type != "cpu":
         return x.to(dtype)
     rows = -(-x.size(0) // ROW_MULTIPLE) * ROW_MULTIPLE
@@ -87,26 +83,23 @@ class _OutputCrossEntropy(torch.autograd.Function):
                 ignore_index: int, smoothing: float, needs_grad: bool,
                 matmul_dtype: torch.dtype | None) -> Tensor:
         vocab = weight.size(0)
-        if matmul_dtype is None:
-            matmul_dtype = (torch.get_autocast_dtype(hidden.device.type)
-                            if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype)
+        matmul_dtype = matmul_dtype or hidden.dtype  # under a GPU's autocast: bf16 already
         reduced = matmul_dtype in (torch.bfloat16, torch.float16)
         w = weight.to(matmul_dtype)
         # with gradients, every chunk's gradient is kept; without, one chunk's buffer is reused
         buffer_rows = hidden.size(0) if needs_grad else min(hidden.size(0), ROWS_PER_CHUNK)
-        grad_scores = torch.empty(buffer_rows, vocab, device=hidden.device, dtype=torch.float32)
-        loss = hidden.new_zeros((), dtype=torch.float32)
+        score_dtype = torch.float64 if matmul_dtype == torch.float64 else torch.float32
+        grad_scores = torch.empty(buffer_rows, vocab, device=hidden.device, dtype=score_dtype)
+        loss = hidden.new_zeros((), dtype=score_dtype)
         for start in range(0, hidden.size(0), ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
             scores = grad_scores[rows] if needs_grad else grad_scores[:len(targets[rows])]
-            if matmul_dtype == torch.float32:
+            if not reduced:
                 x = hidden[rows].to(matmul_dtype)
                 if bias is None:
                     torch.mm(x, w.t(), out=scores)
                 else:
-                    torch.addmm(bias, x, w.t(), out=scores)
-            elif not reduced:  # float64: the scores are float32 all the same
-                scores.copy_(torch.nn.functional.linear(hidden[rows], w, bias))
+                    torch.addmm(bias.to(matmul_dtype), x, w.t(), out=scores)
             else:
                 reduced_precision_scores(hidden[rows], w, bias, out=scores)
             target = targets[rows]
@@ -126,7 +119,7 @@ class _OutputCrossEntropy(torch.autograd.Function):
             if not needs_grad:
                 continue
             # gradient: softmax - (1 - s) * one-hot(target) - s / V, zero on ignored rows
-            real = valid.float()
+            real = valid.to(scores.dtype)
             scores.mul_(real / total).sub_((smoothing / vocab) * real)
             scores.scatter_add_(1, safe_target, -(1.0 - smoothing) * real)
         if needs_grad:
@@ -163,14 +156,14 @@ def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         label_smoothing: the share of probability spread evenly over the vocabulary, as in
             ``nn.CrossEntropyLoss``.
         matmul_dtype: the dtype of the three matrix products (bf16 for mixed precision);
-            None: autocast's dtype where autocast is on, else ``hidden``'s. The softmax and
-            the loss are float32 either way.
+            None: ``hidden``'s. The softmax and the loss are float32 either way.
 
     Returns:
-        a float32 scalar, the sum over the non-ignored tokens.
+        a float32 scalar (float64 for float64 products), the sum over the non-ignored tokens.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    needs_grad = records_grad(hidden, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(  # else no gradient buffers are kept
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _OutputCrossEntropy.apply(hidden, weight, bias, targets, ignore_index,
                                      float(label_smoothing), needs_grad, matmul_dtype)

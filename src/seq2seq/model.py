@@ -1,36 +1,39 @@
-"""The encoder-decoder model that both faces of the library use.
+"""The encoder-decoder model that both faces of the library use, and one decoding call's state.
 
 Sources and targets are either token ids (translation: embeddings in, vocabulary scores out)
 or real vectors (the NumPy ``EncoderDecoderRNN``: vectors in, class scores or values out).
+``Seq2Seq`` holds parameters and its fast-path policy (``fastpath.FastPaths``, decided by
+``set_fast_paths``); what a decoding call computes from the weights and reuses lives in that
+call's ``DecodingSession``, so threads and a server's requests can share one model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from seq2seq.config import ModelConfig
 from seq2seq.decoder import Decoder, DecoderState, Memory
 from seq2seq.encoder import Encoder
-from seq2seq.gru import GRU
+from seq2seq.fastpath import REFERENCE, FastPaths, resolve
 from seq2seq.loss import output_cross_entropy, reduced_precision_scores
-from seq2seq.ops import FastDropout, cpu_linear
+from seq2seq.ops import Dropout, cpu_linear
 
 
 class Seq2Seq(nn.Module):
     """Embeddings (or vector inputs), encoder, decoder with attention, output layer.
 
     Give ``src_vocab`` for token sources or ``src_features`` for vector sources, and
-    ``tgt_vocab`` for token targets or ``tgt_features`` for vector targets.
+    ``tgt_vocab`` for token targets or ``tgt_features`` for vector targets. It is built with
+    the ``fast`` paths of a CPU in float32: see ``set_fast_paths``.
     """
+
+    paths: FastPaths = REFERENCE
 
     def __init__(self, config: ModelConfig, *, src_vocab: int = 0, tgt_vocab: int = 0,
                  src_features: int = 0, tgt_features: int = 0, pad_id: int = 0,
-                 vector_feedback: str = "onehot") -> None:
+                 vector_feedback: str = "onehot", rnn_init: str = "pytorch") -> None:
         super().__init__()
         if (src_vocab > 0) == (src_features > 0) or (tgt_vocab > 0) == (tgt_features > 0):
             raise ValueError("give exactly one of src_vocab/src_features and of "
@@ -57,11 +60,28 @@ class Seq2Seq(nn.Module):
             attention=config.attention, attention_size=config.attention_size,
             input_feeding=config.input_feeding, dropout=config.dropout,
         )
-        self.embed_dropout = FastDropout(config.dropout)
+        self.embed_dropout = Dropout(config.dropout)
         self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
-        self._decoding_tables: dict[int, dict] = {}  # by thread; see decoding()
         if tie:
             self.generator.weight = self.tgt_embed.weight
+        if rnn_init not in ("pytorch", "orthogonal"):
+            raise ValueError(f"rnn_init must be 'pytorch' or 'orthogonal', got {rnn_init!r}")
+        if rnn_init == "orthogonal":  # for vector inputs: see orthogonal_init
+            for rnn in (self.encoder.rnn, self.decoder.rnn):
+                orthogonal_init(rnn)
+        self.set_fast_paths()
+
+    def set_fast_paths(self, kernels: str | FastPaths = "fast", device: torch.device | str = "cpu",
+                       precision: str = "fp32") -> FastPaths:
+        """Decide the fast paths for running on ``device`` in ``precision`` (``kernels``:
+        'fast', 'reference' or the paths themselves; see ``fastpath.resolve``), give them to
+        every module that has some, and return them. Call after moving or quantizing."""
+        paths = (kernels if isinstance(kernels, FastPaths)
+                 else resolve(kernels, torch.device(device).type, precision, self))
+        for module in self.modules():
+            if hasattr(module, "paths"):  # Seq2Seq, Decoder, GRU, BahdanauAttention, Dropout
+                module.paths = paths
+        return paths
 
     # -- encoder side -------------------------------------------------------------------
     def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, DecoderState]:
@@ -85,121 +105,16 @@ class Seq2Seq(nn.Module):
         """(batch, steps) ids or (batch, steps, tgt_features) vectors -> decoder inputs."""
         return self.embed_dropout(self.tgt_embed(prev) if self.tgt_embed is not None else prev)
 
-    def decode(self, prev: Tensor, state: DecoderState, memory: Memory,
-               beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
-        """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features).
-        ``beams``: see ``Decoder.forward``."""
-        table = self._gru_input_table(prev)
-        if table is not None:
-            outputs, state, weights = self.decoder(None, state, memory, beams,
-                                                   input_gates=nn.functional.embedding(prev, table))
-        else:
-            outputs, state, weights = self.decoder(self.embed_target(prev), state, memory, beams)
-        return self._generate(outputs), state, weights
-
-    def _generate(self, outputs: Tensor) -> Tensor:
-        """The output layer. Without gradients on CPU its float32 product runs through oneDNN
-        (``ops.cpu_linear``). Inside ``decoding(output_dtype=...)`` the product runs in that
-        dtype (weights converted once per block), the scores come back float32, and the
-        outputs are kept for ``exact_logits``."""
-        tables = self._decoding_tables.get(threading.get_ident())
-        dtype = None if tables is None else tables["output_dtype"]
-        if not isinstance(self.generator, nn.Linear):  # int8: as it is
-            return self.generator(outputs)
-        if dtype is None:  # cpu_linear is F.linear where a gradient is recorded
-            flat = outputs.reshape(-1, outputs.size(-1))
-            return cpu_linear(flat, self.generator.weight, self.generator.bias).view(
-                *outputs.shape[:-1], -1)
-        if "generator" not in tables:
-            tables["generator"] = self.generator.weight.detach().to(dtype)
-        tables["outputs"] = outputs.reshape(-1, outputs.size(-1))
-        return reduced_precision_scores(outputs, tables["generator"], self.generator.bias)
-
-    def rounds_scores(self) -> bool:
-        """Whether ``decode`` here (this thread's ``decoding`` block) rounds the output
-        layer's scores to a reduced precision, so that ``exact_logits`` has work to do."""
-        tables = self._decoding_tables.get(threading.get_ident())
-        return (tables is not None and tables["output_dtype"] is not None
-                and isinstance(self.generator, nn.Linear))
-
-    def exact_logits(self, rows: Tensor, tokens: Tensor) -> Tensor | None:
-        """The float32 scores of chosen (row, token) pairs of the last decoded step, where
-        that step's output layer ran in reduced precision (``decoding(output_dtype=...)``);
-        else None, since the step's scores are exact already.
-
-        A bf16 product rounds each score to 8 significant bits (about 0.03 on a score of
-        10), enough to reorder close candidates; decoding ranks by the rounded scores and
-        rescores only its few candidates in float32 (``search``).
-
-        Args:
-            rows, tokens: int tensors of one shape: rows of the last step's (rows, vocab)
-                scores (``decode`` with one step) and token ids.
-
-        Returns:
-            float32 ``outputs[rows] . weight[tokens] + bias[tokens]``, of that shape.
-        """
-        if not self.rounds_scores():
-            return None
-        hidden = self._decoding_tables[threading.get_ident()]["outputs"][rows].float()
-        logits = (hidden * nn.functional.embedding(tokens, self.generator.weight)).sum(-1)
-        if self.generator.bias is not None:
-            logits = logits + self.generator.bias[tokens]
-        return logits
-
-    @contextlib.contextmanager
-    def decoding(self, expected_rows: int = 0,
-                 output_dtype: torch.dtype | None = None) -> Iterator[None]:
-        """Decode many steps with frozen weights: within, tables computed from the weights
-        (the GRU input projection of every target token) are made once and reused, and
-        dropped at the end. Do not change the weights inside. Each thread has its own tables,
-        so threads may decode with one model at once; an inner block reuses the outer one's.
-
-        Args:
-            expected_rows: about how many rows x steps the block will decode (for example
-                source tokens x beam), so that a table that pays for itself is made at the
-                first step, and one that would not is not made at all.
-            output_dtype: the dtype of the output layer's product in ``decode`` (bf16 decoding
-                on CPU; see ``loss.reduced_precision_scores``), or None for the model's own.
-        """
-        thread = threading.get_ident()
-        if thread in self._decoding_tables:
-            yield
-            return
-        self._decoding_tables[thread] = {"rows": expected_rows, "output_dtype": output_dtype}
-        try:
-            yield
-        finally:
-            del self._decoding_tables[thread]
-
-    def _decodes_by_table(self, prev: Tensor) -> bool:
-        """Inside ``decoding()``, a one-layer GRU decoding one token at a time (no gradients,
-        no autocast) may read the token's input projection from a table."""
-        return (threading.get_ident() in self._decoding_tables and self.tgt_embed is not None
-                and isinstance(self.decoder.rnn, GRU)
-                and self.decoder.rnn.num_layers == 1 and prev.size(1) == 1
-                and not self.training and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(prev.device.type))
-
-    def _gru_input_table(self, prev: Tensor) -> Tensor | None:
-        """The (vocab, 3 * hidden) input-projection table for this decoding step, or None.
-
-        The table costs as much as projecting ``vocab`` rows, so it is made once the rows
-        expected (``decoding(expected_rows)``) and decoded reach that: a call that
-        translates one sentence does not pay for it."""
-        if not self._decodes_by_table(prev):
-            return None
-        tables = self._decoding_tables[threading.get_ident()]
-        if "gru_input" not in tables:
-            tables["rows"] += prev.size(0)
-            if tables["rows"] < self.tgt_embed.num_embeddings:
-                return None
-            tables["gru_input"] = self.decoder.rnn.input_table(self.tgt_embed.weight)
-        return tables["gru_input"]
+    def decode(self, prev: Tensor, state: DecoderState,
+               memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """Scores for the steps after ``prev``: (batch, steps, tgt_vocab or tgt_features),
+        the state after them and the attention weights (``Decoder.forward``)."""
+        outputs, state, weights = self.decoder(self.embed_target(prev), state, memory)
+        return self.generator(outputs), state, weights
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                 sampling_ratio: float = 0.0, tgt_out: Tensor | None = None,
-                label_smoothing: float = 0.0,
-                output_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced scores for every target step, or (given ``tgt_out``) their loss.
 
         Args:
@@ -212,11 +127,9 @@ class Seq2Seq(nn.Module):
             tgt_out: (batch, tgt_len) token ids to predict (pad where nothing is), for
                 token targets only. Given, the first result is their summed
                 label-smoothed cross-entropy instead of the scores (as nanoGPT's
-                ``forward(idx, targets)``; the output layer and the loss then run fused).
+                ``forward(idx, targets)``; with ``FastPaths.fused_loss`` the output layer
+                and the loss run fused, with ``bf16_output`` their products in bf16).
             label_smoothing: with ``tgt_out``, as in ``nn.CrossEntropyLoss``.
-            output_dtype: with ``tgt_out`` (and no scheduled sampling), the dtype of the
-                fused output layer's products (``output_cross_entropy``'s ``matmul_dtype``):
-                bf16 training on CPU sets it instead of autocasting the whole model.
 
         Returns:
             scores: (batch, tgt_len, tgt_vocab or tgt_features), or the float32 loss sum.
@@ -225,16 +138,28 @@ class Seq2Seq(nn.Module):
         if tgt_out is not None and self.tgt_embed is None:
             raise ValueError("tgt_out is for token targets; compute a vector loss from the scores")
         memory, state = self.encode(src, src_lengths)
-        if sampling_ratio <= 0.0 and tgt_out is not None:
+        if sampling_ratio <= 0.0 and tgt_out is not None and self.paths.fused_loss:
             outputs, _, weights = self.decoder(self.embed_target(tgt_in), state, memory)
+            dtype = torch.bfloat16 if self.paths.bf16_output else None
             loss = output_cross_entropy(outputs.reshape(-1, outputs.size(-1)),
                                         self.generator.weight, self.generator.bias,
-                                        tgt_out.reshape(-1), self.pad_id, label_smoothing,
-                                        output_dtype)
+                                        tgt_out.reshape(-1), self.pad_id, label_smoothing, dtype)
             return loss, weights
         if sampling_ratio <= 0.0:
             scores, _, weights = self.decode(tgt_in, state, memory)
-            return scores, weights
+        else:
+            scores, weights = self._sample(tgt_in, state, memory, sampling_ratio)
+        if tgt_out is not None:  # in float32 at least, as the fused loss
+            flat = scores.reshape(-1, scores.size(-1))
+            return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)),
+                                   tgt_out.reshape(-1), ignore_index=self.pad_id,
+                                   reduction="sum", label_smoothing=label_smoothing), weights
+        return scores, weights
+
+    def _sample(self, tgt_in: Tensor, state: DecoderState, memory: Memory,
+                ratio: float) -> tuple[Tensor, Tensor | None]:
+        """``forward``'s scores and weights, each step fed the model's own previous prediction
+        with probability ``ratio``."""
         steps, weights_per_step = [], []
         prev = tgt_in[:, :1]
         for t in range(tgt_in.size(1)):
@@ -243,17 +168,12 @@ class Seq2Seq(nn.Module):
             weights_per_step.append(weights)
             if t + 1 < tgt_in.size(1):
                 gold = tgt_in[:, t + 1:t + 2]
-                use_model = torch.rand(gold.size(0), device=gold.device) < sampling_ratio
+                use_model = torch.rand(gold.size(0), device=gold.device) < ratio
                 guess = self.prediction_to_input(scores.detach())
                 shape = (-1,) + (1,) * (gold.dim() - 1)
                 prev = torch.where(use_model.view(shape), guess, gold)
         weights = None if weights_per_step[0] is None else torch.cat(weights_per_step, 1)
-        scores = torch.cat(steps, 1)
-        if tgt_out is not None:
-            return nn.functional.cross_entropy(
-                scores.reshape(-1, scores.size(-1)).float(), tgt_out.reshape(-1),
-                ignore_index=self.pad_id, reduction="sum", label_smoothing=label_smoothing), weights
-        return scores, weights
+        return torch.cat(steps, 1), weights
 
     def prediction_to_input(self, scores: Tensor) -> Tensor:
         """What the next step is fed after a prediction: the argmax id for tokens; for vectors
@@ -299,3 +219,100 @@ class Seq2Seq(nn.Module):
         flops += 2 * tgt_tokens * decoder.combine.in_features * decoder.combine.out_features
         flops += 2 * tgt_tokens * self.generator.in_features * self.generator.out_features
         return flops
+
+
+class DecodingSession:
+    """One decoding call's state, made by the search (or ``Translator.hypotheses``, for all
+    its batches) and dropped with it: what the decoding fast paths compute from the weights
+    and reuse over the steps, and the last step's outputs for ``exact_logits``. The model
+    must be in eval mode, its weights unchanged while a session is in use. Each call decodes
+    with its own session, so threads may share one model.
+    """
+
+    def __init__(self, model: Seq2Seq, expected_rows: int = 0) -> None:
+        """``expected_rows``: about how many rows x steps the call will decode (source tokens
+        x beam), so that a table that pays for itself is made at the first step."""
+        if model.training:  # dropout would apply to some steps' paths and not to others
+            raise ValueError("decode with the model in eval mode (model.eval())")
+        self.model, self.paths = model, model.paths
+        self.rounds_scores = model.paths.bf16_output  # so exact_logits has work to do
+        self.rows = expected_rows  # rows x steps decoded, plus those expected
+        self.gru_input: Tensor | None = None  # (vocab, 3 * hidden), see _input_gates
+        self.reduced_weight: Tensor | None = None  # the output layer's weight in bf16
+        self.outputs: Tensor | None = None  # (rows, output_size) the last step's, in bf16
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, DecoderState]:
+        """``Seq2Seq.encode``, with the memory prepared for decoding."""
+        memory, state = self.model.encode(src, src_lengths)
+        if self.paths.combined_values:
+            memory = self.model.decoder.combine_values(memory)
+        return memory, state
+
+    def step(self, prev: Tensor, state: DecoderState, memory: Memory,
+             beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """(rows, 1) previous tokens (or (rows, 1, tgt_features) vectors) of ``rows =
+        sentences * beams`` -> (rows, 1, tgt_vocab) float32 scores, the new state, (rows,
+        1, src_len) attention weights or None (``Decoder.step``)."""
+        gates = self._input_gates(prev)
+        inputs = self.model.embed_target(prev) if gates is None else None
+        outputs, state, weights = self.model.decoder.step(inputs, state, memory, beams, gates)
+        return self._generate(outputs), state, weights
+
+    def _input_gates(self, prev: Tensor) -> Tensor | None:
+        """(rows, 1, 3 * hidden) the GRU input projection of ``prev``, read from a table of
+        every token's, or None. The table costs as much as projecting ``vocab`` rows, so it
+        is made once the rows expected and decoded reach that."""
+        if not self.paths.input_tables:
+            return None
+        if self.gru_input is None:
+            self.rows += prev.size(0)
+            embedding = self.model.tgt_embed.weight
+            if self.rows < embedding.size(0):
+                return None
+            self.gru_input = self.model.decoder.rnn.input_table(embedding)
+        return F.embedding(prev, self.gru_input)
+
+    def _generate(self, outputs: Tensor) -> Tensor:
+        """The output layer, through oneDNN or in bf16 where the paths say so."""
+        generator = self.model.generator
+        flat = outputs.reshape(-1, outputs.size(-1))
+        if self.paths.bf16_output:
+            if self.reduced_weight is None:
+                self.reduced_weight = generator.weight.detach().to(torch.bfloat16)
+            self.outputs = flat
+            return reduced_precision_scores(outputs, self.reduced_weight, generator.bias)
+        if self.paths.onednn_output:
+            return cpu_linear(flat, generator.weight, generator.bias).view(*outputs.shape[:-1], -1)
+        return generator(outputs)
+
+    def exact_logits(self, rows: Tensor, tokens: Tensor) -> Tensor | None:
+        """Float32 ``outputs[rows] . weight[tokens] + bias[tokens]`` for (row, token) pairs of
+        the last step (int tensors of one shape), where ``step`` rounded the scores (bf16:
+        8 significant bits, enough to reorder close candidates; ``search`` rescores its few
+        candidates with this); else None, the step's scores being exact already."""
+        if not self.rounds_scores:
+            return None
+        generator = self.model.generator
+        logits = (self.outputs[rows].float() * F.embedding(tokens, generator.weight)).sum(-1)
+        if generator.bias is not None:
+            logits = logits + generator.bias[tokens]
+        return logits
+
+
+def orthogonal_init(rnn: nn.RNNBase) -> None:
+    """Initialisation for vector inputs (``rnn_init='orthogonal'``; measured on the seed example
+    in benchmarks/seed_example.py: it learns in fewer epochs).
+
+    PyTorch draws every RNN weight from U(+-1/sqrt(hidden)), whatever the input size, so one
+    real-valued feature reaches the state at a scale of 0.07 for hidden 200. The first layer's
+    input weights are drawn by their fan-in instead (LeCun: U(+-sqrt(3/fan_in))), and each
+    gate's recurrent matrix is orthogonal, so the state keeps what it read early on.
+    """
+    with torch.no_grad():
+        for name, weight in rnn.named_parameters():
+            if name.startswith("weight_hh"):
+                for block in weight.split(rnn.hidden_size):
+                    nn.init.orthogonal_(block)
+            elif name.startswith("weight_ih_l0"):
+                bound = (3.0 / weight.size(1)) ** 0.5
+                weight.uniform_(-bound, bound)

@@ -7,10 +7,10 @@ Files are written atomically: a reader sees the old picture or the new one, neve
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,19 +133,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+    """Write ``fig`` to ``path`` as ``checkpoint.atomic_write_bytes`` writes any output: atomically
+    for a new or regular file, through a symlink, straight into a device or FIFO."""
+    from seq2seq.checkpoint import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a picture is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    picture = io.BytesIO()
+    fig.savefig(picture, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
+    atomic_write_bytes(path, picture.getvalue())
     return path

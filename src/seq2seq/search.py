@@ -2,10 +2,12 @@
 
 Both run on ``batch`` (greedy) or ``batch * beam`` (beam) rows at once and drop finished
 sentences from the work (greedy search in groups), so a batch costs about what its live
-sentences cost. The beams of a sentence share its encoder memory (``Decoder.forward``'s
-``beams``), and the best continuations are ranked by ``top_continuations``. Where the output
-layer rounds its scores (bf16 decoding on CPU), the few candidates are rescored in float32
-(``rescore_candidates``), so that rounding does not reorder them.
+sentences cost. They decode through a ``DecodingSession`` (one per call, or the caller's for
+many batches), which holds all per-call state. The beams of a sentence share its encoder
+memory (``Decoder.step``'s ``beams``), and the best continuations are ranked by
+``top_continuations``. Where the output layer rounds its scores (bf16 decoding on CPU), the
+few candidates are rescored in float32 (``rescore_candidates``), so that rounding does not
+reorder them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seq2seq.model import Seq2Seq
+from seq2seq.model import DecodingSession, Seq2Seq
 
 
 @dataclass
@@ -47,8 +49,8 @@ def top_continuations(scores: Tensor, offsets: Tensor | None, group: int,
                       n: int) -> tuple[Tensor, Tensor]:
     """The ``n`` best of ``scores + offsets`` over each group of ``group`` rows, exactly.
 
-    ``torch.topk`` and ``max`` with indices over (rows, vocabulary) are slow on CPU (about
-    0.5 ns an element, against 0.03 for ``amax``). So the vocabulary is cut into blocks of
+    ``torch.topk`` and ``max`` with indices over (rows, vocabulary) are many times slower than
+    ``amax`` on CPU (benchmarks/RESULTS.md). So the vocabulary is cut into blocks of
     ``BLOCK``: the ``n`` best entries lie in the ``n`` blocks with the highest maxima, and only
     those blocks are ranked in full.
 
@@ -90,12 +92,12 @@ def top_continuations(scores: Tensor, offsets: Tensor | None, group: int,
     return values, flat.gather(1, pick)
 
 
-def _step_log_probs(model: Seq2Seq, prev: Tensor, state, memory, banned: Sequence[int],
-                    at_limit: Tensor, eos: int, beams: int = 1):
+def _step_log_probs(session: DecodingSession, prev: Tensor, state, memory,
+                    banned: Sequence[int], at_limit: Tensor, eos: int, beams: int = 1):
     """One decoder step: (rows, 1) ids -> (rows, vocab) float32 log-probs, (rows, 1) their
     log-normalisers, state, weights. Banned tokens get -inf, and rows at their length limit
     (``at_limit``, (rows,) bool) can only end: eos gets log-probability 0."""
-    scores, state, weights = model.decode(prev, state, memory, beams)
+    scores, state, weights = session.step(prev, state, memory, beams)
     log_probs = torch.log_softmax(scores[:, 0], dim=-1, dtype=torch.float32)
     log_norm = scores[:, 0, :1].float() - log_probs[:, :1]  # before bans: finite
     if banned:
@@ -107,11 +109,11 @@ def _step_log_probs(model: Seq2Seq, prev: Tensor, state, memory, banned: Sequenc
     return log_probs, log_norm, state, None if weights is None else weights[:, 0]
 
 
-def rescore_candidates(model: Seq2Seq, log_probs: Tensor, log_norm: Tensor, at_limit: Tensor,
+def rescore_candidates(session: DecodingSession, log_probs: Tensor, log_norm: Tensor, at_limit: Tensor,
                        rows: Tensor, tokens: Tensor, values: Tensor) -> Tensor:
     """Candidates' values with the output layer's rounding taken out (bf16 decoding).
 
-    Each candidate's score is recomputed in float32 (``Seq2Seq.exact_logits``), and so is
+    Each candidate's score is recomputed in float32 (``DecodingSession.exact_logits``), and so is
     its row's log-normaliser, with the exact scores of that row's candidates in place of
     the rounded ones. A row's candidates are its best tokens, so they hold most of its
     probability mass, and the error left is that of the rest's mass.
@@ -126,7 +128,7 @@ def rescore_candidates(model: Seq2Seq, log_probs: Tensor, log_norm: Tensor, at_l
     Returns:
         the values, corrected where the log-probability was finite.
     """
-    exact = model.exact_logits(rows, tokens)
+    exact = session.exact_logits(rows, tokens)
     if exact is None:
         return values
     rounded_lp, row_norm = log_probs[rows, tokens], log_norm[rows, 0]
@@ -141,8 +143,8 @@ def rescore_candidates(model: Seq2Seq, log_probs: Tensor, log_norm: Tensor, at_l
 
 @torch.inference_mode()
 def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int, eos: int,
-                  max_lengths: Tensor, banned: Sequence[int] = (),
-                  return_attention: bool = False) -> list[Hypothesis]:
+                  max_lengths: Tensor, banned: Sequence[int] = (), return_attention: bool = False,
+                  session: DecodingSession | None = None) -> list[Hypothesis]:
     """Pick the most probable token at each step.
 
     Finished sentences leave the batch in groups (an eighth of the rows at a time), since
@@ -150,12 +152,14 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
 
     Args:
         src: (batch, src_len) ids; src_lengths: (batch,); max_lengths: (batch,) step limits.
+        session: the decoding session to use (default: one for this call).
 
     Returns:
         one Hypothesis per sentence, in batch order; score is the summed log-probability.
     """
     batch, device = src.size(0), src.device
-    memory, state = model.encode(src, src_lengths)
+    session = session or DecodingSession(model, int(src_lengths.sum()))  # target ~ source
+    memory, state = session.encode(src, src_lengths)
     limits = max_lengths.to(device)
     steps = int(limits.max())
     active = torch.arange(batch, device=device)  # original index of each row
@@ -165,15 +169,15 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
     scores = torch.zeros(batch, device=device)
     attention = (torch.zeros(batch, steps, src.size(1), device=device)
                  if return_attention else None)
-    rescored = RESCORED_GREEDY if model.rounds_scores() else 1
+    rescored = RESCORED_GREEDY if session.rounds_scores else 1
     for step in range(steps):
         at_limit = step + 1 >= limits[active]
         log_probs, log_norm, state, weights = _step_log_probs(
-            model, prev, state, memory, banned, at_limit, eos)
+            session, prev, state, memory, banned, at_limit, eos)
         best_score, best = top_continuations(log_probs, None, 1, rescored)
         if rescored > 1:  # rank the few best of the rounded scores by their exact ones
             row = torch.arange(best.size(0), device=device).unsqueeze(1).expand_as(best)
-            best_score = rescore_candidates(model, log_probs, log_norm, at_limit, row, best,
+            best_score = rescore_candidates(session, log_probs, log_norm, at_limit, row, best,
                                             best_score)
             pick = best_score.argmax(1, keepdim=True)
             best, best_score = best.gather(1, pick), best_score.gather(1, pick)
@@ -205,8 +209,8 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
 @torch.inference_mode()
 def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, bos: int,
                 eos: int, max_lengths: Tensor, alpha: float = 1.0, n_best: int = 1,
-                banned: Sequence[int] = (),
-                return_attention: bool = False) -> list[list[Hypothesis]]:
+                banned: Sequence[int] = (), return_attention: bool = False,
+                session: DecodingSession | None = None) -> list[list[Hypothesis]]:
     """Beam search over ``batch * beam`` rows, in the manner of fairseq.
 
     Each step ranks the ``2 * beam`` best continuations of each sentence: those ending in eos
@@ -214,12 +218,15 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
     ``alpha``), and the best ``beam`` that do not end go on. A sentence is done once it has
     ``beam`` finished hypotheses, and leaves the batch.
 
+    ``session``: as for ``greedy_search``.
+
     Returns:
         for each sentence, in batch order, its ``n_best`` hypotheses sorted by score.
     """
     batch, k = src.size(0), beam
     device = src.device
-    memory, state = model.encode(src, src_lengths)
+    session = session or DecodingSession(model, beam * int(src_lengths.sum()))
+    memory, state = session.encode(src, src_lengths)
     active = torch.arange(batch, device=device)
     limits = max_lengths.to(device)
     scores = torch.zeros(batch, 1, device=device)
@@ -230,14 +237,14 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     best_finished = torch.full((batch,), float("-inf"))  # best normalised finished score
     n_finished = torch.zeros(batch, dtype=torch.long)
-    rescore = model.rounds_scores()
+    rescore = session.rounds_scores
 
     for step in range(int(limits.max())):
         at_limit = step + 1 >= limits[active]  # (live,)
         group = scores.size(1)  # rows per sentence: 1 at the first step, then k
         row_at_limit = at_limit.repeat_interleave(group)
         log_probs, log_norm, state, weights = _step_log_probs(
-            model, history[:, -1:], state, memory, banned, row_at_limit, eos, group)
+            session, history[:, -1:], state, memory, banned, row_at_limit, eos, group)
         vocab = log_probs.size(1)
         if return_attention and weights is not None:
             step_attn = weights.unsqueeze(1).float()
@@ -256,7 +263,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
         cand_token = cand_index % vocab
         cand_rows = torch.arange(live, device=device).unsqueeze(1) * group + cand_origin
         if rescore:  # exact scores for the candidates of rounded ones, best first again
-            cand_scores = rescore_candidates(model, log_probs, log_norm, row_at_limit,
+            cand_scores = rescore_candidates(session, log_probs, log_norm, row_at_limit,
                                              cand_rows, cand_token, cand_scores)
             cand_scores, order = cand_scores.sort(dim=1, descending=True)
             cand_rows, cand_token = cand_rows.gather(1, order), cand_token.gather(1, order)

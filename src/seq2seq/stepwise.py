@@ -1,10 +1,12 @@
-"""The step-wise decoder's CPU training path: all target steps in one autograd Function.
+"""The step-wise decoder's training path (``FastPaths.stepwise``): all target steps in one
+autograd Function.
 
 With input feeding each step's input holds the previous step's attentional vector, so the
 decoder runs one step at a time. Autograd then records about a hundred small operations per
 step and computes every weight gradient as T small matrix products (batch rows) that it adds
 up. ``run_stepwise`` computes the same results as ``Decoder``'s step loop for a one-layer GRU
-decoder with input feeding and Bahdanau or Luong attention, with a hand-written backward:
+decoder with input feeding and Bahdanau or Luong attention (float32 or float64, on CPU where
+it was measured), with a hand-written backward:
 
 - the embedding half of the GRU input projection is one product for all steps;
 - one step's forward writes into buffers kept for the backward (no per-step allocations
@@ -21,27 +23,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from seq2seq.attention import BahdanauAttention, LuongAttention
-from seq2seq.gru import GRU, gru_cell, gru_cell_backward
+from seq2seq.attention import BahdanauAttention
+from seq2seq.gru import gru_cell, gru_cell_backward
 from seq2seq.ops import dropout_scale, tanh_
-
-
-def applies(decoder, inputs: Tensor, hidden, beams: int) -> bool:
-    """True when ``run_stepwise`` can replace the decoder's step loop: CPU training
-    (gradients on, no autocast) of a one-layer GRU decoder with input feeding and attention,
-    in float32 (or float64), one row per sentence."""
-    rnn = decoder.rnn
-    return (inputs.device.type == "cpu" and torch.is_grad_enabled() and beams == 1
-            and isinstance(rnn, GRU) and rnn.num_layers == 1 and rnn.bias
-            and decoder.input_feeding and isinstance(hidden, Tensor)
-            and isinstance(decoder.attention, (BahdanauAttention, LuongAttention))
-            and inputs.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu"))
 
 
 def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_keys: Tensor,
                  values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Teacher-forced steps of ``decoder`` (see ``applies``).
+    """Teacher-forced steps of ``decoder``, a one-layer GRU decoder with input feeding.
 
     Args:
         inputs: (batch, tgt_len, embed) embedded previous tokens.
@@ -53,16 +42,17 @@ def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_key
 
     Returns:
         outputs (batch, tgt_len, output) attentional vectors, the final state (1, batch,
-        hidden), and float32 attention weights (batch, tgt_len, src_len).
+        hidden), and attention weights (batch, tgt_len, src_len) in the inputs' dtype.
     """
     rnn, attention = decoder.rnn, decoder.attention
     embed = inputs.size(-1)
     w_ih = rnn.weight_ih_l0
     gates_embed = F.linear(inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
-    keep = None
+    keep = None  # the query's dropout scale, one mask for all steps
     if decoder.training and decoder.dropout.p > 0:
-        keep = dropout_scale((inputs.size(1), inputs.size(0), decoder.hidden_size),
-                             decoder.dropout.p)
+        shape, p = (inputs.size(1), inputs.size(0), decoder.hidden_size), decoder.dropout.p
+        keep = (dropout_scale(shape, p, inputs.dtype, inputs.device) if decoder.paths.fast_dropout
+                else F.dropout(inputs.new_ones(shape), p))
     w_query = energy = None  # Luong: the keys are all there is
     if isinstance(attention, BahdanauAttention):
         w_query, energy = attention.query_layer.weight, attention.energy_layer.weight.view(-1)
@@ -70,7 +60,7 @@ def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_key
         gates_embed.contiguous(), hidden[0], feed, w_ih[:, embed:], rnn.weight_hh_l0,
         rnn.bias_hh_l0, keep, proj_keys, values, mask, w_query, energy,
         decoder.combine.weight, decoder.combine.bias)
-    return outputs.transpose(0, 1), final.unsqueeze(0), weights.transpose(0, 1).float()
+    return outputs.transpose(0, 1), final.unsqueeze(0), weights.transpose(0, 1)
 
 
 class _StepwiseGRUFunction(torch.autograd.Function):

@@ -24,8 +24,9 @@ from typing import Any
 
 import sentencepiece as spm
 
-from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json
-from seq2seq.config import TOKENIZERS, DataConfig
+from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json, read_regular_file
+from seq2seq.config import TOKENIZERS, DataConfig, quote
+from seq2seq.model_dir import TOKENIZER_FILE
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -123,10 +124,10 @@ class Tokenizer:
         size = _field(spec, "size", path, lambda v: type(v) is int, "an integer")
         model_path = path.parent / model
         try:
-            tokenizer = cls(kind, lowercase, model_proto=model_path.read_bytes())
+            tokenizer = cls(kind, lowercase, model_proto=read_regular_file(model_path))
         except FileNotFoundError:
             raise ValueError(f"{model_path}: no such file (named by {path})") from None
-        except (RuntimeError, OSError) as error:
+        except (RuntimeError, OSError, ValueError) as error:
             raise ValueError(f"{model_path}: not a sentencepiece model (named by {path}): "
                              f"{error}") from None
         if tokenizer.tokens[:len(SPECIALS)] != list(SPECIALS) or len(tokenizer) != size:
@@ -137,11 +138,13 @@ class Tokenizer:
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -151,7 +154,7 @@ def _field(spec: dict, key: str, path: Path, check: Callable[[Any], Any], expect
     if key not in spec:
         raise ValueError(f"{path}: field {key!r} is missing")
     if not check(spec[key]):
-        raise ValueError(f"{path}: field {key!r} must be {expected}, got {spec[key]!r:.80}")
+        raise ValueError(f"{path}: field {key!r} must be {expected}, got {quote(spec[key])}")
     return spec[key]
 
 
@@ -179,13 +182,13 @@ def train_tokenizers(config: DataConfig, src_lines: Sequence[str], tgt_lines: Se
         names = ("src", "tgt")
     for tokenizer, name in zip(pair, names):
         tokenizer.save(model_dir, name)
-    atomic_write_json(model_dir / "tokenizer.json", {"kind": kind, "src": names[0], "tgt": names[1]})
+    atomic_write_json(model_dir / TOKENIZER_FILE, {"kind": kind, "src": names[0], "tgt": names[1]})
     return pair
 
 
 def load_tokenizers(model_dir: Path) -> tuple[Tokenizer, Tokenizer]:
     """The (source, target) tokenizers that ``train_tokenizers`` saved in ``model_dir``."""
-    path = Path(model_dir) / "tokenizer.json"
+    path = Path(model_dir) / TOKENIZER_FILE
     spec = _read_json(path)
     names = [_field(spec, side, path, lambda v: isinstance(v, str) and _NAME.fullmatch(v),
                     "a file stem such as 'src' or 'joint'") for side in ("src", "tgt")]

@@ -1,27 +1,26 @@
-"""Training a translation model: data, the loop, validation, checkpoints and exact resume.
+"""Training a translation model: the loop, validation, checkpoints and exact resume.
 
-The run lives in a model directory:
-    config.yaml         the full config (data paths made absolute)
-    tokenizer files     written before training starts
-    last.safetensors    model, optimizer, schedule, random state and position in the data
-    best.safetensors    the weights with the best validation BLEU
-    metrics.jsonl       one JSON object per logging step and per validation
+A run lives in a model directory (its files: ``model_dir.py``). ``prepare.py`` readies a run
+(the directory's lock, the config, tokenizers, data and model), ``schedule.py`` holds the
+learning-rate schedule and early stopping, ``metrics_log.py`` the ``metrics.jsonl`` file.
 
 Resuming reads ``last.safetensors`` and goes on from the same batch of the same epoch. Every
 micro-batch seeds the random generator from (seed, its global index), so dropout masks do not
 depend on where a run was interrupted, nor on how the batches are split across processes.
+Ctrl-C (SIGINT) and SIGTERM finish the current update and write a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,28 +29,32 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seq2seq import distributed
-from seq2seq.checkpoint import atomic_write_text, load_training_state, save_checkpoint
-from seq2seq.config import Config, ConfigError
-from seq2seq.data import Batch, DataError, EncodedCorpus, collate, encode_corpus, make_batches, read_parallel
+from seq2seq import distributed, prepare
+from seq2seq.checkpoint import load_training_state, save_checkpoint
+from seq2seq.config import Config
+from seq2seq.data import Batch, collate, make_batches
 from seq2seq.metrics import score_translations
-from seq2seq.ops import keep_freed_memory, precision_autocast, precision_plan
-from seq2seq.tokenize import load_tokenizers, train_tokenizers
-from seq2seq.translator import BEST, CONFIG_FILE, LAST, Translator, build_model
+from seq2seq.metrics_log import MetricsLog
+from seq2seq.model_dir import BEST, LAST, METRICS_FILE, remove_stale_temporary_files
+from seq2seq.ops import precision_autocast
+from seq2seq.prepare import TrainingError
+from seq2seq.schedule import Schedule, ScheduleState, make_adam
 
-METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
+__all__ = ["TrainState", "TrainingError", "TrainingInterrupted", "train"]
+VALID_BATCH_SIZE = 250  # sentences per validation decoding batch, at most
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # SIGTERM: how Slurm and Kubernetes stop a job
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C: a last checkpoint was written and the run can be resumed."""
+    """Ctrl-C or SIGTERM: a last checkpoint was written and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal
 
 
 @dataclass
-class TrainState:
+class TrainState(ScheduleState):
     """Where a run is. Saved in every training checkpoint as JSON."""
 
     step: int = 0  # optimizer updates done
@@ -59,54 +62,41 @@ class TrainState:
     position: int = 0  # updates done in this epoch
     tokens: int = 0  # target tokens trained on, all processes together
     elapsed_s: float = 0.0  # training time over all sessions of this run
-    best_bleu: float = -1.0
-    best_step: int = 0
-    bad_validations: int = 0  # since the best, for early stopping
-    plateau_count: int = 0  # since the last improvement or lr drop
-    lr_scale: float = 1.0  # from reduce-on-plateau
     bad_steps: int = 0  # non-finite losses in a row
     last_valid_step: int = -1
     finished: bool = False
     world_size: int = 1
     accumulate: int = 1  # world_size * accumulate batches make one update
-    stop_reason: str = ""
-
-
-VALID_BATCH_SIZE = 250  # sentences per validation decoding batch, at most
-
-
-def make_adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel (one call updates every parameter) where this torch has it
-    for the device (CPU since torch 2.4), else the multi-tensor one."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def resolve_data_paths(config: Config, data_dir: str | Path | None) -> None:
-    """Make the data section's paths absolute, relative to ``data_dir`` (default: cwd)."""
-    base = Path(data_dir) if data_dir is not None else Path.cwd()
-    for field in ("train_src", "train_tgt", "valid_src", "valid_tgt", "test_src", "test_tgt"):
-        value = getattr(config.data, field)
-        if value:
-            setattr(config.data, field, str((base / value).resolve()))
-
-
 def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = None,
-          resume: bool = False) -> TrainState:
-    """Train (or resume training) a translation model into ``model_dir``."""
+          resume: bool = False, overwrite: bool = False, *, translator: Callable[..., Any]) -> TrainState:
+    """Train (or resume training) a translation model into ``model_dir``.
+
+    ``overwrite`` replaces a trained model found there (without it, that is an error).
+    ``translator`` is ``seq2seq.Translator``, which decodes the validation sentences: passed
+    in, since ``Translator.train`` calls this function.
+    """
     config = Config.from_dict(config.to_dict())  # a private, validated copy
     model_dir = Path(model_dir)
     dist = distributed.setup(config.train.backend, config.train.device)
+    lock = None
     try:
         resume = dist.broadcast(resume)  # rank 0 decides, so that every rank takes the same path
-        return _Run(config, model_dir, data_dir, resume, dist).run()
+        if dist.is_main:  # rank 0 alone writes into the directory: it alone locks it
+            try:
+                lock = prepare.claim_model_dir(model_dir, resume, overwrite)
+            except (TrainingError, OSError) as error:
+                dist.broadcast(str(error))  # the other ranks stop too, with the same message
+                raise
+        problem = dist.broadcast("")
+        if problem:
+            raise TrainingError(problem)
+        return _Run(config, model_dir, data_dir, resume, dist, translator).run()
     except BaseException as error:
         lost = dist.on_failure(error)  # a message naming the lost rank, if a peer is gone
         if lost:
@@ -116,147 +106,112 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
             raise distributed.DistributedError(f"{lost}; {then}") from None
         raise
     finally:
+        if lock is not None:
+            lock.release()
         dist.close()
+
+
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist: distributed.Distributed,
+            accumulate: int) -> TrainState:
+    """Model, optimizer and random state from the checkpoint ``path``; the run's state, its
+    position in the epoch converted when the processes x accumulation changed."""
+    meta = load_training_state(path, model, optimizer)
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    state = TrainState(**{k: v for k, v in meta["train_state"].items() if k in known})
+    # The same batches per update (processes x accumulate) continue exactly, however split.
+    saved_group, group = state.world_size * state.accumulate, dist.world_size * accumulate
+    if saved_group != group:
+        done = state.position * saved_group  # batches of this epoch already trained on
+        state.position = -(-done // group)  # rounded up: no batch is seen twice
+        if dist.is_main:
+            log(f"warning: the run was started with {state.world_size} process(es) x "
+                f"{state.accumulate} accumulation and resumes with {dist.world_size} x "
+                f"{accumulate}: the effective batch and the data order change from here")
+    state.world_size, state.accumulate = dist.world_size, accumulate
+    if dist.is_main:
+        log(f"resuming from step {state.step} (epoch {state.epoch + 1}, update {state.position} of "
+            f"the epoch)")
+    return state
+
+
+@torch.inference_mode()
+def validation_scores(model: nn.Module, data: prepare.RunData, config: Config, device: torch.device,
+                      translator: Callable[..., Any]) -> dict[str, Any]:
+    """Validation loss (teacher forced) and the BLEU and chrF of the translations."""
+    t, valid = config.train, data.valid
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for indices in make_batches([len(s) for s in valid.src], [len(s) for s in valid.tgt], t.batch_tokens,
+                                t.max_sentences, seed=0, epoch=0, shuffle=False):
+        batch = collate(indices, valid.src, valid.tgt).to(device)
+        with precision_autocast(t.precision, device.type):
+            loss, _ = model(batch.src, batch.src_lengths, batch.tgt_in, tgt_out=batch.tgt_out)
+        loss_sum += float(loss)
+        tokens += batch.n_tokens
+    # Validation sources over decode.max_input_len are cut, never refused: training goes on.
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, long_pairs="truncate"))
+    # small batches: validation's (rows, vocabulary) buffers sit on top of training's peak
+    hypotheses = translator(model, data.src_tok, data.tgt_tok, config, device).translate(
+        data.valid_src, beam=t.valid_beam, batch_size=min(config.decode.batch_size, VALID_BATCH_SIZE))
+    model.train()
+    scores = score_translations(hypotheses, data.valid_ref)
+    valid_loss = loss_sum / max(tokens, 1)
+    return {"valid_loss": round(valid_loss, 4), "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
+            "valid_bleu": scores["bleu"], "valid_chrf": scores["chrf"]}
+
+
+@contextlib.contextmanager
+def handling(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for ``signals`` inside, where Python allows it (the main thread)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in signals} if main else {}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class _Run:
     """One training session of a run (a resume is a new session of the same run)."""
 
     def __init__(self, config: Config, model_dir: Path, data_dir: str | Path | None,
-                 resume: bool, dist: distributed.Distributed) -> None:
-        self.dist = dist
-        self.model_dir = model_dir
-        t = config.train
+                 resume: bool, dist: distributed.Distributed, translator: Callable[..., Any]) -> None:
+        self.dist, self.model_dir, self.translator = dist, model_dir, translator
         cores = os.cpu_count() or 1
-        torch.set_num_threads(t.threads or max(1, cores // dist.local_world_size))
-        self.device = dist.device(t.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults on reusing the last step's buffers
-        self.config = self._prepare_config(config, data_dir, resume)
-        self.t = self.config.train
+        torch.set_num_threads(config.train.threads or max(1, cores // dist.local_world_size))
+        self.device = dist.device(config.train.device)
+        self.config = prepare.prepare_config(config, model_dir, data_dir, resume, dist.is_main)
+        self.t = t = self.config.train
         if dist.is_main:
-            self._remove_stale_temporary_files()
-        self.interrupted, self.interrupted_at = False, 0.0
+            remove_stale_temporary_files(model_dir)
+        self.interrupted, self.interrupted_at, self.stop_signal = False, 0.0, signal.SIGINT
         self.session_start = time.monotonic()
-
-        data = self.config.data
-        src_lines, tgt_lines = read_parallel(data.train_src, data.train_tgt or None, data.max_line_chars)
-        if not src_lines:
-            raise DataError(f"{data.train_src}: the training data is empty")
-        self.src_tok, self.tgt_tok = self._tokenizers(src_lines, tgt_lines, resume)
-        say = log if dist.is_main else (lambda _msg: None)
-        self.train_data = encode_corpus(src_lines, tgt_lines, self.src_tok, self.tgt_tok,
-                                        data.max_len, data.long_pairs, log=say)
-        if not self.train_data.src:
-            raise DataError(f"{data.train_src}: no usable training pairs (all empty or too long)")
-        self.valid_src: list[str] = []
-        self.valid_ref: list[str] = []
-        self.valid_data: EncodedCorpus | None = None
-        if data.valid_src:
-            self.valid_src, self.valid_ref = read_parallel(data.valid_src, data.valid_tgt or None,
-                                                           data.max_line_chars)
-            self.valid_data = encode_corpus(self.valid_src, self.valid_ref, self.src_tok,
-                                            self.tgt_tok, data.max_len, "truncate",
-                                            log=lambda _msg: None)
+        self.data = prepare.load_data(self.config, model_dir, resume, dist, log)
+        prepare.check_model_size(self.config, self.data.src_tok, self.data.tgt_tok, self.device)
 
         torch.manual_seed(t.seed)
-        self.model = build_model(self.config, self.src_tok, self.tgt_tok).to(self.device)
+        self.model = prepare.build_model(self.config, self.data.src_tok, self.data.tgt_tok).to(self.device)
+        self.model.set_fast_paths(self.t.kernels, self.device, self.t.precision)
         self.optimizer = make_adam(self.model.parameters(), t.lr)
+        self.schedule = Schedule.from_config(t)
         self.state = TrainState(world_size=dist.world_size, accumulate=t.accumulate)
-        self.metrics_path = model_dir / METRICS_FILE
+        self.metrics = MetricsLog(model_dir / METRICS_FILE, enabled=dist.is_main)
         if resume:
-            self._restore()
-        elif dist.is_main:
-            self.metrics_path.unlink(missing_ok=True)
+            self.state = restore(model_dir / LAST, self.model, self.optimizer, dist, t.accumulate)
+            self.metrics.truncate(self.state.step)
+        else:
+            self.metrics.clear()
         self.net: nn.Module = self.model
         if dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if dist.is_main:
-            params = self.model.num_parameters()
             group = dist.world_size * t.accumulate
-            log(f"model: {params:,} parameters; {len(self.train_data.src):,} training pairs; "
-                f"device {self.device}; {dist.world_size} process(es) x {t.accumulate} "
+            log(f"model: {self.model.num_parameters():,} parameters; {len(self.data.train.src):,} "
+                f"training pairs; device {self.device} ({self.model.paths.describe()}); "
+                f"{dist.world_size} process(es) x {t.accumulate} "
                 f"accumulation = effective batch of {group} x {t.batch_tokens} target tokens")
-
-    # -- setup -------------------------------------------------------------------------------
-    def _prepare_config(self, config: Config, data_dir: str | Path | None, resume: bool) -> Config:
-        last, saved_path = self.model_dir / LAST, self.model_dir / CONFIG_FILE
-        if resume:
-            if not last.is_file():
-                raise TrainingError(f"--resume: no checkpoint to resume from at {last} (the run "
-                                    f"stopped before its first one); start it again without --resume")
-            saved = Config.load(saved_path)
-            resolve_data_paths(config, data_dir)
-            for section in ("data", "model"):
-                mine, theirs = getattr(config, section), getattr(saved, section)
-                for field in dataclasses.fields(mine):
-                    a, b = getattr(mine, field.name), getattr(theirs, field.name)
-                    if a != b and not (section == "data" and field.name.endswith(("_src", "_tgt"))
-                                       and not a):
-                        raise ConfigError(
-                            f"--resume: {section}.{field.name} is {a!r} but the run in "
-                            f"{self.model_dir} was started with {b!r}")
-            saved.train, saved.decode = config.train, config.decode
-            return saved
-        if last.is_file():
-            raise TrainingError(
-                f"{self.model_dir} already holds a training run; add --resume to continue it, "
-                f"or choose another --model-dir")
-        resolve_data_paths(config, data_dir)
-        if self.dist.is_main:
-            self.model_dir.mkdir(parents=True, exist_ok=True)
-            config.save(saved_path)
-        return config
-
-    def _remove_stale_temporary_files(self) -> None:
-        """Half-written checkpoints of a killed session: atomic writes leave them only then."""
-        for name in (LAST, BEST, METRICS_FILE):
-            for stale in self.model_dir.glob(f".{name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-
-    def _tokenizers(self, src_lines: list[str], tgt_lines: list[str], resume: bool):
-        if resume:
-            return load_tokenizers(self.model_dir)
-        if self.dist.is_main:
-            log(f"training {self.config.data.tokenizer} tokenizer(s) ...")
-            train_tokenizers(self.config.data, src_lines, tgt_lines, self.model_dir, log=log)
-        self.dist.barrier()
-        return load_tokenizers(self.model_dir)
-
-    def _restore(self) -> None:
-        meta = load_training_state(self.model_dir / LAST, self.model, self.optimizer)
-        known = {f.name for f in dataclasses.fields(TrainState)}
-        self.state = TrainState(**{k: v for k, v in meta["train_state"].items() if k in known})
-        # The same batches per update (processes x accumulate) continue exactly, however split.
-        saved_group = self.state.world_size * self.state.accumulate
-        group = self.dist.world_size * self.t.accumulate
-        if saved_group != group:
-            done = self.state.position * saved_group  # batches of this epoch already trained on
-            self.state.position = -(-done // group)  # rounded up: no batch is seen twice
-            if self.dist.is_main:
-                log(f"warning: the run was started with {self.state.world_size} process(es) x "
-                    f"{self.state.accumulate} accumulation and resumes with {self.dist.world_size} x "
-                    f"{self.t.accumulate}: the effective batch and the data order change from here")
-        self.state.world_size, self.state.accumulate = self.dist.world_size, self.t.accumulate
-        if self.dist.is_main:
-            self._truncate_metrics(self.state.step)
-            log(f"resuming from step {self.state.step} (epoch {self.state.epoch + 1}, "
-                f"update {self.state.position} of the epoch)")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Keep the metrics logged up to the checkpoint; later lines will be logged again."""
-        if not self.metrics_path.is_file():
-            return
-        kept = []
-        for line in self.metrics_path.read_text("utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a killed process
-            if isinstance(entry, dict) and entry.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainState:
@@ -270,8 +225,7 @@ class _Run:
                 log(f"the run had stopped ({state.stop_reason}); the new budget allows more: "
                     f"continuing")
             state.finished, state.stop_reason = False, ""
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if self._can_handle_signals() else None
-        try:
+        with handling(STOP_SIGNALS, self._on_signal):
             while state.epoch < t.epochs and not state.stop_reason:
                 self._run_epoch()
                 if not state.stop_reason:
@@ -286,21 +240,17 @@ class _Run:
                 self._validate()
             state.finished = True
             self._save_last()
-            if self.valid_data is None and self.dist.is_main:
+            if self.data.valid is None and self.dist.is_main:
                 save_checkpoint(self.model_dir / BEST, self.model, {"step": state.step})
             if self.dist.is_main:
                 best = (f"best validation BLEU {state.best_bleu:.2f} at step {state.best_step}"
-                        if self.valid_data is not None else "no validation data: best is last")
+                        if self.data.valid is not None else "no validation data: best is last")
                 log(f"training finished: {state.stop_reason}; {best}; model in {self.model_dir}")
             return state
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
 
     def _run_epoch(self) -> None:
         state, t = self.state, self.t
-        batches = make_batches([len(s) for s in self.train_data.src],
-                               [len(s) for s in self.train_data.tgt], t.batch_tokens,
+        batches = make_batches(self.data.train.src.lengths, self.data.train.tgt.lengths, t.batch_tokens,
                                t.max_sentences, seed=t.seed, epoch=state.epoch)
         group = self.dist.world_size * t.accumulate
         updates = len(batches) // group
@@ -316,9 +266,8 @@ class _Run:
         try:
             while state.position < updates:
                 first = state.position * group + self.dist.rank * t.accumulate
-                mine = batches[first:first + t.accumulate]
-                loss_sum, tokens = self._update(mine, first_index=state.step * group
-                                                + self.dist.rank * t.accumulate)
+                index = state.step * group + self.dist.rank * t.accumulate  # of the run's batches
+                loss_sum, tokens = self._update(batches[first:first + t.accumulate], first_index=index)
                 state.position += 1
                 state.step += 1
                 loss_sum, tokens = self.dist.sum([loss_sum, tokens], self.device)
@@ -326,13 +275,12 @@ class _Run:
                 window_loss += loss_sum
                 window_tokens += int(tokens)
                 if state.step % t.log_every == 0 or state.position == updates:
-                    total = window_tokens
-                    mean_loss = window_loss / max(total, 1)
+                    mean_loss = window_loss / max(window_tokens, 1)
                     seconds = time.monotonic() - window_start
                     self._log_metrics({"train_loss": round(mean_loss, 4),
                                        "lr": self.optimizer.param_groups[0]["lr"]})
                     bar.set_postfix(loss=f"{mean_loss:.3f}", ppl=f"{math.exp(min(mean_loss, 50)):.1f}",
-                                    tok_s=f"{total / max(seconds, 1e-9):,.0f}", refresh=False)
+                                    tok_s=f"{window_tokens / max(seconds, 1e-9):,.0f}", refresh=False)
                     window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
                 bar.update(1)
                 if t.valid_every and state.step % t.valid_every == 0:
@@ -348,11 +296,11 @@ class _Run:
         state, t = self.state, self.t
         self.net.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self._learning_rate()
+            group["lr"] = self.schedule.learning_rate(state.step, state)
         loss_total, tokens_total, finite = 0.0, 0, True
         for i, indices in enumerate(batches):
             torch.manual_seed(t.seed * 1_000_003 + first_index + i)  # dropout masks per micro-batch
-            batch = collate(indices, self.train_data.src, self.train_data.tgt).to(self.device)
+            batch = collate(indices, self.data.train.src, self.data.train.tgt).to(self.device)
             sync = i == len(batches) - 1 or not self.dist.enabled
             context = contextlib.nullcontext() if sync else self.net.no_sync()
             with context:
@@ -368,8 +316,7 @@ class _Run:
         if self.dist.any(not finite, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             state.bad_steps += 1
-            self._log_metrics({"event": "non-finite loss, update skipped",
-                               "bad_steps": state.bad_steps})
+            self._log_metrics({"event": "non-finite loss, update skipped", "bad_steps": state.bad_steps})
             if state.bad_steps >= t.max_bad_steps:
                 raise TrainingError(
                     f"stopped: {state.bad_steps} updates in a row had a non-finite loss or "
@@ -385,29 +332,18 @@ class _Run:
         """Summed (label-smoothed) cross-entropy over the real target tokens."""
         loss, _ = self.net(batch.src, batch.src_lengths, batch.tgt_in,
                            sampling_ratio=self.t.sampling_ratio, tgt_out=batch.tgt_out,
-                           label_smoothing=self.t.label_smoothing,
-                           output_dtype=self._output_dtype)
+                           label_smoothing=self.t.label_smoothing)
         return loss
 
-    def _learning_rate(self) -> float:
-        t, state = self.t, self.state
-        warmup = min(1.0, (state.step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
-        return t.lr * warmup * state.lr_scale
-
     def _autocast(self):
-        """Autocast for ``train.precision`` (see ``ops.precision_plan``)."""
+        """Autocast for ``train.precision`` (see ``ops.precision_autocast``)."""
         return precision_autocast(self.t.precision, self.device.type)
-
-    @property
-    def _output_dtype(self) -> torch.dtype | None:
-        """The output layer's product dtype for ``Seq2Seq.forward`` (``ops.precision_plan``)."""
-        return precision_plan(self.t.precision, self.device.type)[1]
 
     def _should_stop(self) -> bool:
         t, state = self.t, self.state
         if state.stop_reason:  # early stopping, decided by validation on every rank
             return True
-        # Ranks may disagree (a Ctrl-C reaches one, clocks differ): all take the most urgent reason.
+        # Ranks may disagree (a signal reaches one, clocks differ): all take the most urgent reason.
         reasons = ("", f"time budget of {t.max_minutes:g} minute(s) used", f"{t.max_steps} steps done",
                    "interrupted")
         code = (3 if self.interrupted else 2 if t.max_steps and state.step >= t.max_steps
@@ -417,9 +353,10 @@ class _Run:
             return False
         if reason == "interrupted":
             self._save_last()
+            name = "" if self.stop_signal == signal.SIGINT else f" by {signal.Signals(self.stop_signal).name}"
             raise TrainingInterrupted(
-                f"interrupted at step {state.step}; a checkpoint is in {self.model_dir / LAST}. "
-                f"Resume with: seq2seq train --model-dir {self.model_dir} --resume")
+                f"interrupted{name} at step {state.step}; a checkpoint is in {self.model_dir / LAST}. "
+                f"Resume with: seq2seq train --model-dir {self.model_dir} --resume", self.stop_signal)
         state.stop_reason = reason
         return True
 
@@ -428,7 +365,7 @@ class _Run:
         finished for its epochs, steps or minutes goes on when resumed with a bigger budget,
         one that stopped early (no better validation BLEU) does not."""
         t, state = self.t, self.state
-        if t.patience and state.bad_validations >= t.patience:
+        if self.schedule.patience_spent(state):
             return False
         return (state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps)
                 and not (t.max_minutes and state.elapsed_s >= t.max_minutes * 60))
@@ -439,63 +376,24 @@ class _Run:
     # -- validation and checkpoints ----------------------------------------------------------
     def _validate(self) -> None:
         """Validation loss and BLEU on rank 0; the decisions reach every rank."""
-        state, t = self.state, self.t
+        state = self.state
         state.last_valid_step = state.step
-        if self.valid_data is None:
+        if self.data.valid is None:
             return
         if self.dist.is_main:
-            entry = self._evaluate_validation()
-            improved = entry["valid_bleu"] > state.best_bleu
+            entry = validation_scores(self.model, self.data, self.config, self.device, self.translator)
+            improved = self.schedule.record(state, entry["valid_bleu"], state.step)
             if improved:
-                state.best_bleu, state.best_step = entry["valid_bleu"], state.step
-                state.bad_validations, state.plateau_count = 0, 0
                 save_checkpoint(self.model_dir / BEST, self.model,
                                 {"step": state.step, "valid_bleu": entry["valid_bleu"]})
-            else:
-                state.bad_validations += 1
-                state.plateau_count += 1
-                if state.plateau_count >= t.plateau_patience and t.plateau_factor < 1.0:
-                    state.lr_scale = max(state.lr_scale * t.plateau_factor, t.min_lr / t.lr)
-                    state.plateau_count = 0
-                if t.patience and state.bad_validations >= t.patience:
-                    state.stop_reason = (f"early stopping: no better validation BLEU in "
-                                         f"{t.patience} validations")
             self._log_metrics(entry)
             log(f"validation at step {state.step}: loss {entry['valid_loss']:.3f}, BLEU "
                 f"{entry['valid_bleu']:.2f}, chrF {entry['valid_chrf']:.2f}"
                 + (" (best)" if improved else f" (best {state.best_bleu:.2f})"))
-        shared = self.dist.broadcast({k: getattr(state, k) for k in (
-            "best_bleu", "best_step", "bad_validations", "plateau_count", "lr_scale", "stop_reason")})
+        shared = self.dist.broadcast({f.name: getattr(state, f.name)
+                                      for f in dataclasses.fields(ScheduleState)})
         for key, value in shared.items():
             setattr(state, key, value)
-
-    @torch.inference_mode()
-    def _evaluate_validation(self) -> dict[str, Any]:
-        self.model.eval()
-        data = self.valid_data
-        loss_sum, tokens = 0.0, 0
-        for indices in make_batches([len(s) for s in data.src], [len(s) for s in data.tgt],
-                                    self.t.batch_tokens, self.t.max_sentences, seed=0, epoch=0,
-                                    shuffle=False):
-            batch = collate(indices, data.src, data.tgt).to(self.device)
-            with self._autocast():
-                loss, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in,
-                                     tgt_out=batch.tgt_out, output_dtype=self._output_dtype)
-            loss_sum += float(loss)
-            tokens += batch.n_tokens
-        # Validation sources over decode.max_input_len are cut, never refused: training goes on.
-        config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data,
-                                                                           long_pairs="truncate"))
-        translator = Translator(self.model, self.src_tok, self.tgt_tok, config, self.device)
-        # small batches: validation's (rows, vocabulary) buffers sit on top of training's peak
-        hypotheses = translator.translate(self.valid_src, beam=self.t.valid_beam,
-                                          batch_size=min(self.config.decode.batch_size,
-                                                         VALID_BATCH_SIZE))
-        self.model.train()
-        scores = score_translations(hypotheses, self.valid_ref)
-        valid_loss = loss_sum / max(tokens, 1)
-        return {"valid_loss": round(valid_loss, 4), "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
-                "valid_bleu": scores["bleu"], "valid_chrf": scores["chrf"]}
 
     def _save_last(self) -> None:
         self.state.elapsed_s = self._elapsed()
@@ -507,29 +405,19 @@ class _Run:
         self.dist.barrier()  # the others wait patiently, not in a lock-step collective's timeout
 
     def _log_metrics(self, entry: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
         state = self.state
-        line = {"step": state.step, "epoch": state.epoch + 1, "elapsed_s": round(self._elapsed(), 2),
-                "tokens": state.tokens, **entry}
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")  # one write: a kill leaves no torn line
+        self.metrics.append({"step": state.step, "epoch": state.epoch + 1,
+                             "elapsed_s": round(self._elapsed(), 2), "tokens": state.tokens, **entry})
 
-    # -- signals -----------------------------------------------------------------------------
-    @staticmethod
-    def _can_handle_signals() -> bool:
-        import threading
-
-        return threading.current_thread() is threading.main_thread()
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        # A second Ctrl-C stops at once; within a second it is the first one, which torchrun
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # A second signal stops at once; within a second it is the first one, which torchrun
         # forwards to workers that the terminal has already signalled.
         if self.interrupted and time.monotonic() - self.interrupted_at > 1.0:
             raise KeyboardInterrupt
         if self.interrupted:
             return
-        self.interrupted, self.interrupted_at = True, time.monotonic()
+        self.interrupted, self.interrupted_at, self.stop_signal = True, time.monotonic(), signum
         if self.dist.is_main:
-            log("\ninterrupt: finishing the current update and writing a checkpoint "
+            what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+            log(f"\n{what}: finishing the current update and writing a checkpoint "
                 "(Ctrl-C again to stop at once) ...")

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,30 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from seq2seq import train as training
 from seq2seq.checkpoint import CheckpointError, check_shapes, load_model, shapes_only
-from seq2seq.config import Config, ConfigError
+from seq2seq.config import Config, ConfigError, decode_settings
 from seq2seq.data import collate, read_lines
+from seq2seq.device import resolve_device
 from seq2seq.metrics import score_translations
-from seq2seq.model import Seq2Seq
-from seq2seq.ops import keep_freed_memory, precision_autocast, precision_plan
+from seq2seq.model import DecodingSession, Seq2Seq
+from seq2seq.model_dir import BEST, CONFIG_FILE, LAST
+from seq2seq.ops import precision_autocast
+from seq2seq.prepare import build_model, refuse_own_config
 from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
-
-CONFIG_FILE, BEST, LAST = "config.yaml", "best.safetensors", "last.safetensors"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' is the first GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but CUDA is not available")
-    return device
-
-
-def build_model(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
-    return Seq2Seq(config.model, src_vocab=len(src_tok), tgt_vocab=len(tgt_tok), pad_id=PAD_ID)
 
 
 def _skeleton(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
@@ -65,41 +55,50 @@ class Translator:
     @classmethod
     def train(cls, config: Config | str | Path, model_dir: str | Path,
               data_dir: str | Path | None = None, resume: bool = False,
-              overrides: Sequence[str] = ()) -> Translator:
+              overrides: Sequence[str] = (), overwrite: bool = False) -> Translator:
         """Train a model into ``model_dir`` (see ``seq2seq.train``) and load its best checkpoint.
 
         The config's data paths are relative to ``data_dir`` (default: the current directory,
-        as for ``seq2seq train``).
+        as for ``seq2seq train``). A trained model already in ``model_dir`` is an error unless
+        ``resume`` (go on training it) or ``overwrite`` (replace it).
         """
-        from seq2seq.train import train
-
         if not isinstance(config, Config):
+            if not resume:
+                refuse_own_config(Path(config), Path(model_dir))
             config = Config.load(config)
         config.override(list(overrides))
-        train(config, Path(model_dir), data_dir=data_dir, resume=resume)
+        training.train(config, Path(model_dir), data_dir=data_dir, resume=resume,
+                       overwrite=overwrite, translator=cls)
         return cls.load(model_dir)
 
     @classmethod
     def load(cls, model_dir: str | Path, checkpoint: str = "best", device: str = "auto",
-             quantize: bool | None = None, precision: str | None = None) -> Translator:
+             quantize: bool | None = None, precision: str | None = None,
+             kernels: str | None = None) -> Translator:
         """Load ``best`` (or ``last``) weights, config and tokenizers from a model directory.
 
         ``precision`` ('fp32' or 'bf16'; default: the config's ``train.precision``): bf16
         runs the output layer's product in bf16 on CPU (1.2x the sentences/s of beam 5 on
         CPUs with AVX-512 BF16 or AMX) and autocasts the model on a GPU.
         ``quantize`` (default: the config's ``decode.quantize``) applies int8 dynamic
-        quantization to the linear layers for CPU decoding.
+        quantization to the linear layers for CPU decoding, in this process only: the model
+        directory keeps its float32 weights, and a quantized model is not saved. It runs on
+        ``torch.ao.quantization.quantize_dynamic``, which PyTorch deprecates in favour of the
+        separate torchao package and plans to delete once its blockers are cleared (planned
+        first for 2.10; still present and working in 2.13 and 2.14); where it is gone,
+        ``quantize`` is refused with a ConfigError that says so. ``kernels`` ('fast' or
+        'reference'; default: the config's ``train.kernels``): see ``seq2seq.fastpath``.
         """
         model_dir = Path(model_dir)
         config_path = model_dir / CONFIG_FILE
-        if not config_path.is_file():
+        if not os.path.lexists(config_path):  # present but not a regular file: Config.load says so
             raise CheckpointError(f"{model_dir}: not a model directory (no {CONFIG_FILE})")
         config = Config.load(config_path)
         src_tok, tgt_tok = load_tokenizers(model_dir)
         if checkpoint not in ("best", "last"):
             raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         weights = model_dir / (BEST if checkpoint == "best" else LAST)
-        if checkpoint == "best" and not weights.is_file():
+        if checkpoint == "best" and not os.path.lexists(weights):
             weights = model_dir / LAST
         try:
             skeleton = _skeleton(config, src_tok, tgt_tok)
@@ -109,20 +108,25 @@ class Translator:
         model = build_model(config, src_tok, tgt_tok)
         load_model(weights, model)
         translator = cls(model, src_tok, tgt_tok, config, resolve_device(device))
-        if translator.device.type == "cpu":
-            keep_freed_memory()  # each step's (rows, vocabulary) scores reuse the last one's pages
         if quantize is not None:
             config.decode.quantize = quantize
         if precision is not None:
             config.set("train.precision", precision, source="precision")
-            config.validate()
+        if kernels is not None:
+            config.set("train.kernels", kernels, source="kernels")
+        config.validate()
         if config.decode.quantize and translator.device.type == "cpu":
-            translator.model = torch.ao.quantization.quantize_dynamic(
-                translator.model, {torch.nn.Linear}, dtype=torch.qint8)
+            quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+            if quantize_dynamic is None:
+                raise ConfigError(f"quantize: this torch ({torch.__version__}) no longer has "
+                                  "torch.ao.quantization.quantize_dynamic; decode without --quantize")
+            translator.model = quantize_dynamic(translator.model, {torch.nn.Linear}, dtype=torch.qint8)
+        translator.model.set_fast_paths(config.train.kernels, translator.device,
+                                        config.train.precision)
         return translator
 
     # -- translation -----------------------------------------------------------------------
-    def translate(self, sentences: Sequence[str], beam: int | None = None,
+    def translate(self, sentences: Iterable[str], beam: int | None = None,
                   n_best: int = 1, batch_size: int | None = None,
                   source: str = "input") -> list[str] | list[list[str]]:
         """Translate sentences; returns one string each, or ``n_best`` strings each if n_best > 1.
@@ -134,20 +138,18 @@ class Translator:
         texts = [[self.tgt_tok.decode(h.tokens) for h in hyps] for hyps in results]
         return [t[0] for t in texts] if n_best == 1 else texts
 
-    def hypotheses(self, sentences: Sequence[str], beam: int | None = None, n_best: int = 1,
+    def hypotheses(self, sentences: Iterable[str], beam: int | None = None, n_best: int = 1,
                    batch_size: int | None = None, return_attention: bool = False,
                    source: str = "input") -> list[list[Hypothesis]]:
         """Decode in batches of similar length; results come back in input order.
 
         A sentence with no tokens (empty or blank) is not decoded: its hypotheses are empty,
         with score 0, as Sockeye does; what a model makes of a lone eos is arbitrary."""
-        if isinstance(sentences, str):
+        if isinstance(sentences, str | bytes):
             raise TypeError("translate() takes a list of sentences, not one string")
-        decode = self.config.decode
-        beam = beam or decode.beam
-        if n_best > beam:
-            raise ValueError(f"n_best ({n_best}) must be <= beam ({beam})")
-        batch_size = batch_size or decode.batch_size
+        sentences = list(sentences)  # any iterable: a generator is read once, here
+        decode = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
+        beam, n_best, batch_size = decode.beam, decode.n_best, decode.batch_size
         if beam > 1:  # beam search decodes batch * beam rows: keep about 2 * batch_size of them
             batch_size = max(1, 2 * batch_size // beam)
         src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(sentences, start=1)]
@@ -160,8 +162,8 @@ class Translator:
         order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1),
                        key=lambda i: len(src_ids[i]))
         expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
-        with (torch.inference_mode(), self._autocast(),
-              self.model.decoding(expected_rows, self._output_dtype)):
+        session = DecodingSession(self.model, expected_rows)  # this call's, for all its batches
+        with torch.inference_mode(), self._autocast():
             for start in range(0, len(order), batch_size):
                 indices = order[start:start + batch_size]
                 batch = collate(indices, src_ids).to(self.device)
@@ -169,13 +171,18 @@ class Translator:
                 if beam == 1:
                     found = [[h] for h in greedy_search(
                         self.model, batch.src, batch.src_lengths, bos=BOS_ID, eos=EOS_ID,
-                        max_lengths=limits, banned=banned, return_attention=return_attention)]
+                        max_lengths=limits, banned=banned, return_attention=return_attention,
+                        session=session)]
                 else:
                     found = beam_search(
                         self.model, batch.src, batch.src_lengths, beam=beam, bos=BOS_ID,
                         eos=EOS_ID, max_lengths=limits, alpha=decode.length_penalty,
-                        n_best=n_best, banned=banned, return_attention=return_attention)
+                        n_best=n_best, banned=banned, return_attention=return_attention,
+                        session=session)
                 for index, hyps in zip(indices, found):
+                    if not hyps or any(math.isnan(h.score) for h in hyps):  # NaN: none could win
+                        raise ValueError(f"{source}:{index + 1}: the model's scores are not finite "
+                                         f"(NaN or infinite weights or activations)")
                     results[index] = hyps
         return results
 
@@ -186,6 +193,8 @@ class Translator:
         source token, and the output may be 1.5 times as long), so a longer sentence is cut
         (``data.long_pairs: truncate``) or refused with a ValueError naming ``where`` (``skip``).
         """
+        if not isinstance(sentence, str):
+            raise TypeError(f"{where}: expected a string, got {type(sentence).__name__}")
         ids = self.src_tok.encode(sentence)
         limit = self.config.decode.max_input_len
         if len(ids) > limit:
@@ -198,24 +207,25 @@ class Translator:
         return ids + [EOS_ID]
 
     def _autocast(self):
-        """Autocast for the model's precision (``ops.precision_plan``); off otherwise, even
+        """Autocast for the model's precision (``ops.precision_autocast``); off otherwise, even
         inside a caller's autocast."""
         return precision_autocast(self.config.train.precision, self.device.type)
-
-    @property
-    def _output_dtype(self) -> torch.dtype | None:
-        """The output layer's product dtype for ``Seq2Seq.decoding`` (``ops.precision_plan``)."""
-        return precision_plan(self.config.train.precision, self.device.type)[1]
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, src: Sequence[str] | str | Path, ref: Sequence[str] | str | Path,
                  beam: int | None = None, lowercase: bool = False) -> dict[str, Any]:
         """sacreBLEU BLEU and chrF of the translations of ``src`` against ``ref`` (lists or files)."""
-        sources = read_lines(src) if isinstance(src, str | Path) else list(src)
-        references = read_lines(ref) if isinstance(ref, str | Path) else list(ref)
+        limits = self.config.data.max_line_chars, self.config.data.max_lines
+        sources = read_lines(src, *limits) if isinstance(src, str | Path) else list(src)
+        references = read_lines(ref, *limits) if isinstance(ref, str | Path) else list(ref)
+        src_name = src if isinstance(src, str | Path) else "the source list"
+        ref_name = ref if isinstance(ref, str | Path) else "the reference list"
+        for name, lines in ((src_name, sources), (ref_name, references)):
+            if not lines:
+                raise ValueError(f"{name}: no lines to evaluate")
+        if not all(isinstance(line, str) for line in references):
+            raise TypeError(f"{ref_name}: references must be strings")
         if len(sources) != len(references):
-            src_name = src if isinstance(src, str | Path) else "the source list"
-            ref_name = ref if isinstance(ref, str | Path) else "the reference list"
             raise ValueError(f"sources and references differ in length: {src_name} has "
                              f"{len(sources)} lines, {ref_name} has {len(references)}")
         start = time.perf_counter()
@@ -239,7 +249,7 @@ class Translator:
 
     def plot_attention(self, text: str, path: str | Path, beam: int = 1) -> Path:
         """Write a heatmap PNG of source pieces against target pieces."""
-        from seq2seq.plot import plot_attention
+        from seq2seq.plot import plot_attention  # here: matplotlib is not loaded for --help or import
 
         alignment = self.attention(text, beam=beam)
         return plot_attention(alignment.weights, alignment.source_pieces, alignment.target_pieces,

@@ -1,0 +1,357 @@
+"""``seq2seq prepare``: a training corpus encoded once, on all cores, into memory-mapped arrays.
+
+``binarize`` (after fairseq's binarizer) reads the training files twice, streaming, so that
+memory does not grow with the corpus: first to check every line (the reader's checks, with file
+and line), count the pairs and draw a reproducible sample for the tokenizers; then to encode
+chunks of pairs in worker processes, in order, appending the ids to the arrays that
+``corpus.py`` describes. Everything is written into a temporary folder beside the output and
+renamed into place when complete: a killed or failed preparation leaves nothing that looks
+prepared, and the next one removes what it left.
+
+``training_corpus`` is what training calls: rank 0 prepares (or checks) the folder while the
+other ranks wait, then every rank maps the same files.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seq2seq import corpus as fmt
+from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json
+from seq2seq.config import Config, ConfigError, DataConfig
+from seq2seq.corpus import MANIFEST, SIDES, PreparedCorpus, file_record, mismatch, read_manifest
+from seq2seq.data import DataError, encode_corpus, iter_parallel, require_rereadable
+from seq2seq.tokenize import Tokenizer, load_tokenizers, train_tokenizers
+
+CHUNK_PAIRS = 20_000  # pairs per task sent to an encoding worker
+SAMPLE_SEED = 1  # the tokenizers' sample of the training pairs
+PREPARED_DIR = "prepared"  # in the model folder, when data.prepared is not set
+_PARTIAL = ".partial"  # suffix of unfinished (and replaced) folders beside the output
+
+Chunk = tuple[list[str], list[str]]
+
+
+def binarize(config: Config, output: str | Path, workers: int | None = None, *, rebuild: bool = True,
+             tokenizers_from: Path | None = None, chunk_pairs: int = CHUNK_PAIRS,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Prepare ``config.data``'s training files into ``output``; returns its manifest.
+
+    A complete ``output`` that fits the files and settings is kept as it is. One that does not
+    fit is rebuilt, or with ``rebuild=False`` refused with a DataError saying why. ``workers``
+    processes encode (default: one per core). The tokenizers are trained on a sample of
+    ``data.tokenizer_sample`` pairs, or copied from the model folder ``tokenizers_from``.
+    """
+    data = config.data
+    if not data.train_src:
+        raise ConfigError("data.train_src is not set: there is nothing to prepare")
+    for setting in ("train_src", "train_tgt"):
+        if getattr(data, setting):
+            require_rereadable(getattr(data, setting), f"data.{setting}", "training reads its data "
+                               "twice (a sample for the tokenizers, then every pair)")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    output = Path(output).absolute()
+    manifest = read_manifest(output) if output.is_dir() else None
+    if manifest is not None:
+        reason = mismatch(manifest, data) or fmt.tokenizer_mismatch(manifest, output)
+        if not reason:
+            log(f"prepared data in {output} is up to date ({manifest['pairs']:,} pairs)")
+            return manifest
+        if not rebuild:
+            raise DataError(f"{output} does not fit the config: {reason}. Run seq2seq prepare to "
+                            f"rebuild it, or set data.prepared to another folder")
+        log(f"rebuilding {output}: {reason}")
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise DataError(f"{output}: exists and is not a prepared corpus (no {MANIFEST}); choose "
+                        f"another folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*{_PARTIAL}"):  # from a killed preparation
+        shutil.rmtree(stale, ignore_errors=True)
+
+    start = time.monotonic()
+    sources = {name: file_record(path) for name, path in fmt.source_paths(data).items()}
+    lines, sample = _scan(data)
+    _check_capacity(data, lines)
+    workers = min(workers, -(-lines // chunk_pairs))  # no idle worker processes to start
+    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=_PARTIAL, dir=output.parent))
+    try:
+        if tokenizers_from is not None:
+            _copy_tokenizers(Path(tokenizers_from), folder)
+        else:
+            log(f"training {data.tokenizer} tokenizer(s) on {len(sample):,} of {lines:,} pairs ...")
+            train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log)
+        del sample
+        tokenizer_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in sorted(folder.iterdir())}
+        src_tok, tgt_tok = load_tokenizers(folder)
+        ids_dtype = fmt.smallest_unsigned(max(len(src_tok), len(tgt_tok)) - 1)
+        lengths_dtype = fmt.smallest_unsigned(data.max_len + 1)
+        encoder = _Encoder(folder, data.max_len, data.long_pairs, ids_dtype, lengths_dtype)
+        encoding = time.monotonic()
+        counts = _write_arrays(_chunks(data, chunk_pairs), encoder, workers, folder)
+        encoding = time.monotonic() - encoding
+        if counts["pairs"] == 0:
+            raise DataError(f"{data.train_src}: no usable training pairs (all empty or too long)")
+        manifest = {"format": fmt.FORMAT,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "sources": sources, "settings": fmt.settings_of(data),
+                    "tokenizer_files": tokenizer_files,
+                    "tokenizer_sample_pairs": min(lines, data.tokenizer_sample),
+                    "arrays": {"ids_dtype": ids_dtype.str, "lengths_dtype": lengths_dtype.str,
+                               "offsets_dtype": fmt.OFFSET_DTYPE.str},
+                    "lines": lines, **counts}
+        atomic_write_json(folder / MANIFEST, manifest)  # last: it marks the folder complete
+        _replace(folder, output)
+    except OSError as error:  # disk full, quota, read-only folder
+        shutil.rmtree(folder, ignore_errors=True)
+        where = f" (writing {Path(error.filename).name})" if error.filename else ""
+        raise DataError(f"cannot write the prepared corpus {output}: {error.strerror or error}{where}; "
+                        f"nothing was kept") from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    seconds = time.monotonic() - start
+    log(f"prepared {counts['pairs']:,} of {lines:,} pairs in {seconds:.1f} s (encoding {encoding:.1f} s "
+        f"with {workers} worker(s), {lines / max(encoding, 1e-9):,.0f} pairs/s): skipped "
+        f"{counts['skipped_empty']:,} with an empty side, {counts['skipped_long']:,} longer than "
+        f"{data.max_len} tokens; truncated {counts['truncated']:,}; in {output}")
+    return manifest
+
+
+def training_corpus(config: Config, model_dir: Path, dist: Any, resume: bool,
+                    log: Callable[[str], None] = print) -> tuple[PreparedCorpus, Tokenizer, Tokenizer]:
+    """The run's training data, memory-mapped, and its tokenizers (saved in ``model_dir``).
+
+    ``data.prepared`` names a prepared folder: used when it fits the config, refused when it
+    does not, made when it does not exist. Unset, the run prepares into ``MODEL_DIR/prepared``.
+    Rank 0 prepares while the others wait (``dist``: a ``distributed.Distributed``); then every
+    rank maps the same files, so the page cache holds them once.
+    """
+    model_dir = Path(model_dir)
+    given = bool(config.data.prepared)
+    directory = Path(config.data.prepared) if given else model_dir / PREPARED_DIR
+    if dist.is_main:
+        # A resumed run keeps its tokenizers: the data is encoded with them, never with new ones.
+        manifest = binarize(config, directory, rebuild=not (given or resume), log=log,
+                            tokenizers_from=model_dir if resume else None)
+        if resume:
+            reason = fmt.tokenizer_mismatch(manifest, model_dir)
+            if reason:
+                raise DataError(f"--resume: {reason} (the run's tokenizers differ from those of "
+                                f"{directory}): point data.prepared at data prepared for this run")
+        else:
+            for name in manifest["tokenizer_files"]:
+                atomic_write_bytes(model_dir / name, (directory / name).read_bytes())
+    dist.barrier()
+    src_tok, tgt_tok = load_tokenizers(model_dir)
+    return PreparedCorpus(directory), src_tok, tgt_tok
+
+
+# -- the first pass: check, count, sample ------------------------------------------------------
+def _scan(data: DataConfig) -> tuple[int, list[tuple[int, str, str]]]:
+    """Read every pair once (the reader's checks raise here, naming file and line); returns the
+    number of pairs and a uniform sample of ``data.tokenizer_sample`` of them, in corpus order.
+
+    The sample is Li's reservoir algorithm L ("Reservoir-sampling algorithms of time complexity
+    O(n(1 + log(N/n)))", 1994): random numbers only for the pairs it keeps, seeded, so the same
+    files give the same sample; a corpus no larger than the sample is taken whole.
+    """
+    size = data.tokenizer_sample
+    rng = random.Random(SAMPLE_SEED)
+    reservoir: list[tuple[int, str, str]] = []
+    weight = math.exp(math.log(1.0 - rng.random()) / size)
+    pick = size + _skip(rng, weight)
+    count = 0
+    for count, (src, tgt) in enumerate(iter_parallel(data.train_src, data.train_tgt or None,
+                                                     data.max_line_chars), start=1):
+        index = count - 1
+        if index < size:
+            reservoir.append((index, src, tgt))
+        elif index == pick:
+            reservoir[rng.randrange(size)] = (index, src, tgt)
+            weight *= math.exp(math.log(1.0 - rng.random()) / size)
+            pick += 1 + _skip(rng, weight)
+    if count == 0:
+        raise DataError(f"{data.train_src}: the training data is empty")
+    reservoir.sort()
+    return count, reservoir
+
+
+def _skip(rng: random.Random, weight: float) -> int:
+    """Pairs to pass over before the reservoir's next replacement."""
+    if weight >= 1.0:
+        return 0
+    return int(math.log(1.0 - rng.random()) / math.log1p(-weight))
+
+
+def _check_capacity(data: DataConfig, lines: int) -> None:
+    """Refuse, before any work, a corpus whose ids could overflow the offsets' type."""
+    bound = lines * (data.max_len + 1)  # EOS included
+    limit = int(np.iinfo(fmt.OFFSET_DTYPE).max)
+    if bound > limit:
+        raise DataError(f"{data.train_src}: {lines:,} pairs of up to {data.max_len + 1:,} tokens "
+                        f"(data.max_len + EOS) could hold {bound:,} tokens a side, more than the "
+                        f"index type {fmt.OFFSET_DTYPE} holds ({limit:,}); lower data.max_len or "
+                        f"split the corpus")
+
+
+# -- the second pass: encode in order, on worker processes -------------------------------------
+def _chunks(data: DataConfig, size: int) -> Iterator[Chunk]:
+    pairs = iter_parallel(data.train_src, data.train_tgt or None, data.max_line_chars)
+    while chunk := list(itertools.islice(pairs, size)):
+        yield [src for src, _ in chunk], [tgt for _, tgt in chunk]
+
+
+class _Encoder:
+    """Encodes one chunk into flat arrays with ``data.encode_corpus``, the rules of the
+    in-memory path; loads the tokenizers from ``folder`` on its first chunk (in its process)."""
+
+    def __init__(self, folder: Path, max_len: int, long_pairs: str, ids_dtype: np.dtype,
+                 lengths_dtype: np.dtype) -> None:
+        self.folder, self.max_len, self.long_pairs = folder, max_len, long_pairs
+        self.ids_dtype, self.lengths_dtype = ids_dtype, lengths_dtype
+        self.tokenizers: tuple[Tokenizer, Tokenizer] | None = None
+
+    def __call__(self, chunk: Chunk) -> dict[str, Any]:
+        if self.tokenizers is None:
+            self.tokenizers = load_tokenizers(self.folder)
+        encoded = encode_corpus(*chunk, *self.tokenizers, self.max_len, self.long_pairs,
+                                log=lambda _message: None)
+        result: dict[str, Any] = {"skipped_empty": encoded.skipped_empty,
+                                  "skipped_long": encoded.skipped_long, "truncated": encoded.truncated}
+        for side, examples in zip(SIDES, (encoded.src, encoded.tgt)):
+            lengths = np.fromiter(map(len, examples), dtype=self.lengths_dtype, count=len(examples))
+            result[f"{side}.lengths"] = lengths
+            result[f"{side}.ids"] = np.fromiter(itertools.chain.from_iterable(examples),
+                                                dtype=self.ids_dtype, count=int(lengths.sum()))
+        return result
+
+
+_worker_encoder: _Encoder | None = None  # set in each pool worker process by _start_worker
+
+
+def _start_worker(encoder: _Encoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(chunk: Chunk) -> dict[str, Any]:
+    assert _worker_encoder is not None
+    return _worker_encoder(chunk)
+
+
+def _encoded(chunks: Iterator[Chunk], encoder: _Encoder, workers: int) -> Iterator[dict[str, Any]]:
+    """Each chunk's arrays, in order; at most two chunks per worker in flight (bounded memory).
+
+    A worker that dies (killed, out of memory, or unable to start) ends the preparation with an
+    error, where a ``multiprocessing.Pool`` would wait for its chunk forever.
+    """
+    if workers == 1:
+        yield from map(encoder, chunks)
+        return
+    # spawn: the caller may be a training process with threads, which fork would copy half-made
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(encoder,))
+    try:
+        pending: collections.deque[Future] = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_encode_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as error:
+        raise DataError(f"an encoding worker process stopped ({error}); nothing was kept. It may "
+                        f"have been killed or run out of memory: try fewer --workers") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_arrays(chunks: Iterator[Chunk], encoder: _Encoder, workers: int,
+                  folder: Path) -> dict[str, int]:
+    """Append every chunk's ids, lengths and offsets to the files in ``folder``; the counts."""
+    counts = {"pairs": 0, "src_tokens": 0, "tgt_tokens": 0, "skipped_empty": 0, "skipped_long": 0,
+              "truncated": 0}
+    names = [f"{side}.{kind}" for side in SIDES for kind in ("ids", "lengths", "offsets")]
+    files = {name: open(folder / name, "wb") for name in names}  # noqa: SIM115 (closed below)
+    try:
+        for side in SIDES:
+            files[f"{side}.offsets"].write(np.zeros(1, fmt.OFFSET_DTYPE).tobytes())
+        for result in _encoded(chunks, encoder, workers):
+            for side in SIDES:
+                lengths = result[f"{side}.lengths"]
+                offsets = np.cumsum(lengths, dtype=fmt.OFFSET_DTYPE) + counts[f"{side}_tokens"]
+                for name, array in (("ids", result[f"{side}.ids"]), ("lengths", lengths),
+                                    ("offsets", offsets)):
+                    _append(files[f"{side}.{name}"], array)
+                counts[f"{side}_tokens"] += len(result[f"{side}.ids"])
+            counts["pairs"] += len(result["src.lengths"])
+            for key in ("skipped_empty", "skipped_long", "truncated"):
+                counts[key] += result[key]
+        for handle in files.values():
+            _append(handle, None)
+            os.fsync(handle.fileno())
+    finally:
+        for handle in files.values():
+            try:
+                handle.close()
+            except OSError:
+                pass  # the write's own error is the one to report
+    return counts
+
+
+def _append(handle: Any, array: np.ndarray | None) -> None:
+    """Write ``array``'s bytes (None: flush); a failure names the file, which write() does not."""
+    try:
+        if array is None:
+            handle.flush()
+        else:
+            handle.write(array.tobytes())
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, handle.name) from None
+
+
+# -- files -------------------------------------------------------------------------------------
+def _copy_tokenizers(source: Path, target: Path) -> None:
+    """The tokenizers of the model folder ``source``, saved in ``target`` as training saves them."""
+    src_tok, tgt_tok = load_tokenizers(source)  # checks the files
+    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    src_tok.save(target, spec["src"])
+    if spec["tgt"] != spec["src"]:
+        tgt_tok.save(target, spec["tgt"])
+    atomic_write_json(target / "tokenizer.json", spec)
+
+
+def _replace(folder: Path, output: Path) -> None:
+    """Rename the complete ``folder`` to ``output``, moving an older ``output`` aside first."""
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=_PARTIAL, dir=output.parent))
+        os.replace(output, old)
+        os.replace(folder, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(folder, output)
+    fd = os.open(output.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

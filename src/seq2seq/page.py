@@ -1,0 +1,71 @@
+"""The view of a translation: its JSON (the API's result for one sentence) and its page.
+
+``page.html`` is one self-contained file, with no CDN, fonts or scripts from elsewhere, so it
+works offline. ``seq2seq serve`` sends it at ``GET /``, where it calls the API;
+``seq2seq attention --html`` writes it with one result inside, drawn with no server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from typing import Any
+
+from seq2seq.search import Hypothesis
+from seq2seq.translator import Translator
+
+PAGE_FILE = "page.html"
+EOS_PIECE = "</s>"
+_STATIC_SLOT = '<script id="static-result" type="application/json">null</script>'
+
+
+def page_html(static: dict[str, Any] | None = None) -> str:
+    """The page; with ``static`` ({"model", "source", "result"}) it shows that result alone."""
+    html = resources.files("seq2seq").joinpath(PAGE_FILE).read_text(encoding="utf-8")
+    if static is None:
+        return html
+    data = json.dumps(static, ensure_ascii=True).replace("<", "\\u003c")  # no "</script>" inside
+    filled = html.replace(_STATIC_SLOT, _STATIC_SLOT.replace(">null<", f">{data}<"))
+    assert filled != html, f"{PAGE_FILE} lacks its static-result slot"
+    return filled
+
+
+def attention_page(translator: Translator, text: str, beam: int = 1, model: str = "") -> str:
+    """The page with the translation of ``text`` and its attention, to open with no server."""
+    if translator.config.model.attention is None:
+        raise ValueError("this model has no attention (model.attention is none)")
+    hypotheses = translator.hypotheses([text], beam=beam, return_attention=True)[0]
+    result = sentence_result(translator, text, hypotheses, tokens=True, attention=True)
+    return page_html({"model": model, "source": text, "result": result})
+
+
+def sentence_result(translator: Translator, text: str, hypotheses: list[Hypothesis],
+                    tokens: bool = False, attention: bool = False) -> dict[str, Any]:
+    """One sentence's result: ``translation`` and ``score`` of the best hypothesis; ``n_best``
+    (each ``translation`` and ``score``) when there are several; with ``tokens``,
+    ``source_tokens`` and ``target_tokens`` (eos included, as the model saw them); with
+    ``attention``, a (len(target_tokens), len(source_tokens)) list of rows."""
+    best = hypotheses[0]
+    result: dict[str, Any] = {"translation": translator.tgt_tok.decode(best.tokens),
+                              "score": json_score(best.score)}
+    if len(hypotheses) > 1:
+        result["n_best"] = [{"translation": translator.tgt_tok.decode(h.tokens), "score": json_score(h.score)}
+                            for h in hypotheses]
+    if not (tokens or attention):
+        return result
+    src_pieces = translator.src_tok.pieces(text)[: translator.config.decode.max_input_len] + [EOS_PIECE]
+    tgt_pieces = [translator.tgt_tok.id_to_piece(i) for i in best.tokens] + [EOS_PIECE]
+    if tokens:
+        result["source_tokens"], result["target_tokens"] = src_pieces, tgt_pieces
+    if attention:
+        if best.attention is None:
+            raise ValueError("this model has no attention (model.attention is none)")
+        weights = best.attention.float()[: len(tgt_pieces), : len(src_pieces)]
+        result["attention"] = [[round(float(w), 4) for w in row] for row in weights.tolist()]
+    return result
+
+
+def json_score(value: float) -> float | None:
+    """JSON has no inf or NaN: such a score is null."""
+    return round(float(value), 4) if math.isfinite(value) else None

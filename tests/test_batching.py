@@ -1,0 +1,88 @@
+"""The decoding worker: batches across callers, keeps each result its own, bounds its queue."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from conftest import reversal_pairs
+
+from seq2seq.batching import DecodeOptions, DecodingWorker, Job, QueueFull, WorkerStopped
+from seq2seq.translator import Translator
+
+
+def submit_and_wait(worker: DecodingWorker, sentences: list[str], options: DecodeOptions) -> Job:
+    done = threading.Event()
+    job = worker.submit(sentences, options, lambda job: done.set())
+    assert done.wait(60), "the worker did not finish the job"
+    return job
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_results(translator):
+    sources = [s for s, _ in reversal_pairs(40, random.Random(5))]
+    requests = [sources[i:i + 1 + i % 3] for i in range(0, 40, 3)]  # 14 requests of 1-3 sentences
+    worker = DecodingWorker(translator, max_batch=64, max_wait_ms=300).start()
+    jobs: list[Job | None] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def call(n: int) -> None:
+        start.wait()
+        jobs[n] = submit_and_wait(worker, requests[n], DecodeOptions(beam=3))
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    worker.stop()
+    assert worker.batches < len(requests)  # decoded together, not one call per request
+    for sentences, job in zip(requests, jobs):
+        alone = [translator.hypotheses([s], beam=3)[0][0] for s in sentences]
+        assert job.error is None
+        assert [h[0].tokens for h in job.results] == [h.tokens for h in alone]
+        assert [h[0].score for h in job.results] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+def test_different_options_are_decoded_apart(translator):
+    worker = DecodingWorker(translator, max_wait_ms=200)  # not started: both jobs wait together
+    greedy = worker.submit(["a b c", "d e f g"], DecodeOptions(beam=1), lambda job: None)
+    beam = worker.submit(["a b c"], DecodeOptions(beam=3, n_best=2, attention=True), lambda job: None)
+    worker.start().stop()
+    assert worker.batches == 2
+    assert [h[0].tokens for h in greedy.results] == [h[0].tokens for h in translator.hypotheses(
+        ["a b c", "d e f g"], beam=1)]
+    assert len(beam.results[0]) == 2 and beam.results[0][0].attention is not None
+    assert greedy.results[0][0].attention is None
+
+
+def test_queue_is_bounded_and_cancel_frees_it(translator):
+    worker = DecodingWorker(translator, max_queue=3)  # not started: nothing leaves the queue
+    first = worker.submit(["a b", "c d"], DecodeOptions(beam=1), lambda job: None)
+    with pytest.raises(QueueFull, match="limit of 3"):
+        worker.submit(["e f", "g h"], DecodeOptions(beam=1), lambda job: None)
+    worker.cancel(first)
+    assert worker.queued == 0 and first.cancelled
+    worker.submit(["e f", "g h"], DecodeOptions(beam=1), lambda job: None)
+    assert worker.queued == 2
+
+
+def test_stop_decodes_what_is_queued_then_refuses(translator):
+    worker = DecodingWorker(translator, max_wait_ms=10_000)
+    finished = []
+    job = worker.submit(["a b c"], DecodeOptions(beam=1), finished.append)
+    worker.start().stop(timeout=60)  # does not wait out max_wait_ms
+    assert finished == [job] and job.results[0][0].tokens
+    with pytest.raises(WorkerStopped):
+        worker.submit(["a"], DecodeOptions(beam=1), finished.append)
+
+
+def test_a_failed_batch_reports_to_its_callers_and_the_worker_goes_on(trained_model_dir):
+    translator = Translator.load(trained_model_dir, device="cpu")
+    translator.config.decode.max_input_len = 3  # longer sentences are refused (data.long_pairs: skip)
+    worker = DecodingWorker(translator).start()
+    failed = submit_and_wait(worker, ["a b c d e"], DecodeOptions(beam=1))
+    assert isinstance(failed.error, ValueError) and "decode.max_input_len=3" in str(failed.error)
+    fine = submit_and_wait(worker, ["a b c"], DecodeOptions(beam=1))
+    worker.stop()
+    assert fine.error is None and fine.results[0][0].tokens == translator.hypotheses(["a b c"])[0][0].tokens

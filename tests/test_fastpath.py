@@ -1,0 +1,281 @@
+"""The fast-path policy: what it turns on where, and that every fast path gives the reference's
+results (plain PyTorch) with no monkeypatching: a whole training step of each shipped
+config's layout (loss and every gradient), long sequences in float32, dropout between GRU
+layers, and greedy and beam search of a trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seq2seq.config import Config, ModelConfig, packaged_configs
+from seq2seq.fastpath import REFERENCE, FastPaths, private_ops, resolve
+from seq2seq.gru import GRU
+from seq2seq.model import DecodingSession, Seq2Seq
+from seq2seq.ops import dropout_scale
+from seq2seq.search import beam_search, greedy_search, max_output_lengths
+
+VOCAB, PAD, BOS, EOS = 17, 0, 1, 2
+LAYOUT = ("cell", "attention", "input_feeding", "bidirectional", "encoder_layers",
+          "decoder_layers", "tie_embeddings")
+GENERAL = dict(cell="gru", attention="general", input_feeding=False, tie_embeddings=True)
+STEPWISE = dict(cell="gru", attention="bahdanau", input_feeding=True, tie_embeddings=True)
+
+
+def shipped_layouts() -> list[dict]:
+    """Each distinct layout of the shipped configs, and two more that the fast paths skip."""
+    configs = packaged_configs()
+    assert configs, "no shipped configs found"
+    layouts = [{key: getattr(Config.load(configs[name]).model, key) for key in LAYOUT}
+               for name in sorted(configs)]
+    layouts += [dict(cell="lstm", attention="general", input_feeding=True, bidirectional=True,
+                     encoder_layers=2, decoder_layers=2, tie_embeddings=False),
+                dict(cell="gru", attention="dot", input_feeding=True, bidirectional=False,
+                     encoder_layers=2, decoder_layers=1, tie_embeddings=False)]
+    return [dict(t) for t in dict.fromkeys(tuple(d.items()) for d in layouts)]
+
+
+def make_model(dtype=torch.float64, seed: int = 0, dropout: float = 0.0, **layout) -> Seq2Seq:
+    torch.manual_seed(seed)
+    config = ModelConfig(embed_size=6, hidden_size=8, dropout=dropout, **layout)
+    return Seq2Seq(config, src_vocab=VOCAB, tgt_vocab=VOCAB, pad_id=PAD).to(dtype)
+
+
+def make_batch(tgt_len: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 4, 6, 1, 8])
+    src = torch.randint(3, VOCAB, (5, 9), generator=g)
+    src[torch.arange(9) >= lengths.unsqueeze(1)] = PAD
+    tgt = torch.randint(3, VOCAB, (5, tgt_len + 1), generator=g)
+    tgt[:, 0] = BOS
+    tgt[1, tgt_len // 2:] = PAD  # target padding
+    return src, lengths, tgt[:, :-1], tgt[:, 1:]
+
+
+def autograd_nodes(tensor: torch.Tensor) -> set[str]:
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def training_step(model: Seq2Seq, kernels: str, batch, seed: int = 5):
+    """(loss, {parameter: gradient}, autograd node names) of one training step."""
+    paths = model.set_fast_paths(kernels)
+    model.train().zero_grad()
+    torch.manual_seed(seed)
+    src, lengths, tgt_in, tgt_out = batch
+    loss, _ = model(src, lengths, tgt_in, tgt_out=tgt_out, label_smoothing=0.1)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.detach(), grads, autograd_nodes(loss), paths
+
+
+@pytest.mark.parametrize("layout", shipped_layouts(), ids=lambda d: "-".join(
+    str(d[k]) for k in ("cell", "attention", "input_feeding", "decoder_layers")))
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_training_step_matches_reference(layout, dtype, tol):
+    model = make_model(dtype, **layout)
+    batch = make_batch()
+    fast_loss, fast_grads, fast_nodes, paths = training_step(model, "fast", batch)
+    ref_loss, ref_grads, ref_nodes, _ = training_step(model, "reference", batch)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=tol, atol=tol)
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], want, rtol=tol, atol=tol, msg=name)
+    # the fast paths that apply to this layout ran, and none of them in the reference
+    expect = {"_OutputCrossEntropyBackward": paths.fused_loss,
+              "_GRULayerFunctionBackward": paths.fused_gru,
+              "_StepwiseGRUFunctionBackward": paths.stepwise}
+    assert paths.fused_loss and paths.fused_gru == (layout["cell"] == "gru")
+    assert paths.stepwise == (layout["cell"] == "gru" and layout["input_feeding"]
+                              and layout["decoder_layers"] == 1)
+    for node, used in expect.items():
+        assert (node in fast_nodes) == used, node
+        assert node not in ref_nodes
+
+
+def test_long_sequences_in_float32():
+    """60 target steps through the step-wise decoder, with tanh through sigmoid at every
+    step: the rounding does not build up."""
+    model = make_model(torch.float32, **STEPWISE)
+    batch = make_batch(tgt_len=60)
+    fast_loss, fast_grads, nodes, _ = training_step(model, "fast", batch)
+    ref_loss, ref_grads, _, _ = training_step(model, "reference", batch)
+    assert "_StepwiseGRUFunctionBackward" in nodes
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # and 60 decoding steps through a session, tables and oneDNN
+        model.eval()
+        src, lengths, tgt_in, _ = batch
+        scores = []
+        for kernels in ("fast", "reference"):
+            model.set_fast_paths(kernels)
+            session = DecodingSession(model, expected_rows=10 ** 6)
+            memory, state = session.encode(src, lengths)
+            steps = []
+            for t in range(tgt_in.size(1)):
+                step, state, _ = session.step(tgt_in[:, t:t + 1], state, memory)
+                steps.append(step)
+            assert (session.gru_input is not None) == (kernels == "fast")
+            scores.append(torch.cat(steps, 1))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_between_gru_layers():
+    """The fused two-layer GRU drops its first layer's outputs with the mask that
+    ``dropout_scale`` draws: the same as two nn.GRU layers given that mask."""
+    torch.manual_seed(0)
+    gru = GRU(5, 7, num_layers=2, batch_first=True, dropout=0.4).double()
+    gru.paths = FastPaths(fused_gru=True, fast_dropout=True)
+    first = torch.nn.GRU(5, 7, batch_first=True).double()
+    second = torch.nn.GRU(7, 7, batch_first=True).double()
+    with torch.no_grad():
+        for name, value in gru.named_parameters():
+            layer, plain = (first, name[:-1] + "0") if name.endswith("l0") else (second, name[:-1] + "0")
+            getattr(layer, plain).copy_(value)
+    x = torch.randn(3, 6, 5, dtype=torch.double)
+    torch.manual_seed(7)
+    fused, _ = gru.forward_padded(x)
+    torch.manual_seed(7)
+    keep = dropout_scale((6, 3, 7), 0.4, torch.float64).transpose(0, 1)  # (T, B, H) drawn
+    assert 0 < int((keep == 0).sum()) < keep.numel()
+    plain, _ = second(first(x)[0] * keep)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_keeps_expected_values():
+    """Fast and reference dropout draw different masks; both keep the loss's expectation:
+    over 16 seeds the mean training loss agrees within a few standard errors."""
+    model = make_model(torch.float64, dropout=0.3, **STEPWISE)
+    batch = make_batch(tgt_len=4)
+    losses = {}
+    for kernels in ("fast", "reference"):
+        losses[kernels] = torch.stack([training_step(model, kernels, batch, seed)[0]
+                                       for seed in range(16)])
+    fast, ref = losses["fast"], losses["reference"]
+    spread = ((fast.var() + ref.var()) / 16).sqrt()
+    assert not torch.equal(fast, ref) and fast.std() > 0
+    assert (fast.mean() - ref.mean()).abs() < 4 * spread
+
+
+def test_resolve_by_device_precision_and_model():
+    model = make_model(torch.float32, **STEPWISE)
+    ops = frozenset({"onednn_linear", "grad_input"})
+    assert resolve("reference", "cpu", "fp32", model, ops) == REFERENCE
+    cpu = resolve("fast", "cpu", "fp32", model, ops)
+    assert all(dataclasses.astuple(dataclasses.replace(cpu, bf16_output=True)))
+    assert resolve("fast", "cpu", "bf16", model, ops).bf16_output
+    gpu = resolve("fast", "cuda", "bf16", model, ops)  # autocast does the precision there
+    assert gpu == FastPaths(fused_loss=True, combined_values=True)
+    assert resolve("fast", "cuda", "fp32", model, ops).input_tables
+    with pytest.raises(ValueError, match="kernels must be 'fast' or 'reference'"):
+        resolve("fastest", "cpu", "fp32", model, ops)
+    lstm = make_model(torch.float32, cell="lstm", attention="general", input_feeding=True)
+    lstm_paths = resolve("fast", "cpu", "fp32", lstm, ops)
+    assert not (lstm_paths.fused_gru or lstm_paths.stepwise or lstm_paths.input_tables)
+    int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    int8_paths = resolve("fast", "cpu", "bf16", int8, ops)
+    assert int8_paths.onednn_step and int8_paths.input_tables
+    assert not (int8_paths.onednn_output or int8_paths.bf16_output or int8_paths.combined_values)
+    assert "fast paths: fused_gru, stepwise" in cpu.describe()
+    assert REFERENCE.describe() == "fast paths: none (plain PyTorch)"
+
+
+def test_without_private_ops_their_paths_stay_off_and_the_rest_runs():
+    """A torch without oneDNN or ``aten.*_backward.grad_input``: the paths that need them
+    are off, the others on, and training and decoding give the reference's results."""
+    model = make_model(torch.float64, **STEPWISE)
+    paths = resolve("fast", "cpu", "fp32", model, available=frozenset())
+    assert not (paths.fused_gru or paths.stepwise or paths.onednn_step or paths.onednn_output)
+    assert paths.fused_loss and paths.fast_tanh and paths.input_tables
+    batch = make_batch()
+    loss, grads, nodes, _ = training_step(model, paths, batch)
+    ref_loss, ref_grads, _, _ = training_step(model, "reference", batch)
+    assert "_GRULayerFunctionBackward" not in nodes and "_OutputCrossEntropyBackward" in nodes
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-10, atol=1e-10)
+    assert private_ops() <= {"onednn_linear", "grad_input"}
+
+
+def test_decoding_runs_onednn_only_in_fast_sessions():
+    if "onednn_linear" not in private_ops():
+        pytest.skip("this torch has no oneDNN")
+    model = make_model(torch.float32, **GENERAL).eval()
+    src, lengths, tgt_in, _ = make_batch()
+    ran = {}
+    for kernels in ("fast", "reference"):
+        model.set_fast_paths(kernels)
+        with torch.no_grad(), torch.autograd.profiler.profile() as prof:
+            greedy_search(model, src, lengths, bos=BOS, eos=EOS, max_lengths=lengths + 3)
+        ran[kernels] = {event.name for event in prof.function_events}
+    assert "mkldnn::_linear_pointwise" in ran["fast"]
+    assert "mkldnn::_linear_pointwise" not in ran["reference"]
+
+
+def test_search_gives_the_reference_outputs(translator):
+    """Greedy and beam 5 of the trained toy model (GRU, Bahdanau): the same translations and
+    scores with the fast paths as with plain PyTorch."""
+    sentences = ["a b c d", "h g f e d c b a", "c c a", "b", "e f g h a b c d"] * 4
+    results = {}
+    for kernels in ("fast", "reference"):
+        translator.model.set_fast_paths(kernels)
+        results[kernels] = [translator.hypotheses(sentences, beam=beam) for beam in (1, 5)]
+    translator.model.set_fast_paths("fast")
+    for fast, ref in zip(results["fast"], results["reference"]):
+        assert [h[0].tokens for h in fast] == [h[0].tokens for h in ref]
+        for f, r in zip(fast, ref):
+            assert f[0].score == pytest.approx(r[0].score, abs=1e-4)
+
+
+def test_search_with_input_feeding_gives_the_reference_outputs():
+    """The same for the step-wise layout (Bahdanau with input feeding), on a model whose
+    sharpened random weights end sentences at varied lengths."""
+    model = make_model(torch.float32, seed=3, **STEPWISE).eval()
+    with torch.no_grad():
+        model.generator.weight.mul_(3.0)
+    src, lengths, _, _ = make_batch()
+    limits = max_output_lengths(lengths, 2.0)
+    outputs = {}
+    for kernels in ("fast", "reference"):
+        model.set_fast_paths(kernels)
+        greedy = greedy_search(model, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
+        beam = beam_search(model, src, lengths, beam=5, bos=BOS, eos=EOS, max_lengths=limits)
+        outputs[kernels] = ([h.tokens for h in greedy], [h[0].tokens for h in beam])
+    assert outputs["fast"] == outputs["reference"]
+    assert len({len(tokens) for tokens in outputs["fast"][0]}) > 1
+
+
+def test_first_probe_inside_shapes_only_still_finds_the_ops():
+    """The probe runs once per process, at the first model built: when that model is a
+    meta-device skeleton (``Translator.load`` checks shapes first), it still probes on CPU."""
+    code = ("from seq2seq.checkpoint import shapes_only\n"
+            "from seq2seq.config import ModelConfig\n"
+            "from seq2seq.model import Seq2Seq\n"
+            "from seq2seq.fastpath import private_ops\n"
+            "with shapes_only():\n"
+            "    Seq2Seq(ModelConfig(embed_size=4, hidden_size=4), src_vocab=9, tgt_vocab=9)\n"
+            "print(sorted(private_ops()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.split("\n")[-2] == str(sorted(private_ops()))
+
+
+def test_translator_load_takes_the_kernels(trained_model_dir):
+    from seq2seq.config import ConfigError
+    from seq2seq.translator import Translator
+
+    assert Translator.load(trained_model_dir, device="cpu", kernels="reference").model.paths \
+        == REFERENCE
+    fast = Translator.load(trained_model_dir, device="cpu").model.paths  # train.kernels: fast
+    assert fast.fused_gru and fast.onednn_output == ("onednn_linear" in private_ops())
+    with pytest.raises(ConfigError, match="train.kernels must be 'fast' or 'reference'"):
+        Translator.load(trained_model_dir, device="cpu", kernels="turbo")

@@ -1,0 +1,132 @@
+"""A model directory is never lost: one training at a time (a lock the OS releases when its
+holder dies), no trained model replaced without ``--overwrite``, no config written over itself,
+and a model too big for memory or empty validation files refused before training starts.
+
+The concurrent runs are real processes; the tiny runs go through ``cli.main`` in-process.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_reversal
+
+from seq2seq import cli
+from seq2seq.train import TrainingError
+from seq2seq.translator import Translator
+
+CONFIG = """\
+data: {train_src: train.src, train_tgt: train.tgt, tokenizer: word, vocab_size: 100}
+model: {embed_size: 16, hidden_size: 24, attention: bahdanau, dropout: 0.0}
+train: {batch_tokens: 100, epochs: 1, lr: 0.01, log_every: 1, threads: 1, device: cpu, seed: 4}
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    directory = write_reversal(tmp_path_factory.mktemp("safety"), {"train": 300}, seed=3)
+    (directory / "cfg.yaml").write_text(CONFIG, encoding="utf-8")
+    return directory
+
+
+def args(corpus: Path, model_dir: Path | str, *extra: str) -> list[str]:
+    return ["train", "--config", str(corpus / "cfg.yaml"), "--data-dir", str(corpus),
+            "--model-dir", str(model_dir), *extra]
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the first run ended (exit {process.returncode}) or hung before {what}")
+        time.sleep(0.01)
+
+
+def test_a_second_training_into_a_locked_directory_is_refused_and_a_kill_leaves_no_lock(corpus, tmp_path):
+    model_dir = tmp_path / "model"
+    with open(tmp_path / "first.txt", "wb") as log:
+        first = subprocess.Popen([sys.executable, "-m", "seq2seq", *args(corpus, model_dir, "--set",
+                                                                         "train.epochs=1000")],
+                                 stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: (model_dir / "last.safetensors").is_file(), first, "its first checkpoint")
+        config = (model_dir / "config.yaml").read_bytes()
+        holder = f"pid {first.pid} on {socket.gethostname()}"
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            second = run_cli(*args(corpus, model_dir, *extra), timeout=120)
+            assert second.returncode == 1 and "Traceback" not in second.stderr
+            assert f"seq2seq: error: {model_dir} is in use: {holder} is training into it" in second.stderr
+        assert first.poll() is None, "the first run was disturbed"
+        assert (model_dir / "config.yaml").read_bytes() == config
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    assert holder in (model_dir / "train.lock").read_text()  # the dead holder's note stays ...
+    # ... but the OS released its lock: the run resumes at once
+    assert cli.main(args(corpus, model_dir, "--resume", "--set", "train.epochs=2")) == 0
+    assert (model_dir / "train.lock").read_text() == ""  # emptied by a run that ended
+
+
+def test_a_trained_model_is_replaced_only_with_overwrite(corpus, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    assert cli.main(args(corpus, model_dir, "--set", "train.max_steps=2")) == 0
+    (model_dir / "last.safetensors").unlink()  # as when a model is shipped
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(args(corpus, model_dir, "--set", "train.max_steps=2")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert (f"seq2seq: error: {model_dir} already holds a trained model (config.yaml, tokenizer.json, "
+            f"best.safetensors, src.vocab.json, tgt.vocab.json); add --resume") in err
+    assert "--overwrite to replace it" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+
+    assert cli.main(args(corpus, model_dir, "--overwrite", "--set", "train.max_steps=2",
+                         "--set", "train.seed=5")) == 0
+    assert (model_dir / "best.safetensors").read_bytes() != before["best.safetensors"]
+    assert (model_dir / "last.safetensors").is_file()
+
+
+def test_the_config_in_the_model_directory_is_never_written_over(corpus, tmp_path, monkeypatch, capsys):
+    own = tmp_path / "project"
+    own.mkdir()
+    (own / "config.yaml").write_text("# my settings\n" + CONFIG, encoding="utf-8")
+    monkeypatch.chdir(own)
+    for extra in ((), ("--overwrite",)):
+        capsys.readouterr()
+        code = cli.main(["train", "--config", "config.yaml", "--data-dir", str(corpus),
+                         "--model-dir", ".", *extra])
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_ERROR and "Traceback" not in err
+        assert "--config config.yaml is the file that training writes in --model-dir ." in err
+    with pytest.raises(TrainingError, match="is the file that training writes"):
+        Translator.train(own / "config.yaml", own, data_dir=corpus)
+    assert (own / "config.yaml").read_text(encoding="utf-8").startswith("# my settings")
+    assert sorted(p.name for p in own.iterdir()) == ["config.yaml"]
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(corpus, tmp_path, capsys):
+    start = time.monotonic()
+    code = cli.main(args(corpus, tmp_path / "model", "--set", "model.embed_size=999999999999"))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ERROR and "Traceback" not in err
+    assert "seq2seq: error: the model section describes" in err and "GiB to train with Adam" in err
+    assert "lower model.embed_size" in err
+    assert not (tmp_path / "model" / "last.safetensors").exists()
+    assert time.monotonic() - start < 60
+
+
+def test_empty_validation_files_are_a_clear_error(corpus, tmp_path, capsys):
+    (tmp_path / "valid.src").write_text("")
+    (tmp_path / "valid.tgt").write_text("")
+    code = cli.main(args(corpus, tmp_path / "model", "--set", f"data.valid_src={tmp_path / 'valid.src'}",
+                         "--set", f"data.valid_tgt={tmp_path / 'valid.tgt'}"))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ERROR and "Traceback" not in err
+    assert f"seq2seq: error: {tmp_path / 'valid.src'}: the validation data is empty" in err
