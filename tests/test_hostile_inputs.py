@@ -264,18 +264,41 @@ def test_read_lines_and_read_parallel_take_fifos_plain_or_gzip(tmp_path, zipped)
         assert read_lines(fifos[0]) == src
 
 
-def test_training_data_in_a_fifo_is_refused_not_waited_for(reversal_corpus, tmp_path, capsys):
-    """Training reads its data twice (a tokenizer sample, then every pair): a FIFO's second
-    reading would wait forever for a writer, so it is refused up front, naming the setting."""
-    for name in ("valid.src", "valid.tgt", "cfg.yaml", "train.tgt"):
+def test_training_reads_every_pair_from_fifos(reversal_corpus, tmp_path, capsys):
+    """Preparation reads the training files twice (a sample for the tokenizers, then every
+    pair): FIFOs, one of them gzip'ed, written once by second processes, are copied once into
+    the preparation's temporary folder, and every pair is prepared, as from the regular files."""
+    import gzip
+
+    for name in ("valid.src", "valid.tgt", "cfg.yaml"):
         shutil.copy(reversal_corpus / name, tmp_path / name)
-    fifo = tmp_path / "train.src"
-    os.mkfifo(fifo)
-    with process('cat "$0" > "$1"', reversal_corpus / "train.src", fifo), within(120):
-        refused(capsys, ["train", "--config", tmp_path / "cfg.yaml", "--data-dir", tmp_path,
-                         "--model-dir", tmp_path / "m"],
-                rf"{re.escape(str(fifo))} \(data\.train_src\) is a FIFO or pipe: training reads "
-                r"its data twice .* must be a regular file")
+    lines = (reversal_corpus / "train.src").read_text(encoding="utf-8").count("\n")
+    (tmp_path / "train.tgt.data").write_bytes(gzip.compress((reversal_corpus / "train.tgt").read_bytes()))
+    src, tgt, model_dir = tmp_path / "train.src", tmp_path / "train.tgt", tmp_path / "m"
+    os.mkfifo(src)
+    os.mkfifo(tgt)
+    with (process('cat "$0" > "$1"', reversal_corpus / "train.src", src),
+          process('cat "$0.data" > "$0"', tgt), within(240)):
+        code, _, err = main(capsys, "train", "--config", tmp_path / "cfg.yaml", "--data-dir", tmp_path,
+                            "--model-dir", model_dir, "--set", "train.max_steps=2")
+    assert code == 0, err
+    assert f"prepared {lines:,} of {lines:,} pairs" in err and "2 steps done" in err
+    manifest = json.loads((model_dir / "prepared" / "manifest.json").read_text())
+    assert manifest["lines"] == manifest["pairs"] == lines
+    assert [manifest["sources"][s]["path"] for s in ("train_src", "train_tgt")] == [str(src), str(tgt)]
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob("spool"))
+    # the same arrays as preparing the regular files
+    from seq2seq.binarize import binarize
+    from seq2seq.corpus import PreparedCorpus
+
+    config = Config.load(tmp_path / "cfg.yaml")
+    config.data.train_src = str(reversal_corpus / "train.src")
+    config.data.train_tgt = str(reversal_corpus / "train.tgt")
+    binarize(config, tmp_path / "regular", workers=1, log=lambda _message: None)
+    piped, regular = PreparedCorpus(model_dir / "prepared"), PreparedCorpus(tmp_path / "regular")
+    for side in ("src", "tgt"):
+        assert [getattr(piped, side)[i] for i in range(lines)] == [getattr(regular, side)[i]
+                                                                   for i in range(lines)]
 
 
 def test_translate_input_dev_stdin_reads_everything(trained_model_dir, translator):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from seq2seq import simple
 from seq2seq.simple import EncoderDecoderRNN
 
 VOCAB, LENGTH = 10, 10
@@ -150,12 +151,12 @@ def test_train_sets_train_mode_and_predict_eval_mode():
     assert not rnn.model.training
 
 
-def test_callback_schedule_learning_rate_decay_and_progress(capsys):
+def test_callback_schedule_learning_rate_decay_and_progress(capsys, monkeypatch):
     rnn = untrained()
     X, Y = np.zeros((6, 3, 3)), np.zeros((6, 2, 4))
     optimizers = []
-    make = rnn._make_optimizer
-    rnn._make_optimizer = lambda *a: optimizers.append(make(*a)) or optimizers[-1]
+    make = simple._make_optimizer
+    monkeypatch.setattr(simple, "_make_optimizer", lambda *a: optimizers.append(make(*a)) or optimizers[-1])
     rates: list[float] = []
     history = rnn.train(X, Y, epochs=20, learning_rate=0.1, decay_rate=0.5, callback_every=5,
                         periodic_callback=lambda: rates.append(optimizers[0].param_groups[0]["lr"]),

@@ -1,12 +1,13 @@
 """``seq2seq prepare``: a training corpus encoded once, on all cores, into memory-mapped arrays.
 
 ``binarize`` (after fairseq's binarizer) reads the training files twice, streaming, so that
-memory does not grow with the corpus: first to check every line (the reader's checks, with file
-and line), count the pairs and draw a reproducible sample for the tokenizers; then to encode
-chunks of pairs in worker processes, in order, appending the ids to the arrays that
-``corpus.py`` describes. Everything is written into a temporary folder beside the output and
-renamed into place when complete: a killed or failed preparation leaves nothing that looks
-prepared, and the next one removes what it left.
+memory does not grow with the corpus (a pipe, which can be read once, is first copied to a
+temporary file): first to check every line (the reader's checks, with file and line), count
+the pairs and draw a reproducible sample for the tokenizers; then to encode chunks of pairs
+in worker processes, in order, appending the ids to the arrays that ``corpus.py`` describes.
+Everything is written into a temporary folder beside the output and renamed into place when
+complete: a killed or failed preparation leaves nothing that looks prepared, and the next one
+removes what it left.
 
 ``training_corpus`` is what training calls: rank 0 prepares (or checks) the folder while the
 other ranks wait, then every rank maps the same files.
@@ -15,6 +16,8 @@ other ranks wait, then every rank maps the same files.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import datetime
 import hashlib
 import itertools
@@ -24,6 +27,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,13 +42,15 @@ from seq2seq import corpus as fmt
 from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json
 from seq2seq.config import Config, ConfigError, DataConfig
 from seq2seq.corpus import MANIFEST, SIDES, PreparedCorpus, file_record, mismatch, read_manifest
-from seq2seq.data import DataError, encode_corpus, iter_parallel, require_rereadable
+from seq2seq.data import DataError, encode_corpus, iter_parallel
+from seq2seq.model_dir import TOKENIZER_FILE
 from seq2seq.tokenize import Tokenizer, load_tokenizers, train_tokenizers
 
 CHUNK_PAIRS = 20_000  # pairs per task sent to an encoding worker
 SAMPLE_SEED = 1  # the tokenizers' sample of the training pairs
 PREPARED_DIR = "prepared"  # in the model folder, when data.prepared is not set
 _PARTIAL = ".partial"  # suffix of unfinished (and replaced) folders beside the output
+SPOOL_DIR = "spool"  # in the unfinished folder: copies of training files that are pipes
 
 Chunk = tuple[list[str], list[str]]
 
@@ -58,83 +64,138 @@ def binarize(config: Config, output: str | Path, workers: int | None = None, *, 
     fit is rebuilt, or with ``rebuild=False`` refused with a DataError saying why. ``workers``
     processes encode (default: one per core). The tokenizers are trained on a sample of
     ``data.tokenizer_sample`` pairs, or copied from the model folder ``tokenizers_from``.
+    A training file that can be read only once (a FIFO, ``<(...)``, ``/dev/stdin``) is first
+    copied into the preparation's temporary folder (``_spool``), and the copy is read twice.
     """
     data = config.data
     if not data.train_src:
         raise ConfigError("data.train_src is not set: there is nothing to prepare")
-    for setting in ("train_src", "train_tgt"):
-        if getattr(data, setting):
-            require_rereadable(getattr(data, setting), f"data.{setting}", "training reads its data "
-                               "twice (a sample for the tokenizers, then every pair)")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     output = Path(output).absolute()
-    manifest = read_manifest(output) if output.is_dir() else None
-    if manifest is not None:
-        reason = mismatch(manifest, data) or fmt.tokenizer_mismatch(manifest, output)
-        if not reason:
-            log(f"prepared data in {output} is up to date ({manifest['pairs']:,} pairs)")
-            return manifest
-        if not rebuild:
-            raise DataError(f"{output} does not fit the config: {reason}. Run seq2seq prepare to "
-                            f"rebuild it, or set data.prepared to another folder")
-        log(f"rebuilding {output}: {reason}")
-    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise DataError(f"{output}: exists and is not a prepared corpus (no {MANIFEST}); choose "
-                        f"another folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.*{_PARTIAL}"):  # from a killed preparation
-        shutil.rmtree(stale, ignore_errors=True)
-
-    start = time.monotonic()
-    sources = {name: file_record(path) for name, path in fmt.source_paths(data).items()}
-    lines, sample = _scan(data)
-    _check_capacity(data, lines)
-    workers = min(workers, -(-lines // chunk_pairs))  # no idle worker processes to start
-    folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=_PARTIAL, dir=output.parent))
+    folder, copies = None, {}
     try:
-        if tokenizers_from is not None:
-            _copy_tokenizers(Path(tokenizers_from), folder)
-        else:
-            log(f"training {data.tokenizer} tokenizer(s) on {len(sample):,} of {lines:,} pairs ...")
-            train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log)
-        del sample
-        tokenizer_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                           for p in sorted(folder.iterdir())}
-        src_tok, tgt_tok = load_tokenizers(folder)
-        ids_dtype = fmt.smallest_unsigned(max(len(src_tok), len(tgt_tok)) - 1)
-        lengths_dtype = fmt.smallest_unsigned(data.max_len + 1)
-        encoder = _Encoder(folder, data.max_len, data.long_pairs, ids_dtype, lengths_dtype)
-        encoding = time.monotonic()
-        counts = _write_arrays(_chunks(data, chunk_pairs), encoder, workers, folder)
-        encoding = time.monotonic() - encoding
-        if counts["pairs"] == 0:
-            raise DataError(f"{data.train_src}: no usable training pairs (all empty or too long)")
-        manifest = {"format": fmt.FORMAT,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "sources": sources, "settings": fmt.settings_of(data),
-                    "tokenizer_files": tokenizer_files,
-                    "tokenizer_sample_pairs": min(lines, data.tokenizer_sample),
-                    "arrays": {"ids_dtype": ids_dtype.str, "lengths_dtype": lengths_dtype.str,
-                               "offsets_dtype": fmt.OFFSET_DTYPE.str},
-                    "lines": lines, **counts}
-        atomic_write_json(folder / MANIFEST, manifest)  # last: it marks the folder complete
-        _replace(folder, output)
+        if not all(_is_regular(path) for path in fmt.source_paths(data).values()):
+            folder = _partial_folder(output)
+            data, copies = _spool(data, folder / SPOOL_DIR)
+        manifest = read_manifest(output) if output.is_dir() else None
+        if manifest is not None:
+            reason = mismatch(manifest, data) or fmt.tokenizer_mismatch(manifest, output)
+            if not reason:
+                log(f"prepared data in {output} is up to date ({manifest['pairs']:,} pairs)")
+                return manifest
+            if not rebuild:
+                raise DataError(f"{output} does not fit the config: {reason}. Run seq2seq prepare to "
+                                f"rebuild it, or set data.prepared to another folder")
+            log(f"rebuilding {output}: {reason}")
+        elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise DataError(f"{output}: exists and is not a prepared corpus (no {MANIFEST}); choose "
+                            f"another folder")
+        folder = folder or _partial_folder(output)
+        return _build(data, copies, output, folder, workers, tokenizers_from, chunk_pairs, log)
     except OSError as error:  # disk full, quota, read-only folder
-        shutil.rmtree(folder, ignore_errors=True)
         where = f" (writing {Path(error.filename).name})" if error.filename else ""
         raise DataError(f"cannot write the prepared corpus {output}: {error.strerror or error}{where}; "
                         f"nothing was kept") from None
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    except DataError as error:  # one found in a copy names the file it was copied from
+        if not copies:
+            raise
+        message = str(error)
+        for copy, original in copies.items():
+            message = message.replace(copy, original)
+        raise DataError(message) from None
+    finally:
+        if folder is not None:  # renamed to output when complete: then nothing is left here
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path, workers: int,
+           tokenizers_from: Path | None, chunk_pairs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Tokenizers, arrays and manifest written into the temporary ``folder``, renamed to ``output``."""
+    start = time.monotonic()
+    sources = {name: file_record(path) for name, path in fmt.source_paths(data).items()}
+    for record in sources.values():  # a copied pipe is recorded under its own name
+        record["path"] = copies.get(record["path"], record["path"])
+    lines, sample = _scan(data)
+    _check_capacity(data, lines)
+    workers = min(workers, -(-lines // chunk_pairs))  # no idle worker processes to start
+    if tokenizers_from is not None:
+        _copy_tokenizers(Path(tokenizers_from), folder)
+    else:
+        log(f"training {data.tokenizer} tokenizer(s) on {len(sample):,} of {lines:,} pairs ...")
+        train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log)
+    del sample
+    tokenizer_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in sorted(folder.iterdir()) if p.name != SPOOL_DIR}
+    src_tok, tgt_tok = load_tokenizers(folder)
+    ids_dtype = fmt.smallest_unsigned(max(len(src_tok), len(tgt_tok)) - 1)
+    lengths_dtype = fmt.smallest_unsigned(data.max_len + 1)
+    encoder = _Encoder(folder, data.max_len, data.long_pairs, ids_dtype, lengths_dtype)
+    encoding = time.monotonic()
+    counts = _write_arrays(_chunks(data, chunk_pairs), encoder, workers, folder)
+    encoding = time.monotonic() - encoding
+    if counts["pairs"] == 0:
+        raise DataError(f"{data.train_src}: no usable training pairs (all empty or too long)")
+    shutil.rmtree(folder / SPOOL_DIR, ignore_errors=True)
+    manifest = {"format": fmt.FORMAT,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "sources": sources, "settings": fmt.settings_of(data), "tokenizer_files": tokenizer_files,
+                "tokenizer_sample_pairs": min(lines, data.tokenizer_sample),
+                "arrays": {"ids_dtype": ids_dtype.str, "lengths_dtype": lengths_dtype.str,
+                           "offsets_dtype": fmt.OFFSET_DTYPE.str},
+                "lines": lines, **counts}
+    atomic_write_json(folder / MANIFEST, manifest)  # last: it marks the folder complete
+    _replace(folder, output)
     seconds = time.monotonic() - start
     log(f"prepared {counts['pairs']:,} of {lines:,} pairs in {seconds:.1f} s (encoding {encoding:.1f} s "
         f"with {workers} worker(s), {lines / max(encoding, 1e-9):,.0f} pairs/s): skipped "
         f"{counts['skipped_empty']:,} with an empty side, {counts['skipped_long']:,} longer than "
         f"{data.max_len} tokens; truncated {counts['truncated']:,}; in {output}")
     return manifest
+
+
+def _partial_folder(output: Path) -> Path:
+    """A new temporary folder beside ``output``, after removing those a killed preparation left."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*{_PARTIAL}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=_PARTIAL, dir=output.parent))
+
+
+def _is_regular(path: str) -> bool:
+    """Whether ``path`` can be read twice; a missing file counts as regular (the reader names it)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
+def _spool(data: DataConfig, folder: Path) -> tuple[DataConfig, dict[str, str]]:
+    """``data`` reading its training files that are not regular files from copies in ``folder``,
+    and the copies' original paths, by copy.
+
+    Every pair is read once, streaming, through the reader (its checks and ``data.max_line_chars``
+    name the original file and line; ``data.max_lines`` bounds an endless pipe). The copies
+    begin with a BOM and end each line with ``\r\n``, the one of each that the reader drops:
+    every line reads back exactly as it came, a leading BOM or a final ``\r`` included.
+    """
+    folder.mkdir()
+    names = {setting: path for setting, path in fmt.source_paths(data).items() if not _is_regular(path)}
+    copies = {setting: str(folder / setting) for setting in names}
+    tsv = not data.train_tgt
+    with contextlib.ExitStack() as stack:
+        files = {setting: stack.enter_context(open(path, "w", encoding="utf-8", newline=""))
+                 for setting, path in copies.items()}
+        for handle in files.values():
+            handle.write("\ufeff")
+        for number, (src, tgt) in enumerate(iter_parallel(data.train_src, data.train_tgt or None,
+                                                          data.max_line_chars), start=1):
+            if number > data.max_lines:
+                raise DataError(f"{data.train_src}: more than {data.max_lines} lines (data.max_lines)")
+            for setting, handle in files.items():
+                handle.write(f"{src}\t{tgt}\r\n" if tsv else f"{src if setting == 'train_src' else tgt}\r\n")
+    return dataclasses.replace(data, **copies), {copies[s]: names[s] for s in copies}
 
 
 def training_corpus(config: Config, model_dir: Path, dist: Any, resume: bool,
@@ -334,11 +395,11 @@ def _append(handle: Any, array: np.ndarray | None) -> None:
 def _copy_tokenizers(source: Path, target: Path) -> None:
     """The tokenizers of the model folder ``source``, saved in ``target`` as training saves them."""
     src_tok, tgt_tok = load_tokenizers(source)  # checks the files
-    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    spec = json.loads((source / TOKENIZER_FILE).read_text(encoding="utf-8"))
     src_tok.save(target, spec["src"])
     if spec["tgt"] != spec["src"]:
         tgt_tok.save(target, spec["tgt"])
-    atomic_write_json(target / "tokenizer.json", spec)
+    atomic_write_json(target / TOKENIZER_FILE, spec)
 
 
 def _replace(folder: Path, output: Path) -> None:

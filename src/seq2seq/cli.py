@@ -187,7 +187,7 @@ def _apply_flags(config: Config, flags: list[tuple[str, str, Any]]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from seq2seq.prepare import refuse_own_config
+    from seq2seq.run_setup import refuse_own_config
     from seq2seq.train import train
     from seq2seq.translator import Translator
 
@@ -373,7 +373,7 @@ def _served_models(args: argparse.Namespace) -> dict[str, Path]:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from seq2seq.binarize import binarize
-    from seq2seq.prepare import resolve_data_paths
+    from seq2seq.run_setup import resolve_data_paths
 
     config = Config.load(args.config).override(args.overrides)
     resolve_data_paths(config, args.data_dir)

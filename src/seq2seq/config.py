@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from seq2seq.checkpoint import atomic_write_text, read_regular_file
+
 CELLS = ("rnn", "gru", "lstm")
 ATTENTIONS = ("bahdanau", "dot", "general")
 ATTENTION_ALIASES = {"luong": "general", "none": None, "": None}
@@ -259,8 +261,6 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> Config:
         """Read a YAML config: a file, or the name of a packaged one (``seq2seq configs``)."""
-        from seq2seq.checkpoint import read_regular_file
-
         path = find_config(path)
         try:  # a regular file only, of bounded size: never /dev/zero or a FIFO's endless stream
             text = read_regular_file(path).decode("utf-8")
@@ -279,8 +279,6 @@ class Config:
         return cls.from_dict(raw, source=str(path))
 
     def save(self, path: str | Path) -> None:
-        from seq2seq.checkpoint import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def set(self, dotted_key: str, value: Any, source: str = "--set") -> None:

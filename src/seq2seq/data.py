@@ -13,8 +13,6 @@ import contextlib
 import gzip
 import io
 import itertools
-import os
-import stat
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,20 +43,6 @@ def read_lines(path: str | Path, max_line_chars: int = 100_000,
     ``DataError``: memory stays bounded even on ``/dev/zero`` or an endless pipe.
     """
     return list(_iter_lines(Path(path), max_line_chars, max_lines))
-
-
-def require_rereadable(path: str | Path, setting: str, why: str) -> None:
-    """Refuse ``path`` (named by ``setting``) when it can be read only once, a FIFO, a pipe or a
-    device, where it must be read more than once (``why``): the second reading would find
-    nothing, or wait forever for a writer. A missing file is left to the reader to name."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO or pipe" if stat.S_ISFIFO(mode) else "not a regular file"
-        raise DataError(f"{path} ({setting}) is {kind}: {why}, so it must be a regular file; "
-                        f"copy it to one first (cat {path} > FILE)")
 
 
 class _Replayed(io.RawIOBase):

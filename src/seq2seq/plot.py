@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from seq2seq.checkpoint import atomic_write_bytes
+
 SPACE = "\u2423"  # '␣', shown for a space so character-level labels stay visible
 _CELL_INCHES = 0.3  # one attention cell, before clamping the figure size
 _MIN_INCHES, _MAX_INCHES = 3.0, 24.0
@@ -135,8 +137,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` as ``checkpoint.atomic_write_bytes`` writes any output: atomically
     for a new or regular file, through a symlink, straight into a device or FIFO."""
-    from seq2seq.checkpoint import atomic_write_bytes
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)

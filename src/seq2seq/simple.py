@@ -136,47 +136,12 @@ class EncoderDecoderRNN:
         with _random_scope(train_seed, self.device), _threads_for(self, batch_size):
             rng = self._rng if self._rng is not None else np.random.default_rng(
                 int(torch.randint(2**62, ()).item()))  # follows torch.manual_seed
-            src_t, lengths_t = (torch.from_numpy(a).to(self.device) for a in (src, lengths))
-            target_t = torch.from_numpy(targets).to(self.device)
-            # Teacher forcing: step t is fed target t-1; the first step a zero vector.
-            tgt_in = torch.cat([torch.zeros_like(target_t[:, :1]), target_t[:, :-1]], dim=1)
-            opt = self._make_optimizer(optimizer, learning_rate)
-            history: list[float] = []
-            if periodic_callback is not None:
-                periodic_callback()
-            bar = tqdm(range(epochs), desc="train", unit="epoch", file=sys.stderr,
-                       disable=not verbose, dynamic_ncols=True)
-            for epoch in bar:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate / (1.0 + decay_rate * epoch)
-                self.model.train()
-                total = torch.zeros((), device=self.device)
-                order = rng.permutation(len(src))
-                for start in range(0, len(order), batch_size):
-                    rows = order[start:start + batch_size]
-                    width = int(lengths[rows].max())  # trim padding no sequence here needs
-                    index = torch.from_numpy(rows).to(self.device)
-                    scores, _ = self.model(src_t[index, :width], lengths_t[index], tgt_in[index])
-                    loss = _vector_loss(scores, target_t[index], self.loss, self.apply_softmax)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach() * len(rows)
-                epoch_loss = float(total) / len(src)
-                if not math.isfinite(epoch_loss):
-                    raise FloatingPointError(f"training diverged: the loss is {epoch_loss} in epoch "
-                                             f"{epoch}; try a smaller learning_rate")
-                history.append(epoch_loss)
-                bar.set_postfix(loss=f"{epoch_loss:.4g}", refresh=False)
-                if periodic_callback is not None and (epoch + 1) % callback_every == 0:
-                    periodic_callback()
-            bar.close()
+            opt = _make_optimizer(self.model, optimizer, learning_rate)
+            history = _fit(self, src, lengths, targets, opt, rng, epochs, batch_size,
+                           lambda epoch: learning_rate / (1.0 + decay_rate * epoch),
+                           periodic_callback, callback_every, verbose)
         self.model.eval()
         return history
-
-    def _make_optimizer(self, kind: str, lr: float) -> torch.optim.Optimizer:
-        params = list(self.model.parameters())
-        return torch.optim.SGD(params, lr=lr) if kind == "sgd" else make_adam(params, lr)
 
     # -- prediction ---------------------------------------------------------------------
     def predict(self, x: Any, length: int | None = None, return_attention: bool = False
@@ -272,27 +237,7 @@ class EncoderDecoderRNN:
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> EncoderDecoderRNN:
         """Read a model written by ``save``. Nothing is unpickled: JSON and safetensors only."""
-        folder = Path(path)
-        settings_path, weights_path = folder / SETTINGS_FILE, folder / WEIGHTS_FILE
-        for file in (settings_path, weights_path):
-            if not file.is_file():
-                raise ValueError(f"{file} not found: expected a directory written by save()")
-        settings = _read_settings(settings_path)
-        target_length = settings.pop("target_length")
-        sizes = [settings.pop(k) for k in ("input_size", "hidden_size", "output_size")]
-        try:  # the described model, shapes only: checked against the weights before allocating
-            with checkpoint.shapes_only():
-                skeleton = cls(*sizes, device=torch.device("meta"), **settings)
-        except ValueError as error:
-            raise ValueError(f"{settings_path}: {error}") from None
-        except RuntimeError as error:  # sizes past what any machine holds
-            raise ValueError(f"{settings_path}: cannot build the model it describes: {error}") from None
-        checkpoint.check_shapes(weights_path, skeleton.model)
-        rnn = cls(*sizes, device=device, **settings)
-        rnn.target_length = target_length
-        checkpoint.load_model(weights_path, rnn.model)
-        rnn.model.eval()
-        return rnn
+        return _load(cls, Path(path), device)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "format")
@@ -324,6 +269,81 @@ def _threads_for(rnn: EncoderDecoderRNN, batch: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def _fit(rnn: EncoderDecoderRNN, src: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
+         opt: torch.optim.Optimizer, rng: np.random.Generator, epochs: int, batch_size: int,
+         learning_rate: Callable[[int], float], periodic_callback: Callable[[], Any] | None,
+         callback_every: int, verbose: bool) -> list[float]:
+    """``EncoderDecoderRNN.train``'s loop, teacher forced, over checked arrays: src (n, T,
+    input_size), lengths (n,), targets (n, T_out, output_size) or classes (n, T_out). Returns
+    the mean loss of each epoch; ``learning_rate`` gives the rate of each epoch (from 0)."""
+    model, device = rnn.model, rnn.device
+    src_t, lengths_t = (torch.from_numpy(a).to(device) for a in (src, lengths))
+    target_t = torch.from_numpy(targets).to(device)
+    # Teacher forcing: step t is fed target t-1; the first step a zero vector.
+    tgt_in = torch.cat([torch.zeros_like(target_t[:, :1]), target_t[:, :-1]], dim=1)
+    history: list[float] = []
+    if periodic_callback is not None:
+        periodic_callback()
+    bar = tqdm(range(epochs), desc="train", unit="epoch", file=sys.stderr, disable=not verbose,
+               dynamic_ncols=True)
+    for epoch in bar:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(epoch)
+        model.train()
+        total = torch.zeros((), device=device)
+        order = rng.permutation(len(src))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = int(lengths[rows].max())  # trim padding no sequence here needs
+            index = torch.from_numpy(rows).to(device)
+            scores, _ = model(src_t[index, :width], lengths_t[index], tgt_in[index])
+            loss = _vector_loss(scores, target_t[index], rnn.loss, rnn.apply_softmax)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(rows)
+        epoch_loss = float(total) / len(src)
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"training diverged: the loss is {epoch_loss} in epoch "
+                                     f"{epoch}; try a smaller learning_rate")
+        history.append(epoch_loss)
+        bar.set_postfix(loss=f"{epoch_loss:.4g}", refresh=False)
+        if periodic_callback is not None and (epoch + 1) % callback_every == 0:
+            periodic_callback()
+    bar.close()
+    return history
+
+
+def _make_optimizer(model: nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    return torch.optim.SGD(params, lr=lr) if kind == "sgd" else make_adam(params, lr)
+
+
+def _load(cls: type[EncoderDecoderRNN], folder: Path, device: Any) -> EncoderDecoderRNN:
+    """``EncoderDecoderRNN.load``: the settings checked, then the weights' names and shapes
+    against a model built on the meta device, before anything is allocated."""
+    settings_path, weights_path = folder / SETTINGS_FILE, folder / WEIGHTS_FILE
+    for file in (settings_path, weights_path):
+        if not file.is_file():
+            raise ValueError(f"{file} not found: expected a directory written by save()")
+    settings = _read_settings(settings_path)
+    target_length = settings.pop("target_length")
+    sizes = [settings.pop(k) for k in ("input_size", "hidden_size", "output_size")]
+    try:  # the described model, shapes only: checked against the weights before allocating
+        with checkpoint.shapes_only():
+            skeleton = cls(*sizes, device=torch.device("meta"), **settings)
+    except ValueError as error:
+        raise ValueError(f"{settings_path}: {error}") from None
+    except RuntimeError as error:  # sizes past what any machine holds
+        raise ValueError(f"{settings_path}: cannot build the model it describes: {error}") from None
+    checkpoint.check_shapes(weights_path, skeleton.model)
+    rnn = cls(*sizes, device=device, **settings)
+    rnn.target_length = target_length
+    checkpoint.load_model(weights_path, rnn.model)
+    rnn.model.eval()
+    return rnn
 
 
 def _check_settings(input_size: Any, hidden_size: Any, output_size: Any, apply_softmax: Any, loss: Any,

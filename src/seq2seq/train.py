@@ -1,6 +1,6 @@
 """Training a translation model: the loop, validation, checkpoints and exact resume.
 
-A run lives in a model directory (its files: ``model_dir.py``). ``prepare.py`` readies a run
+A run lives in a model directory (its files: ``model_dir.py``). ``run_setup.py`` sets up a run
 (the directory's lock, the config, tokenizers, data and model), ``schedule.py`` holds the
 learning-rate schedule and early stopping, ``metrics_log.py`` the ``metrics.jsonl`` file.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -29,15 +30,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seq2seq import distributed, prepare
+from seq2seq import distributed, run_setup
 from seq2seq.checkpoint import load_training_state, save_checkpoint
-from seq2seq.config import Config
+from seq2seq.config import Config, TrainConfig
 from seq2seq.data import Batch, collate, make_batches
 from seq2seq.metrics import score_translations
 from seq2seq.metrics_log import MetricsLog
 from seq2seq.model_dir import BEST, LAST, METRICS_FILE, remove_stale_temporary_files
 from seq2seq.ops import precision_autocast
-from seq2seq.prepare import TrainingError
+from seq2seq.run_setup import TrainingError
 from seq2seq.schedule import Schedule, ScheduleState, make_adam
 
 __all__ = ["TrainState", "TrainingError", "TrainingInterrupted", "train"]
@@ -89,7 +90,7 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
         resume = dist.broadcast(resume)  # rank 0 decides, so that every rank takes the same path
         if dist.is_main:  # rank 0 alone writes into the directory: it alone locks it
             try:
-                lock = prepare.claim_model_dir(model_dir, resume, overwrite)
+                lock = run_setup.claim_model_dir(model_dir, resume, overwrite)
             except (TrainingError, OSError) as error:
                 dist.broadcast(str(error))  # the other ranks stop too, with the same message
                 raise
@@ -135,7 +136,7 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist
 
 
 @torch.inference_mode()
-def validation_scores(model: nn.Module, data: prepare.RunData, config: Config, device: torch.device,
+def validation_scores(model: nn.Module, data: run_setup.RunData, config: Config, device: torch.device,
                       translator: Callable[..., Any]) -> dict[str, Any]:
     """Validation loss (teacher forced) and the BLEU and chrF of the translations."""
     t, valid = config.train, data.valid
@@ -177,31 +178,31 @@ class _Run:
 
     def __init__(self, config: Config, model_dir: Path, data_dir: str | Path | None,
                  resume: bool, dist: distributed.Distributed, translator: Callable[..., Any]) -> None:
-        self.dist, self.model_dir, self.translator = dist, model_dir, translator
+        self.dist, self.model_dir = dist, model_dir
         cores = os.cpu_count() or 1
         torch.set_num_threads(config.train.threads or max(1, cores // dist.local_world_size))
         self.device = dist.device(config.train.device)
-        self.config = prepare.prepare_config(config, model_dir, data_dir, resume, dist.is_main)
+        self.config = run_setup.prepare_config(config, model_dir, data_dir, resume, dist.is_main)
         self.t = t = self.config.train
         if dist.is_main:
             remove_stale_temporary_files(model_dir)
         self.interrupted, self.interrupted_at, self.stop_signal = False, 0.0, signal.SIGINT
-        self.session_start = time.monotonic()
-        self.data = prepare.load_data(self.config, model_dir, resume, dist, log)
-        prepare.check_model_size(self.config, self.data.src_tok, self.data.tgt_tok, self.device)
+        session_start = time.monotonic()  # preparing the data counts towards train.max_minutes
+        self.data = run_setup.load_data(self.config, model_dir, resume, dist, log)
+        run_setup.check_model_size(self.config, self.data.src_tok, self.data.tgt_tok, self.device)
 
         torch.manual_seed(t.seed)
-        self.model = prepare.build_model(self.config, self.data.src_tok, self.data.tgt_tok).to(self.device)
+        self.model = run_setup.build_model(self.config, self.data.src_tok, self.data.tgt_tok).to(self.device)
         self.model.set_fast_paths(self.t.kernels, self.device, self.t.precision)
         self.optimizer = make_adam(self.model.parameters(), t.lr)
         self.schedule = Schedule.from_config(t)
         self.state = TrainState(world_size=dist.world_size, accumulate=t.accumulate)
-        self.metrics = MetricsLog(model_dir / METRICS_FILE, enabled=dist.is_main)
         if resume:
             self.state = restore(model_dir / LAST, self.model, self.optimizer, dist, t.accumulate)
-            self.metrics.truncate(self.state.step)
-        else:
-            self.metrics.clear()
+        score = None if self.data.valid is None else functools.partial(
+            validation_scores, self.model, self.data, self.config, self.device, translator)
+        self.files = _RunFiles(model_dir, self.model, self.optimizer, self.state, self.schedule, dist,
+                               score, resume, session_start, t.checkpoint_delay_s)
         self.net: nn.Module = self.model
         if dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -217,7 +218,7 @@ class _Run:
     def run(self) -> TrainState:
         state, t = self.state, self.t
         if state.finished:
-            if not self._budget_left():
+            if not _budget_left(t, self.schedule, state):
                 if self.dist.is_main:
                     log(f"this run already finished ({state.stop_reason}); nothing to do")
                 return state
@@ -232,16 +233,16 @@ class _Run:
                     state.epoch, state.position = state.epoch + 1, 0
                     if t.valid_every == 0:
                         if state.last_valid_step != state.step:  # a step budget may have stopped here
-                            self._validate()
-                        self._save_last()
+                            self.files.validate()
+                        self.files.save_last()
             if not state.stop_reason:
                 state.stop_reason = f"{t.epochs} epochs done"
             if state.last_valid_step != state.step:
-                self._validate()
+                self.files.validate()
             state.finished = True
-            self._save_last()
-            if self.data.valid is None and self.dist.is_main:
-                save_checkpoint(self.model_dir / BEST, self.model, {"step": state.step})
+            self.files.save_last()
+            if self.data.valid is None:
+                self.files.save_best({"step": state.step})
             if self.dist.is_main:
                 best = (f"best validation BLEU {state.best_bleu:.2f} at step {state.best_step}"
                         if self.data.valid is not None else "no validation data: best is last")
@@ -277,15 +278,15 @@ class _Run:
                 if state.step % t.log_every == 0 or state.position == updates:
                     mean_loss = window_loss / max(window_tokens, 1)
                     seconds = time.monotonic() - window_start
-                    self._log_metrics({"train_loss": round(mean_loss, 4),
+                    self.files.log({"train_loss": round(mean_loss, 4),
                                        "lr": self.optimizer.param_groups[0]["lr"]})
                     bar.set_postfix(loss=f"{mean_loss:.3f}", ppl=f"{math.exp(min(mean_loss, 50)):.1f}",
                                     tok_s=f"{window_tokens / max(seconds, 1e-9):,.0f}", refresh=False)
                     window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
                 bar.update(1)
                 if t.valid_every and state.step % t.valid_every == 0:
-                    self._validate()
-                    self._save_last()
+                    self.files.validate()
+                    self.files.save_last()
                 if self._should_stop():
                     return
         finally:
@@ -316,7 +317,7 @@ class _Run:
         if self.dist.any(not finite, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             state.bad_steps += 1
-            self._log_metrics({"event": "non-finite loss, update skipped", "bad_steps": state.bad_steps})
+            self.files.log({"event": "non-finite loss, update skipped", "bad_steps": state.bad_steps})
             if state.bad_steps >= t.max_bad_steps:
                 raise TrainingError(
                     f"stopped: {state.bad_steps} updates in a row had a non-finite loss or "
@@ -347,67 +348,18 @@ class _Run:
         reasons = ("", f"time budget of {t.max_minutes:g} minute(s) used", f"{t.max_steps} steps done",
                    "interrupted")
         code = (3 if self.interrupted else 2 if t.max_steps and state.step >= t.max_steps
-                else 1 if t.max_minutes and self._elapsed() >= t.max_minutes * 60 else 0)
+                else 1 if t.max_minutes and self.files.elapsed() >= t.max_minutes * 60 else 0)
         reason = reasons[self.dist.maximum(code, self.device)]
         if not reason:
             return False
         if reason == "interrupted":
-            self._save_last()
+            self.files.save_last()
             name = "" if self.stop_signal == signal.SIGINT else f" by {signal.Signals(self.stop_signal).name}"
             raise TrainingInterrupted(
                 f"interrupted{name} at step {state.step}; a checkpoint is in {self.model_dir / LAST}. "
                 f"Resume with: seq2seq train --model-dir {self.model_dir} --resume", self.stop_signal)
         state.stop_reason = reason
         return True
-
-    def _budget_left(self) -> bool:
-        """Whether this session's budget allows more training than the run has done: a run that
-        finished for its epochs, steps or minutes goes on when resumed with a bigger budget,
-        one that stopped early (no better validation BLEU) does not."""
-        t, state = self.t, self.state
-        if self.schedule.patience_spent(state):
-            return False
-        return (state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps)
-                and not (t.max_minutes and state.elapsed_s >= t.max_minutes * 60))
-
-    def _elapsed(self) -> float:
-        return self.state.elapsed_s + time.monotonic() - self.session_start
-
-    # -- validation and checkpoints ----------------------------------------------------------
-    def _validate(self) -> None:
-        """Validation loss and BLEU on rank 0; the decisions reach every rank."""
-        state = self.state
-        state.last_valid_step = state.step
-        if self.data.valid is None:
-            return
-        if self.dist.is_main:
-            entry = validation_scores(self.model, self.data, self.config, self.device, self.translator)
-            improved = self.schedule.record(state, entry["valid_bleu"], state.step)
-            if improved:
-                save_checkpoint(self.model_dir / BEST, self.model,
-                                {"step": state.step, "valid_bleu": entry["valid_bleu"]})
-            self._log_metrics(entry)
-            log(f"validation at step {state.step}: loss {entry['valid_loss']:.3f}, BLEU "
-                f"{entry['valid_bleu']:.2f}, chrF {entry['valid_chrf']:.2f}"
-                + (" (best)" if improved else f" (best {state.best_bleu:.2f})"))
-        shared = self.dist.broadcast({f.name: getattr(state, f.name)
-                                      for f in dataclasses.fields(ScheduleState)})
-        for key, value in shared.items():
-            setattr(state, key, value)
-
-    def _save_last(self) -> None:
-        self.state.elapsed_s = self._elapsed()
-        self.session_start = time.monotonic()
-        if self.dist.is_main:
-            save_checkpoint(self.model_dir / LAST, self.model,
-                            {"train_state": dataclasses.asdict(self.state)},
-                            optimizer=self.optimizer, delay_s=self.t.checkpoint_delay_s)
-        self.dist.barrier()  # the others wait patiently, not in a lock-step collective's timeout
-
-    def _log_metrics(self, entry: dict[str, Any]) -> None:
-        state = self.state
-        self.metrics.append({"step": state.step, "epoch": state.epoch + 1,
-                             "elapsed_s": round(self._elapsed(), 2), "tokens": state.tokens, **entry})
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # A second signal stops at once; within a second it is the first one, which torchrun
@@ -421,3 +373,77 @@ class _Run:
             what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
             log(f"\n{what}: finishing the current update and writing a checkpoint "
                 "(Ctrl-C again to stop at once) ...")
+
+
+def _budget_left(t: TrainConfig, schedule: Schedule, state: TrainState) -> bool:
+    """Whether this session's budget allows more training than the run has done: a run that
+    finished for its epochs, steps or minutes goes on when resumed with a bigger budget,
+    one that stopped early (no better validation BLEU) does not."""
+    if schedule.patience_spent(state):
+        return False
+    return (state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps)
+            and not (t.max_minutes and state.elapsed_s >= t.max_minutes * 60))
+
+
+class _RunFiles:
+    """What a session writes into the model directory, from rank 0: the last checkpoint (with
+    the run's state and training time), the best one, chosen by validation, and metrics.jsonl.
+
+    ``score`` gives the validation entry (``validation_scores``); None without validation data.
+    """
+
+    def __init__(self, model_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 state: TrainState, schedule: Schedule, dist: distributed.Distributed,
+                 score: Callable[[], dict[str, Any]] | None, resume: bool, session_start: float,
+                 delay_s: float) -> None:
+        self.model_dir, self.model, self.optimizer, self.state = model_dir, model, optimizer, state
+        self.schedule, self.dist, self.score, self.delay_s = schedule, dist, score, delay_s
+        self.session_start = session_start
+        self.metrics = MetricsLog(model_dir / METRICS_FILE, enabled=dist.is_main)
+        if resume:
+            self.metrics.truncate(state.step)
+        else:
+            self.metrics.clear()
+
+    def elapsed(self) -> float:
+        """Training time over all sessions of the run, this one included."""
+        return self.state.elapsed_s + time.monotonic() - self.session_start
+
+    def validate(self) -> None:
+        """Validation loss and BLEU on rank 0; the decisions reach every rank."""
+        state = self.state
+        state.last_valid_step = state.step
+        if self.score is None:
+            return
+        if self.dist.is_main:
+            entry = self.score()
+            improved = self.schedule.record(state, entry["valid_bleu"], state.step)
+            if improved:
+                self.save_best({"step": state.step, "valid_bleu": entry["valid_bleu"]})
+            self.log(entry)
+            log(f"validation at step {state.step}: loss {entry['valid_loss']:.3f}, BLEU "
+                f"{entry['valid_bleu']:.2f}, chrF {entry['valid_chrf']:.2f}"
+                + (" (best)" if improved else f" (best {state.best_bleu:.2f})"))
+        shared = self.dist.broadcast({f.name: getattr(state, f.name)
+                                      for f in dataclasses.fields(ScheduleState)})
+        for key, value in shared.items():
+            setattr(state, key, value)
+
+    def save_best(self, meta: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.model_dir / BEST, self.model, meta)
+
+    def save_last(self) -> None:
+        self.state.elapsed_s = self.elapsed()
+        self.session_start = time.monotonic()
+        if self.dist.is_main:
+            save_checkpoint(self.model_dir / LAST, self.model,
+                            {"train_state": dataclasses.asdict(self.state)},
+                            optimizer=self.optimizer, delay_s=self.delay_s)
+        self.dist.barrier()  # the others wait patiently, not in a lock-step collective's timeout
+
+    def log(self, entry: dict[str, Any]) -> None:
+        """One line of metrics.jsonl: the step, epoch, training time and tokens, and ``entry``."""
+        state = self.state
+        self.metrics.append({"step": state.step, "epoch": state.epoch + 1,
+                             "elapsed_s": round(self.elapsed(), 2), "tokens": state.tokens, **entry})

@@ -22,14 +22,14 @@ import torch
 
 from seq2seq import train as training
 from seq2seq.checkpoint import CheckpointError, check_shapes, load_model, shapes_only
-from seq2seq.config import Config, ConfigError, decode_settings
+from seq2seq.config import Config, ConfigError, DataConfig, decode_settings
 from seq2seq.data import collate, read_lines
 from seq2seq.device import resolve_device
 from seq2seq.metrics import score_translations
 from seq2seq.model import DecodingSession, Seq2Seq
 from seq2seq.model_dir import BEST, CONFIG_FILE, LAST
 from seq2seq.ops import precision_autocast
-from seq2seq.prepare import build_model, refuse_own_config
+from seq2seq.run_setup import build_model, refuse_own_config
 from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
 
@@ -116,11 +116,7 @@ class Translator:
             config.set("train.kernels", kernels, source="kernels")
         config.validate()
         if config.decode.quantize and translator.device.type == "cpu":
-            quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
-            if quantize_dynamic is None:
-                raise ConfigError(f"quantize: this torch ({torch.__version__}) no longer has "
-                                  "torch.ao.quantization.quantize_dynamic; decode without --quantize")
-            translator.model = quantize_dynamic(translator.model, {torch.nn.Linear}, dtype=torch.qint8)
+            translator.model = _quantized(translator.model)
         translator.model.set_fast_paths(config.train.kernels, translator.device,
                                         config.train.precision)
         return translator
@@ -215,19 +211,7 @@ class Translator:
     def evaluate(self, src: Sequence[str] | str | Path, ref: Sequence[str] | str | Path,
                  beam: int | None = None, lowercase: bool = False) -> dict[str, Any]:
         """sacreBLEU BLEU and chrF of the translations of ``src`` against ``ref`` (lists or files)."""
-        limits = self.config.data.max_line_chars, self.config.data.max_lines
-        sources = read_lines(src, *limits) if isinstance(src, str | Path) else list(src)
-        references = read_lines(ref, *limits) if isinstance(ref, str | Path) else list(ref)
-        src_name = src if isinstance(src, str | Path) else "the source list"
-        ref_name = ref if isinstance(ref, str | Path) else "the reference list"
-        for name, lines in ((src_name, sources), (ref_name, references)):
-            if not lines:
-                raise ValueError(f"{name}: no lines to evaluate")
-        if not all(isinstance(line, str) for line in references):
-            raise TypeError(f"{ref_name}: references must be strings")
-        if len(sources) != len(references):
-            raise ValueError(f"sources and references differ in length: {src_name} has "
-                             f"{len(sources)} lines, {ref_name} has {len(references)}")
+        sources, references = _evaluation_lines(src, ref, self.config.data)
         start = time.perf_counter()
         hypotheses = self.translate(sources, beam=beam)
         seconds = time.perf_counter() - start
@@ -254,6 +238,34 @@ class Translator:
         alignment = self.attention(text, beam=beam)
         return plot_attention(alignment.weights, alignment.source_pieces, alignment.target_pieces,
                               path, title=f"{text}  →  {alignment.translation}")
+
+
+def _quantized(model: Seq2Seq) -> Seq2Seq:
+    """``model`` with int8 dynamic quantization of its linear layers, for CPU decoding."""
+    quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        raise ConfigError(f"quantize: this torch ({torch.__version__}) no longer has "
+                          "torch.ao.quantization.quantize_dynamic; decode without --quantize")
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _evaluation_lines(src: Sequence[str] | str | Path, ref: Sequence[str] | str | Path,
+                      data: DataConfig) -> tuple[list[str], list[str]]:
+    """``evaluate``'s sources and references, read (files within ``data``'s limits) and checked."""
+    limits = data.max_line_chars, data.max_lines
+    sources = read_lines(src, *limits) if isinstance(src, str | Path) else list(src)
+    references = read_lines(ref, *limits) if isinstance(ref, str | Path) else list(ref)
+    src_name = src if isinstance(src, str | Path) else "the source list"
+    ref_name = ref if isinstance(ref, str | Path) else "the reference list"
+    for name, lines in ((src_name, sources), (ref_name, references)):
+        if not lines:
+            raise ValueError(f"{name}: no lines to evaluate")
+    if not all(isinstance(line, str) for line in references):
+        raise TypeError(f"{ref_name}: references must be strings")
+    if len(sources) != len(references):
+        raise ValueError(f"sources and references differ in length: {src_name} has "
+                         f"{len(sources)} lines, {ref_name} has {len(references)}")
+    return sources, references
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Preparing a training run: the model directory (its lock, a finished model in it), the config
-of a resumed run, the tokenizers, the data and the model, before the first update.
+"""Setting up a training run, before its first update: the model directory (its lock, a trained
+model already in it), the config of a resumed run, the data and tokenizers (made by
+``binarize.py``), and the model, its size checked against the device's memory.
 """
 
 from __future__ import annotations
