@@ -159,3 +159,14 @@ def serving(*args: str | Path, env: dict[str, str] | None = None,
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=30)
+
+
+def autograd_nodes(tensor) -> set[str]:
+    """The names of the autograd nodes that made ``tensor``: which path of the model ran."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}

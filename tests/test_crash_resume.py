@@ -135,6 +135,12 @@ def reference(corpus, tmp_path_factory) -> Path:
 def partial_run(corpus, tmp_path_factory) -> Path:
     """A run stopped (as by Ctrl-C) at step 20, in this process; tests work on copies of it."""
     model_dir = tmp_path_factory.mktemp("partial") / "model"
+    train_until_interrupted_at_20(corpus, model_dir)
+    return model_dir
+
+
+def train_until_interrupted_at_20(corpus: Path, model_dir: Path, *settings: str) -> None:
+    """Train in this process, interrupted (as by Ctrl-C) once step 20 is done."""
     original = _Run._should_stop
 
     def stop_at_20(self):
@@ -143,9 +149,8 @@ def partial_run(corpus, tmp_path_factory) -> Path:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_Run, "_should_stop", stop_at_20)
-        assert cli.main(train_args(corpus, model_dir)) == cli.EXIT_INTERRUPTED
+        assert cli.main(train_args(corpus, model_dir, *settings)) == cli.EXIT_INTERRUPTED
     assert step_of(model_dir / "last.safetensors") == 20
-    return model_dir
 
 
 def copy_run(partial_run: Path, tmp_path: Path) -> Path:
@@ -263,16 +268,7 @@ def test_resume_is_exact_for_lstm_without_input_feeding_and_in_bf16(corpus, tmp_
     reference = tmp_path / "reference"
     assert cli.main(train_args(corpus, reference, *settings)) == 0
     model_dir = tmp_path / "model"
-    original = _Run._should_stop
-
-    def stop_at_20(self):
-        self.interrupted = self.interrupted or self.state.step == 20
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_Run, "_should_stop", stop_at_20)
-        assert cli.main(train_args(corpus, model_dir, *settings)) == cli.EXIT_INTERRUPTED
-    assert step_of(model_dir / "last.safetensors") == 20
+    train_until_interrupted_at_20(corpus, model_dir, *settings)
     assert cli.main(train_args(corpus, model_dir, "--resume", *settings)) == 0
     assert "resuming from step 20" in capsys.readouterr().err
     assert step_of(model_dir / "last.safetensors") == 30

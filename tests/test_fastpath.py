@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import autograd_nodes
 
 from seq2seq.config import Config, ModelConfig, packaged_configs
 from seq2seq.fastpath import REFERENCE, FastPaths, private_ops, resolve
@@ -54,16 +55,6 @@ def make_batch(tgt_len: int = 7, seed: int = 1):
     tgt[:, 0] = BOS
     tgt[1, tgt_len // 2:] = PAD  # target padding
     return src, lengths, tgt[:, :-1], tgt[:, 1:]
-
-
-def autograd_nodes(tensor: torch.Tensor) -> set[str]:
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(fn for fn, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
 
 
 def training_step(model: Seq2Seq, kernels: str, batch, seed: int = 5):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import autograd_nodes
 from torch import nn
 
 from seq2seq.config import ModelConfig
@@ -65,17 +66,6 @@ def _loss_and_grads(model, paths: FastPaths):
     return loss.detach(), weights.detach(), grads
 
 
-def _graph_nodes(tensor: torch.Tensor) -> set[str]:
-    """The names of the autograd nodes that made ``tensor``."""
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(fn for fn, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
-
-
 @pytest.mark.parametrize("attention", ["bahdanau", "general", "dot"])
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_fused_matches_step_loop(attention, dropout):
@@ -105,7 +95,7 @@ def test_outputs_and_final_state_match():
         model.zero_grad()
         memory, state = model.encode(src, lengths)
         out, final, weights = model.decoder(model.embed_target(tgt_in), state, memory)
-        assert ("_StepwiseGRUFunctionBackward" in _graph_nodes(out)) == (paths is STEPWISE)
+        assert ("_StepwiseGRUFunctionBackward" in autograd_nodes(out)) == (paths is STEPWISE)
         final.hidden.sum().backward()
         grads = [p.grad.clone() for p in model.decoder.rnn.parameters()]
         results.append((out, final.hidden, final.feed, weights, grads))
@@ -119,10 +109,10 @@ def test_used_in_training_mode_only_and_draws_masks_only_there():
     src, lengths, tgt_in, tgt_out = _batch()
     before = torch.get_rng_state()
     loss, _ = model(src, lengths, tgt_in, tgt_out=tgt_out)
-    assert "_StepwiseGRUFunctionBackward" in _graph_nodes(loss)
+    assert "_StepwiseGRUFunctionBackward" in autograd_nodes(loss)
     assert not torch.equal(before, torch.get_rng_state())  # a dropout mask was drawn
     model.eval()
     before = torch.get_rng_state()
     loss, _ = model(src, lengths, tgt_in, tgt_out=tgt_out)
-    assert "_StepwiseGRUFunctionBackward" not in _graph_nodes(loss)
+    assert "_StepwiseGRUFunctionBackward" not in autograd_nodes(loss)
     assert torch.equal(before, torch.get_rng_state())
