@@ -2,9 +2,10 @@
 
 ``binarize`` (after fairseq's binarizer) reads the training files twice, streaming, so that
 memory does not grow with the corpus (a pipe, which can be read once, is first copied to a
-temporary file): first to check every line (the reader's checks, with file and line), count
-the pairs and draw a reproducible sample for the tokenizers; then to encode chunks of pairs
-in worker processes, in order, appending the ids to the arrays that ``corpus.py`` describes.
+temporary file), after hashing them for the manifest: first to check every line (the
+reader's checks, with file and line), count the pairs and draw a reproducible sample for the
+tokenizers; then to encode chunks of pairs in worker processes, in order, appending the ids
+to the arrays that ``corpus.py`` describes.
 Everything is written into a temporary folder beside the output and renamed into place when
 complete: a killed or failed preparation leaves nothing that looks prepared, and the next one
 removes what it left.
@@ -189,10 +190,8 @@ def _spool(data: DataConfig, folder: Path) -> tuple[DataConfig, dict[str, str]]:
                  for setting, path in copies.items()}
         for handle in files.values():
             handle.write("\ufeff")
-        for number, (src, tgt) in enumerate(iter_parallel(data.train_src, data.train_tgt or None,
-                                                          data.max_line_chars), start=1):
-            if number > data.max_lines:
-                raise DataError(f"{data.train_src}: more than {data.max_lines} lines (data.max_lines)")
+        for src, tgt in iter_parallel(data.train_src, data.train_tgt or None, data.max_line_chars,
+                                      data.max_lines):
             for setting, handle in files.items():
                 handle.write(f"{src}\t{tgt}\r\n" if tsv else f"{src if setting == 'train_src' else tgt}\r\n")
     return dataclasses.replace(data, **copies), {copies[s]: names[s] for s in copies}
@@ -243,7 +242,7 @@ def _scan(data: DataConfig) -> tuple[int, list[tuple[int, str, str]]]:
     pick = size + _skip(rng, weight)
     count = 0
     for count, (src, tgt) in enumerate(iter_parallel(data.train_src, data.train_tgt or None,
-                                                     data.max_line_chars), start=1):
+                                                     data.max_line_chars, data.max_lines), start=1):
         index = count - 1
         if index < size:
             reservoir.append((index, src, tgt))
@@ -277,7 +276,7 @@ def _check_capacity(data: DataConfig, lines: int) -> None:
 
 # -- the second pass: encode in order, on worker processes -------------------------------------
 def _chunks(data: DataConfig, size: int) -> Iterator[Chunk]:
-    pairs = iter_parallel(data.train_src, data.train_tgt or None, data.max_line_chars)
+    pairs = iter_parallel(data.train_src, data.train_tgt or None, data.max_line_chars, data.max_lines)
     while chunk := list(itertools.islice(pairs, size)):
         yield [src for src, _ in chunk], [tgt for _, tgt in chunk]
 

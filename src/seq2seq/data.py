@@ -82,7 +82,7 @@ def _iter_lines(path: Path, max_line_chars: int, max_lines: int | None = None) -
     # A line of N characters has at most 4N bytes in UTF-8 (+3 for a BOM, +2 for "\r\n"): reading
     # that much at a time keeps memory bounded however long a broken file's lines are.
     limit = 4 * max_line_chars + 6
-    number, zipped = 0, path.suffix == ".gz"
+    number = 0
     with contextlib.ExitStack() as stack:
         try:
             handle, zipped = _open_sniffed(path, stack)
@@ -145,37 +145,24 @@ def _too_long(path: Path, number: int, n: int, limit: int, endless: bool = False
 def read_parallel(src_path: str | Path, tgt_path: str | Path | None,
                   max_line_chars: int = 100_000) -> tuple[list[str], list[str]]:
     """Aligned (source, target) lines: two files, or one TSV of ``src<TAB>tgt`` when no target."""
-    if not tgt_path:
-        src, tgt = [], []
-        for number, line in enumerate(read_lines(src_path, max_line_chars), start=1):
-            if line.count("\t") != 1:
-                raise DataError(f"{src_path}:{number}: expected source<TAB>target, found "
-                                f"{line.count(chr(9))} tabs")
-            left, right = line.split("\t")
-            src.append(left)
-            tgt.append(right)
-        return src, tgt
-    src, tgt = read_lines(src_path, max_line_chars), read_lines(tgt_path, max_line_chars)
-    if len(src) != len(tgt):
-        raise DataError(f"parallel files differ in length: {src_path} has {len(src)} lines, "
-                        f"{tgt_path} has {len(tgt)}")
-    return src, tgt
+    pairs = list(iter_parallel(src_path, tgt_path, max_line_chars))
+    return [src for src, _ in pairs], [tgt for _, tgt in pairs]
 
 
-def iter_parallel(src_path: str | Path, tgt_path: str | Path | None,
-                  max_line_chars: int = 100_000) -> Iterator[tuple[str, str]]:
+def iter_parallel(src_path: str | Path, tgt_path: str | Path | None, max_line_chars: int = 100_000,
+                  max_lines: int | None = 100_000_000) -> Iterator[tuple[str, str]]:
     """``read_parallel``'s pairs one at a time, with the same checks: memory stays bounded
     however large the files are. A length mismatch is found when the shorter file ends."""
     if not tgt_path:
-        for number, line in enumerate(_iter_lines(Path(src_path), max_line_chars), start=1):
+        for number, line in enumerate(_iter_lines(Path(src_path), max_line_chars, max_lines), start=1):
             if line.count("\t") != 1:
                 raise DataError(f"{src_path}:{number}: expected source<TAB>target, found "
                                 f"{line.count(chr(9))} tabs")
             left, right = line.split("\t")
             yield left, right
         return
-    src = _iter_lines(Path(src_path), max_line_chars)
-    tgt = _iter_lines(Path(tgt_path), max_line_chars)
+    src = _iter_lines(Path(src_path), max_line_chars, max_lines)
+    tgt = _iter_lines(Path(tgt_path), max_line_chars, max_lines)
     number = 0
     for number, pair in enumerate(itertools.zip_longest(src, tgt), start=1):
         if pair[0] is None or pair[1] is None:
@@ -247,7 +234,7 @@ def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_t
     # one length L fills batches of cap(L) = max(1, min(max_sentences, batch_tokens // (L+1))).
     # Walking the distinct lengths (at most max_len + 1 of them) gives the same cuts as
     # walking the examples one by one.
-    values, counts = np.unique(tgt[order], return_counts=True)
+    values, counts = np.unique(tgt, return_counts=True)  # as in ``order``
     sizes: list[int] = []
     current = 0  # examples in the open batch
     for length, count in zip(values.tolist(), counts.tolist()):

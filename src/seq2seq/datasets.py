@@ -53,7 +53,9 @@ def download_multi30k(output_dir: str | Path, base_url: str = MULTI30K_URL,
         if not target.exists():
             state = "fetched"
         elif target.is_file() and pooch.file_hash(str(target)) == digest:
-            state = "already there"
+            print(f"{target}: already there, sha256 ok", flush=True)  # no second hash in retrieve
+            paths.append(target)
+            continue
         else:
             state = "fetched again (the file there had another checksum)"
         try:

@@ -97,7 +97,7 @@ class Served:
         return {"name": self.name, "source_language": config.data.src_lang,
                 "target_language": config.data.tgt_lang, "cell": config.model.cell,
                 "attention": config.model.attention, "parameters": self.translator.model.num_parameters(),
-                "decode": {"beam": decode.beam, "n_best": min(decode.n_best, decode.beam),
+                "decode": {"beam": decode.beam, "n_best": decode.n_best,  # validated <= beam
                            "length_penalty": decode.length_penalty, "max_len_ratio": decode.max_len_ratio,
                            "precision": config.train.precision, "quantize": decode.quantize,
                            "device": str(self.translator.device)}}
