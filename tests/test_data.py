@@ -209,22 +209,21 @@ def test_an_overlong_example_gets_its_own_batch():
     batches = make_batches([3, 50, 4], [2, 99, 3], batch_tokens=10, max_sentences=8, seed=0, epoch=0,
                            shuffle=False)
     assert _lists(batches) == [[0, 2], [1]]
-    assert make_batches([1] * 5, [1] * 5, 100, 2, seed=0, epoch=0) != []
+    assert len(make_batches([1] * 5, [1] * 5, 100, 2, seed=0, epoch=0)) == 3
     assert sorted(map(len, make_batches([1] * 5, [1] * 5, 100, 2, seed=0, epoch=0))) == [1, 2, 2]
-    assert make_batches([], [], 100, 2, seed=0, epoch=0) == []
+    assert len(make_batches([], [], 100, 2, seed=0, epoch=0)) == 0
 
 
 def _lists(batches) -> list[list[int]]:
     return [batch.tolist() for batch in batches]
 
 
-def _one_by_one(src, tgt, batch_tokens, max_sentences, seed, epoch):
-    """make_batches as it cut batches before it worked per distinct length: example by example."""
-    generator = np.random.default_rng([seed, epoch])
-    tgt1 = np.asarray(tgt, dtype=np.int64) + 1
-    order = np.lexsort((generator.random(len(tgt1)), np.asarray(src), tgt1))
+def _one_by_one(order, tgt, batch_tokens, max_sentences):
+    """The batches of ``order`` cut example by example, as make_batches cut them before it
+    worked per distinct length."""
     batches, batch, longest = [], [], 0
-    for index, length in zip(order.tolist(), tgt1[order].tolist()):
+    for index in order:
+        length = tgt[index] + 1
         grown = max(longest, length)
         if batch and ((len(batch) + 1) * grown > batch_tokens or len(batch) >= max_sentences):
             batches.append(batch)
@@ -237,10 +236,25 @@ def _one_by_one(src, tgt, batch_tokens, max_sentences, seed, epoch):
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(0, 60)), max_size=300),
        st.integers(1, 400), st.integers(1, 50), st.integers(0, 3))
 @settings(max_examples=60, deadline=None)
-def test_batches_cut_per_length_as_example_by_example(pairs, batch_tokens, max_sentences, epoch):
+def test_batches_are_sorted_and_cut_per_length_as_example_by_example(pairs, batch_tokens,
+                                                                     max_sentences, epoch):
     src, tgt = [s for s, _ in pairs], [t for _, t in pairs]
-    cut = make_batches(src, tgt, batch_tokens, max_sentences, seed=5, epoch=epoch, shuffle=False)
-    assert _lists(cut) == _one_by_one(src, tgt, batch_tokens, max_sentences, seed=5, epoch=epoch)
+    cut = _lists(make_batches(src, tgt, batch_tokens, max_sentences, seed=5, epoch=epoch, shuffle=False))
+    order = [i for batch in cut for i in batch]
+    assert sorted(order) == list(range(len(pairs)))  # every example once
+    keys = [(tgt[i], src[i]) for i in order]
+    assert keys == sorted(keys)  # by target length, then source length
+    assert cut == _one_by_one(order, tgt, batch_tokens, max_sentences)
+
+
+def test_batches_hold_a_few_bytes_per_example():
+    n = 200_000
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(1, 80, n).astype(np.uint8), rng.integers(1, 80, n).astype(np.uint8)
+    batches = make_batches(src, tgt, batch_tokens=2000, max_sentences=128, seed=1, epoch=0)
+    held = batches.order.nbytes + batches.bounds.nbytes + batches.sequence.nbytes
+    assert held <= 4.5 * n  # an int32 index per example, and 12 bytes per batch of ~48
+    assert sorted(np.concatenate(list(batches)).tolist()) == list(range(n))
 
 
 # -- collate ----------------------------------------------------------------------------------

@@ -120,12 +120,16 @@ def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path,
         record["path"] = copies.get(record["path"], record["path"])
     lines, sample = _scan(data)
     _check_capacity(data, lines)
+    log(f"read and checked {lines:,} pairs in {time.monotonic() - start:.1f} s")
     workers = min(workers, -(-lines // chunk_pairs))  # no idle worker processes to start
     if tokenizers_from is not None:
         _copy_tokenizers(Path(tokenizers_from), folder)
     else:
         log(f"training {data.tokenizer} tokenizer(s) on {len(sample):,} of {lines:,} pairs ...")
-        train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log)
+        began = time.monotonic()
+        train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log,
+                         threads=workers)
+        log(f"trained the tokenizer(s) in {time.monotonic() - began:.1f} s")
     del sample
     tokenizer_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                        for p in sorted(folder.iterdir()) if p.name != SPOOL_DIR}

@@ -1,4 +1,4 @@
-"""Prepared training data: token ids in flat arrays, memory-mapped by every training process.
+"""Prepared training data: token ids in flat files, read from the page cache by every training process.
 
 ``seq2seq prepare`` (``binarize.py``) writes a folder, as fairseq's ``.bin``/``.idx`` pairs:
     src.ids, tgt.ids          every example's token ids, one after another, in the smallest
@@ -8,15 +8,23 @@
     tokenizer.json, ...       the tokenizers the ids were made with
     manifest.json             what the folder was made from; written last, so a folder without it
                               is not a prepared corpus
-The arrays are raw little-endian binary. ``PreparedCorpus`` maps the ids and offsets (the page
-cache holds them once for all processes) and reads only the lengths into memory, for bucketing.
-``src`` ids end with EOS_ID, ``tgt`` ids have neither BOS nor EOS, as ``data.encode_corpus`` makes them.
+The arrays are raw little-endian binary. ``PreparedCorpus`` reads only the lengths into memory,
+for bucketing; an example's ids are read when a batch needs them, with two positioned reads
+(``os.pread``: its offsets, then its ids). The files stay in the page cache, once for all the
+processes that read them, and a process holds only the examples it is using. (A memory map
+would serve the same reads, but each random read through it maps a whole cached block of the
+file into the process, up to 2 MiB where the kernel caches files in large folios, so the
+process's resident memory would grow with every batch: tests/test_corpus.py measures both.)
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
+import os
+import struct
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,22 +141,43 @@ def tokenizer_mismatch(manifest: dict[str, Any], directory: Path) -> str:
     return ""
 
 
-class MappedSide(Sequence):
-    """One side's examples: ``side[i]`` is example i's ids as a list; ``lengths`` in memory."""
+class PreparedSide(Sequence):
+    """One side's examples: ``side[i]`` is example i's ids as a list, read from the files;
+    ``lengths`` is in memory."""
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
-        self.ids, self.offsets, self.lengths = ids, offsets, lengths
+    def __init__(self, ids_path: Path, offsets_path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
+        self.ids_path, self.offsets_path, self.lengths, self.dtype = ids_path, offsets_path, lengths, dtype
+        self._ids = ids_path.open("rb", buffering=0)
+        self._offsets = offsets_path.open("rb", buffering=0)
+        self._typecode = {1: "B", 2: "H", 4: "I", 8: "Q"}[dtype.itemsize]
+        assert array.array(self._typecode).itemsize == dtype.itemsize
+        self._swap = sys.byteorder != "little"  # the files are little-endian
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> list[int]:  # type: ignore[override]
-        start, end = self.offsets[index:index + 2].tolist()
-        return self.ids[start:end].tolist()
+        if not 0 <= index < len(self.lengths):
+            raise IndexError(f"example {index} of {len(self.lengths)}")
+        width = OFFSET_DTYPE.itemsize
+        try:
+            start, end = struct.unpack("<2q", os.pread(self._offsets.fileno(), 2 * width, index * width))
+            data = os.pread(self._ids.fileno(), (end - start) * self.dtype.itemsize,
+                            start * self.dtype.itemsize)
+        except struct.error:
+            raise DataError(f"{self.offsets_path}: shorter than its manifest says: the prepared corpus "
+                            f"was changed while in use; prepare the data again") from None
+        if len(data) != (end - start) * self.dtype.itemsize:
+            raise DataError(f"{self.ids_path}: shorter than its offsets say: the prepared corpus was "
+                            f"changed while in use; prepare the data again")
+        ids = array.array(self._typecode, data)
+        if self._swap:
+            ids.byteswap()
+        return ids.tolist()
 
 
 class PreparedCorpus:
-    """A prepared folder, mapped. ``src``/``tgt`` index like ``EncodedCorpus``'s lists, so
+    """A prepared folder, opened. ``src``/``tgt`` index like ``EncodedCorpus``'s lists, so
     ``data.collate`` gathers batches from them; ``manifest`` says what it was made from."""
 
     def __init__(self, directory: str | Path) -> None:
@@ -164,14 +193,15 @@ class PreparedCorpus:
                  for side in SIDES]
         self.src, self.tgt = sides
 
-    def _side(self, side: str, n: int, ids_dtype: np.dtype, lengths_dtype: np.dtype) -> MappedSide:
-        tokens = self.manifest[f"{side}_tokens"]
-        ids = self._map(f"{side}.ids", ids_dtype, tokens)
-        offsets = self._map(f"{side}.offsets", OFFSET_DTYPE, n + 1)
-        lengths = np.array(self._map(f"{side}.lengths", lengths_dtype, n))  # a copy in memory
-        return MappedSide(ids, offsets, lengths)
+    def _side(self, side: str, n: int, ids_dtype: np.dtype, lengths_dtype: np.dtype) -> PreparedSide:
+        ids = self._checked(f"{side}.ids", ids_dtype, self.manifest[f"{side}_tokens"])
+        offsets = self._checked(f"{side}.offsets", OFFSET_DTYPE, n + 1)
+        lengths = np.fromfile(self._checked(f"{side}.lengths", lengths_dtype, n), dtype=lengths_dtype,
+                              count=n)
+        return PreparedSide(ids, offsets, lengths, ids_dtype)
 
-    def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray:
+    def _checked(self, name: str, dtype: np.dtype, count: int) -> Path:
+        """The path of the array file ``name``, checked to hold ``count`` values of ``dtype``."""
         path = self.directory / name
         try:
             size = path.stat().st_size
@@ -180,9 +210,7 @@ class PreparedCorpus:
         if size != count * dtype.itemsize:
             raise DataError(f"{path}: {size} bytes, the manifest says {count} x {dtype.itemsize}: "
                             f"the prepared corpus is damaged; prepare the data again")
-        if count == 0:
-            return np.zeros(0, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+        return path
 
     def __len__(self) -> int:
         return len(self.src)

@@ -90,21 +90,24 @@ def _iter_lines(path: Path, max_line_chars: int, max_lines: int | None = None) -
             raise DataError(f"{path}: no such file") from None
         except OSError as error:
             raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+        readline = handle.readline
         try:
-            while raw := handle.readline(limit):
+            while raw := readline(limit):
                 number += 1
                 if max_lines is not None and number > max_lines:
                     raise DataError(f"{path}: more than {max_lines} lines (data.max_lines)")
-                if len(raw) == limit and not raw.endswith(b"\n"):
+                if raw[-1:] == b"\n":  # the common case: a whole line
+                    raw = raw[:-2] if raw[-2:-1] == b"\r" else raw[:-1]
+                elif len(raw) == limit:  # a line too long to read whole
                     n, endless = _line_chars(raw, handle, limit)
                     n -= number == 1 and raw.startswith(UTF8_BOM)
                     raise DataError(_too_long(path, number, n, max_line_chars, endless))
+                elif number == 1 and raw == UTF8_BOM:  # a file of just a BOM is empty, as an editor shows it
+                    break
+                elif raw[-1:] == b"\r":  # the last line, without a final newline
+                    raw = raw[:-1]
                 if number == 1 and raw.startswith(UTF8_BOM):
                     raw = raw[len(UTF8_BOM):]
-                    if not raw:  # a file of just a BOM is empty, as an editor shows it
-                        break
-                raw = raw[:-1] if raw.endswith(b"\n") else raw
-                raw = raw[:-1] if raw.endswith(b"\r") else raw
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
@@ -213,31 +216,60 @@ def encode_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str], src_tok: T
 
 
 # -- batching ---------------------------------------------------------------------------------
+class Batches(Sequence):
+    """An epoch's batches: ``batches[i]`` is batch i's example indices, an integer array.
+
+    Held as one array of every example index, grouped batch by batch (``order``), where each
+    batch starts in it (``bounds``), and the order the batches are served in (``sequence``):
+    a few bytes per example, however many batches there are.
+    """
+
+    def __init__(self, order: np.ndarray, bounds: np.ndarray, sequence: np.ndarray) -> None:
+        self.order, self.bounds, self.sequence = order, bounds, sequence
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def __getitem__(self, index):  # int -> np.ndarray; slice -> list[np.ndarray]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        batch = int(self.sequence[index])
+        return self.order[self.bounds[batch]:self.bounds[batch + 1]]
+
+
 def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_tokens: int,
-                 max_sentences: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
-    """Group example indices into batches of similar length; each batch is an integer array.
+                 max_sentences: int, seed: int, epoch: int, shuffle: bool = True) -> Batches:
+    """Group example indices into batches of similar length.
 
     Examples are ordered by (target length, source length), ties broken at random, and cut into
     consecutive runs with ``len(batch) * longest_target <= batch_tokens`` (target length + 1 for
     EOS) and ``len(batch) <= max_sentences``; an example over the budget alone forms its own
     batch. The batches' order is then shuffled. Deterministic for a given (seed, epoch).
-    Memory: a few bytes per example (lengths may be NumPy arrays, e.g. memory-mapped ones).
+    Memory: the lengths (NumPy arrays are used as they are), an index per example, and while
+    sorting, a few arrays the size of the largest group of one target length.
     """
     if len(src_lengths) != len(tgt_lengths):
         raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths")
     rng = np.random.default_rng([seed, epoch])
     tgt = np.asarray(tgt_lengths)
     src = np.asarray(src_lengths)
-    order = np.lexsort((rng.random(len(tgt)), src, tgt))  # the last key sorts first
-    order = order.astype(np.int32 if len(order) < 2**31 else np.int64)  # half the memory
+    order = np.empty(len(tgt), dtype=np.int32 if len(tgt) < 2**31 else np.int64)
+    counts = np.bincount(tgt) if len(tgt) else np.zeros(0, np.int64)  # examples per target length
+    placed = 0
+    for length in np.flatnonzero(counts).tolist():  # one target length at a time: small temporaries
+        group = np.flatnonzero(tgt == length)
+        rng.shuffle(group)  # ties at random ...
+        group = group[np.argsort(src[group], kind="stable")]  # ... among equal source lengths
+        order[placed:placed + len(group)] = group
+        placed += len(group)
     # Sorted by target length, a batch's longest target is its last one: a run of examples of
     # one length L fills batches of cap(L) = max(1, min(max_sentences, batch_tokens // (L+1))).
     # Walking the distinct lengths (at most max_len + 1 of them) gives the same cuts as
     # walking the examples one by one.
-    values, counts = np.unique(tgt, return_counts=True)  # as in ``order``
     sizes: list[int] = []
     current = 0  # examples in the open batch
-    for length, count in zip(values.tolist(), counts.tolist()):
+    for length in np.flatnonzero(counts).tolist():
+        count = int(counts[length])
         cap = max(1, min(max_sentences, batch_tokens // (length + 1)))
         if current >= cap:
             sizes.append(current)
@@ -250,10 +282,9 @@ def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_t
             current = count % cap
     if current:
         sizes.append(current)
-    batches = np.split(order, np.cumsum(sizes[:-1], dtype=np.int64)) if sizes else []
-    if shuffle:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+    bounds = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
+    sequence = (rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))).astype(np.int32)
+    return Batches(order, bounds, sequence)
 
 
 @dataclass
