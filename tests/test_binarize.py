@@ -99,7 +99,7 @@ def test_two_workers_write_the_same_arrays_as_one(tmp_path):
     two = binarize(config, tmp_path / "two", workers=2, chunk_pairs=400, log=_quiet)
     assert _arrays(tmp_path / "one") == _arrays(tmp_path / "two")
     assert one["tokenizer_files"] == two["tokenizer_files"]  # the sample is drawn reproducibly
-    assert one["tokenizer_sample_pairs"] == 2000 and one["pairs"] == two["pairs"]
+    assert one["tokenizer_sample_pairs"] == 1000 and one["pairs"] == two["pairs"]  # 2000 sentences
 
 
 def test_a_prepared_folder_that_fits_is_kept_and_one_that_does_not_is_rebuilt_or_refused(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,48 @@ def assert_same_training(one: Path, two: Path) -> None:
     for name in a:
         if not name.startswith("rng."):
             assert torch.equal(a[name], b[name]), name
+
+
+def can_mount_privately() -> bool:
+    """Whether this process may make a mount namespace of its own (root, with ``unshare``)."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_privately(), reason="needs `unshare --mount` (root) to give a "
+                                                     "process a disk of its own")
+def test_a_node_that_does_not_see_the_prepared_folder_prepares_its_own(corpus, tmp_path):
+    """Two ranks as on two nodes, each the first of its node: the model folder is shared, but
+    data.prepared is on each node's own disk. Rank 1 runs in a mount namespace where that disk
+    is an empty tmpfs, so it cannot see what rank 0 prepared: it prepares its copy with rank 0's
+    tokenizers, and the run trains exactly as one process with accumulation does."""
+    disk = tmp_path / "node-disk"
+    disk.mkdir()
+    one, two = tmp_path / "one", tmp_path / "two"
+    setting = f"data.prepared={disk / 'prepared'}"
+    single = subprocess.run([sys.executable, *train_args(corpus, one, "train.accumulate=2")],
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2",
+                        LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        command = [sys.executable, *train_args(corpus, two, setting)]
+        if rank == 1:  # its own disk at the same path
+            command = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
+                       str(disk), *command]
+        with open(tmp_path / f"rank{rank}.log", "wb") as log:
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+    try:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        stop(procs)
+    logs = [(tmp_path / f"rank{rank}.log").read_text("utf-8", "replace") for rank in range(2)]
+    assert codes == [0, 0], logs[1][-3000:] + logs[0][-3000:]
+    assert "is not on this node; preparing it here" in logs[1]
+    assert (disk / "prepared" / "manifest.json").is_file()  # rank 0's copy, on this disk
+    assert_same_training(one, two)
 
 
 def test_lost_rank_ends_the_survivor_and_a_restart_resumes(corpus, tmp_path):

@@ -1,4 +1,4 @@
-"""``seq2seq prepare``: a training corpus encoded once, on all cores, into memory-mapped arrays.
+"""``seq2seq prepare``: a training corpus encoded once, on all cores, into flat arrays of token ids.
 
 ``binarize`` (after fairseq's binarizer) reads the training files twice, streaming, so that
 memory does not grow with the corpus (a pipe, which can be read once, is first copied to a
@@ -11,7 +11,7 @@ complete: a killed or failed preparation leaves nothing that looks prepared, and
 removes what it left.
 
 ``training_corpus`` is what training calls: rank 0 prepares (or checks) the folder while the
-other ranks wait, then every rank maps the same files.
+other ranks wait, then every rank reads the same files.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def binarize(config: Config, output: str | Path, workers: int | None = None, *, 
     A complete ``output`` that fits the files and settings is kept as it is. One that does not
     fit is rebuilt, or with ``rebuild=False`` refused with a DataError saying why. ``workers``
     processes encode (default: one per core). The tokenizers are trained on a sample of
-    ``data.tokenizer_sample`` pairs, or copied from the model folder ``tokenizers_from``.
+    ``data.tokenizer_sample`` sentences each (``sample_pairs``), or copied from the model folder
+    ``tokenizers_from``.
     A training file that can be read only once (a FIFO, ``<(...)``, ``/dev/stdin``) is first
     copied into the preparation's temporary folder (``_spool``), and the copy is read twice.
     """
@@ -118,7 +119,7 @@ def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path,
     sources = {name: file_record(path) for name, path in fmt.source_paths(data).items()}
     for record in sources.values():  # a copied pipe is recorded under its own name
         record["path"] = copies.get(record["path"], record["path"])
-    lines, sample = _scan(data)
+    lines, sample = _scan(data, sample_pairs(data))
     _check_capacity(data, lines)
     log(f"read and checked {lines:,} pairs in {time.monotonic() - start:.1f} s")
     workers = min(workers, -(-lines // chunk_pairs))  # no idle worker processes to start
@@ -127,8 +128,7 @@ def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path,
     else:
         log(f"training {data.tokenizer} tokenizer(s) on {len(sample):,} of {lines:,} pairs ...")
         began = time.monotonic()
-        train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log,
-                         threads=workers)
+        train_tokenizers(data, [s for _, s, _ in sample], [t for _, _, t in sample], folder, log=log)
         log(f"trained the tokenizer(s) in {time.monotonic() - began:.1f} s")
     del sample
     tokenizer_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
@@ -146,7 +146,7 @@ def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path,
     manifest = {"format": fmt.FORMAT,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "sources": sources, "settings": fmt.settings_of(data), "tokenizer_files": tokenizer_files,
-                "tokenizer_sample_pairs": min(lines, data.tokenizer_sample),
+                "tokenizer_sample_pairs": min(lines, sample_pairs(data)),
                 "arrays": {"ids_dtype": ids_dtype.str, "lengths_dtype": lengths_dtype.str,
                            "offsets_dtype": fmt.OFFSET_DTYPE.str},
                 "lines": lines, **counts}
@@ -203,12 +203,14 @@ def _spool(data: DataConfig, folder: Path) -> tuple[DataConfig, dict[str, str]]:
 
 def training_corpus(config: Config, model_dir: Path, dist: Any, resume: bool,
                     log: Callable[[str], None] = print) -> tuple[PreparedCorpus, Tokenizer, Tokenizer]:
-    """The run's training data, memory-mapped, and its tokenizers (saved in ``model_dir``).
+    """The run's training data, prepared, and its tokenizers (saved in ``model_dir``).
 
     ``data.prepared`` names a prepared folder: used when it fits the config, refused when it
     does not, made when it does not exist. Unset, the run prepares into ``MODEL_DIR/prepared``.
     Rank 0 prepares while the others wait (``dist``: a ``distributed.Distributed``); then every
-    rank maps the same files, so the page cache holds them once.
+    rank reads the same files, so the page cache holds them once per node. Where ``data.prepared``
+    is on each node's own disk (the model folder being shared), the first process of each other
+    node prepares its copy, with the tokenizers rank 0 made.
     """
     model_dir = Path(model_dir)
     given = bool(config.data.prepared)
@@ -226,20 +228,39 @@ def training_corpus(config: Config, model_dir: Path, dist: Any, resume: bool,
             for name in manifest["tokenizer_files"]:
                 atomic_write_bytes(model_dir / name, (directory / name).read_bytes())
     dist.barrier()
+    if not dist.is_main and dist.local_rank == 0:
+        # A node that does not see rank 0's folder has data.prepared on a disk of its own: its
+        # first process prepares it there, with the run's tokenizers, while the others wait.
+        manifest = read_manifest(directory) if directory.is_dir() else None
+        if manifest is None:
+            log(f"rank {dist.rank}: {directory} is not on this node; preparing it here")
+            manifest = binarize(config, directory, rebuild=False, log=log, tokenizers_from=model_dir)
+        reason = fmt.tokenizer_mismatch(manifest, model_dir)
+        if reason:
+            raise DataError(f"{directory} on the node of rank {dist.rank}: {reason} (it was not "
+                            f"prepared with this run's tokenizers): remove it or point data.prepared "
+                            f"elsewhere")
+    dist.barrier()
     src_tok, tgt_tok = load_tokenizers(model_dir)
     return PreparedCorpus(directory), src_tok, tgt_tok
 
 
 # -- the first pass: check, count, sample ------------------------------------------------------
-def _scan(data: DataConfig) -> tuple[int, list[tuple[int, str, str]]]:
+def sample_pairs(data: DataConfig) -> int:
+    """Pairs in the tokenizers' sample: ``data.tokenizer_sample`` sentences for each tokenizer,
+    so half as many pairs for a joint one, which learns from both sides of each."""
+    joint = data.tokenizer == "sentencepiece" and data.joint_vocab
+    return max(1, data.tokenizer_sample // 2) if joint else data.tokenizer_sample
+
+
+def _scan(data: DataConfig, size: int) -> tuple[int, list[tuple[int, str, str]]]:
     """Read every pair once (the reader's checks raise here, naming file and line); returns the
-    number of pairs and a uniform sample of ``data.tokenizer_sample`` of them, in corpus order.
+    number of pairs and a uniform sample of ``size`` of them, in corpus order.
 
     The sample is Li's reservoir algorithm L ("Reservoir-sampling algorithms of time complexity
     O(n(1 + log(N/n)))", 1994): random numbers only for the pairs it keeps, seeded, so the same
     files give the same sample; a corpus no larger than the sample is taken whole.
     """
-    size = data.tokenizer_sample
     rng = random.Random(SAMPLE_SEED)
     reservoir: list[tuple[int, str, str]] = []
     weight = math.exp(math.log(1.0 - rng.random()) / size)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE", help="override a config setting")
 
     prepare = commands.add_parser(
-        "prepare", help="encode a training corpus once into memory-mapped arrays for train")
+        "prepare", help="encode a training corpus once into arrays of token ids for train")
     prepare.add_argument("--config", type=Path, required=True, help="YAML config")
     prepare.add_argument("--data-dir", type=Path, help="folder the config's data paths are relative to")
     prepare.add_argument("--output", type=Path, required=True,

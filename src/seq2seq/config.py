@@ -81,7 +81,7 @@ class DataConfig:
     long_pairs: str = "skip"  # skip | truncate
     max_line_chars: int = 100_000  # lines longer than this are refused with an error
     max_lines: int = 100_000_000  # a file (or stdin) with more lines is refused: memory is bounded
-    tokenizer_sample: int = 1_000_000  # training pairs (sampled reproducibly) the tokenizers learn from
+    tokenizer_sample: int = 1_000_000  # sentences (sampled reproducibly) each tokenizer learns from
     # Prepared training data (``seq2seq prepare``); empty: train prepares it in the model folder
     prepared: str = ""
 

@@ -126,17 +126,17 @@ class RunData:
 
     src_tok: Tokenizer
     tgt_tok: Tokenizer
-    train: PreparedCorpus  # memory-mapped token ids (binarize.py)
+    train: PreparedCorpus  # token ids read from the prepared files (binarize.py)
     valid_src: list[str]  # validation sources and references as text, for BLEU
     valid_ref: list[str]
     valid: EncodedCorpus | None  # None without validation files
 
 
 def load_data(config: Config, model_dir: Path, resume: bool, dist, log: Callable[[str], None]) -> RunData:
-    """The training data, prepared on rank 0 (tokenizers included) and memory-mapped on every
+    """The training data, prepared on rank 0 (tokenizers included) and read from its files on every
     rank (``binarize.training_corpus``); the validation data, read and encoded in memory."""
     data = config.data
-    # prepared once (on rank 0, the others waiting) into memory-mapped arrays, or reused
+    # prepared once (on rank 0, the others waiting) into arrays of token ids, or reused
     train, src_tok, tgt_tok = training_corpus(config, model_dir, dist, resume, log)
     if not data.valid_src:
         return RunData(src_tok, tgt_tok, train, [], [], None)

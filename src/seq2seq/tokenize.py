@@ -166,22 +166,19 @@ def _valid_tokens(tokens: Any, kind: str) -> bool:
 
 # -- training ---------------------------------------------------------------------------------
 def train_tokenizers(config: DataConfig, src_lines: Sequence[str], tgt_lines: Sequence[str],
-                     model_dir: Path, log: Callable[[str], None] = print,
-                     threads: int | None = None) -> tuple[Tokenizer, Tokenizer]:
+                     model_dir: Path, log: Callable[[str], None] = print) -> tuple[Tokenizer, Tokenizer]:
     """Train the source and target tokenizers on training text and save them in ``model_dir``.
 
     Sentencepiece trains one joint model on both sides when ``config.joint_vocab``, else one per
-    side, on ``threads`` threads (default: one per core); word and char vocabularies are always
-    per side.
+    side; word and char vocabularies are always per side.
     """
     model_dir = Path(model_dir)
     kind = config.tokenizer
     if kind == "sentencepiece" and config.joint_vocab:
-        joint = _train(config, itertools.chain(src_lines, tgt_lines), "joint", log, threads)
+        joint = _train(config, itertools.chain(src_lines, tgt_lines), "joint", log)
         pair, names = (joint, joint), ("joint", "joint")
     else:
-        pair = (_train(config, src_lines, "source", log, threads),
-                _train(config, tgt_lines, "target", log, threads))
+        pair = (_train(config, src_lines, "source", log), _train(config, tgt_lines, "target", log))
         names = ("src", "tgt")
     for tokenizer, name in zip(pair, names):
         tokenizer.save(model_dir, name)
@@ -199,15 +196,14 @@ def load_tokenizers(model_dir: Path) -> tuple[Tokenizer, Tokenizer]:
     return src, src if names[1] == names[0] else Tokenizer.load(path.parent, names[1])
 
 
-def _train(config: DataConfig, lines: Iterable[str], side: str, log: Callable[[str], None],
-           threads: int | None = None) -> Tokenizer:
+def _train(config: DataConfig, lines: Iterable[str], side: str, log: Callable[[str], None]) -> Tokenizer:
     lowercase = config.lowercase
     texts = (t for t in (_SURROGATE.sub("\ufffd", line) for line in lines) if t.strip())
     if lowercase:
         texts = (t.lower() for t in texts)
     if config.tokenizer == "sentencepiece":
         tokenizer = Tokenizer("sentencepiece", lowercase, model_proto=_train_sentencepiece(
-            texts, config.vocab_size, side, threads or os.cpu_count() or 1))
+            texts, config.vocab_size, side))
         log(f"sentencepiece {side} vocabulary: {len(tokenizer)} pieces")
         return tokenizer
     word = config.tokenizer == "word"
@@ -223,7 +219,7 @@ def _train(config: DataConfig, lines: Iterable[str], side: str, log: Callable[[s
     return Tokenizer(config.tokenizer, lowercase, tokens=[*SPECIALS, *kept])
 
 
-def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str, threads: int) -> bytes:
+def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str) -> bytes:
     """A unigram model of ``texts``, as serialized bytes; deterministic for the same input."""
     texts = iter(texts)
     first = next(texts, None)
@@ -238,7 +234,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str, threa
             character_coverage=1.0, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             pad_piece=SPECIALS[0], unk_piece=SPECIALS[1], bos_piece=SPECIALS[2], eos_piece=SPECIALS[3],
             input_sentence_size=SPM_MAX_SENTENCES, shuffle_input_sentence=True,
-            num_threads=threads, minloglevel=2)
+            num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as error:
         needed = re.search(r"required_chars\. \d+ vs (\d+)", str(error))
         if needed:
