@@ -107,15 +107,15 @@ def validation_bleu(model_dir: Path) -> list[float]:
 
 
 def test_valid_beam_is_the_beam_validation_decodes_with(corpus, tmp_path, capsys):
-    """After 25 updates, greedy and beam-4 translations of the validation set score differently;
+    """After 40 updates, greedy and beam-4 translations of the validation set score differently;
     the BLEU that validation logs is the one of ``train.valid_beam``'s search."""
     sources, refs = corpus / "valid.src", corpus / "valid.tgt"
     for valid_beam in (1, 4):
         model_dir = tmp_path / f"beam{valid_beam}"
-        train(corpus, model_dir, capsys, f"train.valid_beam={valid_beam}", "train.max_steps=25",
-              "train.valid_every=25")
+        train(corpus, model_dir, capsys, f"train.valid_beam={valid_beam}", "train.max_steps=40",
+              "train.valid_every=40")
         (logged,) = validation_bleu(model_dir)
-        translator = Translator.load(model_dir, device="cpu")  # best = the model validated at 25
+        translator = Translator.load(model_dir, device="cpu")  # best = the model validated at 40
         greedy = translator.evaluate(sources, refs, beam=1)["bleu"]
         beam = translator.evaluate(sources, refs, beam=4)["bleu"]
         assert abs(greedy - beam) > 0.1, "greedy and beam search agree here: choose another step count"
