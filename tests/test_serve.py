@@ -301,7 +301,7 @@ def test_a_decoding_fault_is_a_500_without_internals(make_client, trained_model_
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access at /secret/path.py:12")
 
-    broken.hypotheses = fail
+    broken.decode_ids = fail
     response = make_client(loaders={"rev": lambda: broken}).post("/v1/translate", json={"text": "a b"})
     status, code, message = error_of(response)
     assert (status, code) == (500, "internal") and "secret" not in response.text

@@ -1,11 +1,21 @@
 """Batching across requests: one decoding worker per model, fed by many requests at once.
 
-A request puts its sentences in the worker's queue with its decoding options and waits. The
-worker, one thread, takes the sentences that wait with the same options as the oldest one: up to
-``max_batch`` of them, or as many as came within ``max_wait_ms`` of the oldest one's arrival.
-It decodes them in one ``Translator.hypotheses`` call (which sorts them by length) and hands
-each request its own sentences' hypotheses, in its order. A request finishes when all of its
-sentences have been decoded, whichever batches they went in.
+A request puts its sentences (source ids, ``Translator.encode_source``'s) in the worker's queue
+with its decoding options and waits. The worker, one thread, takes the sentences that wait with
+the same options as the oldest one, up to ``max_batch`` of them, decodes them in one
+``Translator.decode_ids`` call (which sorts them by length) and hands each request its own
+sentences' hypotheses, in its order. A request finishes when all of its sentences have been
+decoded, whichever batches they went in.
+
+When a batch starts: as soon as the number of sentences the worker expects wait; else after a
+lull of ``max_wait_ms`` with no new sentence, or once the oldest has waited as long as the last
+batch took to decode (``max_wait_ms`` if that is more); waits count from the end of the last
+batch at the earliest. The worker expects the sentences that waited when its last batch ended
+plus as many as that batch decoded (before a first batch, ``max_batch``): clients that get an
+answer often send their next request at once, and since the answers leave one by one, those
+requests come spread out. A deadline from each sentence's arrival alone would start the next
+batch without them, and the clients would split into groups that take turns, each in a smaller
+batch, slower per sentence. A lone client's requests are decoded without a wait.
 
 A sentence's result does not depend on its batch-mates: the model masks padding explicitly
 (tests/test_serve.py compares a sentence served alone, among concurrent requests, and through
@@ -40,7 +50,7 @@ class WorkerStopped(Exception):
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """What one ``Translator.hypotheses`` call shares: sentences are batched only with equals."""
+    """What one ``Translator.decode_ids`` call shares: sentences are batched only with equals."""
 
     beam: int
     n_best: int = 1
@@ -48,25 +58,30 @@ class DecodeOptions:
 
 
 class Job:
-    """One request's sentences and, once ``on_done`` is called, their hypotheses or an error."""
+    """One request's sentences and, once ``on_done`` is called, their hypotheses or an error.
 
-    def __init__(self, sentences: Sequence[str], options: DecodeOptions,
+    ``sources``: each sentence's ids, eos included (``Translator.encode_source``).
+    ``cancelled``: set by ``DecodingWorker.cancel``; such a job gets no results and no call.
+    """
+
+    def __init__(self, sources: Sequence[list[int]], options: DecodeOptions,
                  on_done: Callable[[Job], None]) -> None:
-        self.sentences = list(sentences)
+        self.sources = list(sources)
         self.options = options
-        self.results: list[list[Hypothesis]] = [[] for _ in self.sentences]
+        self.results: list[list[Hypothesis]] = [[] for _ in self.sources]
         self.error: BaseException | None = None
         self.arrival = time.monotonic()
-        self._remaining = len(self.sentences)
-        self._on_done = on_done
         self.cancelled = False
+        self._remaining = len(self.sources)
+        self._on_done = on_done
 
 
 class DecodingWorker:
     """One thread that decodes the queued sentences of one model in batches.
 
-    ``max_batch``: sentences per ``hypotheses`` call (also its ``batch_size``);
-    ``max_wait_ms``: how long the oldest waiting sentence may wait for batch-mates;
+    ``max_batch``: sentences per ``decode_ids`` call (also its ``batch_size``);
+    ``max_wait_ms``: how long the worker waits for one more sentence before it decodes those
+    that wait (a batch starts at once when the expected number wait);
     ``max_queue``: sentences waiting, across requests, before ``submit`` raises ``QueueFull``.
     """
 
@@ -79,6 +94,11 @@ class DecodingWorker:
         self._pending: deque[tuple[Job, int]] = deque()  # (job, sentence index), oldest first
         self._lock = threading.Condition()
         self._stopping = False
+        self._free_since = time.monotonic()  # when the last batch ended (the worker's start)
+        self._last_took = 0.0  # seconds the last batch took to decode
+        self._last_arrival = 0.0  # when the newest queued request came
+        self._expected = max_batch  # sentences to wait for: those queued when the last batch
+        # ended plus those it decoded, at most max_batch; before a first batch, max_batch
         self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
         self.batches = 0  # decoding calls made; read by tests and the load benchmark
 
@@ -100,22 +120,26 @@ class DecodingWorker:
         with self._lock:
             return len(self._pending)
 
-    def submit(self, sentences: Sequence[str], options: DecodeOptions,
+    def submit(self, sources: Sequence[list[int]], options: DecodeOptions,
                on_done: Callable[[Job], None]) -> Job:
-        """Queue ``sentences``; ``on_done(job)`` is called from the worker thread when all are
-        decoded (``job.results``) or decoding failed (``job.error``)."""
-        job = Job(sentences, options, on_done)
-        if not job.sentences:
+        """Queue sentences (their ids, ``Translator.encode_source``'s); ``on_done(job)`` is
+        called from the worker thread when all are decoded (``job.results``) or decoding failed
+        (``job.error``)."""
+        job = Job(sources, options, on_done)
+        if not job.sources:
             on_done(job)
             return job
         with self._lock:
             if self._stopping:
                 raise WorkerStopped("the server is shutting down")
-            if len(self._pending) + len(job.sentences) > self.max_queue:
+            if len(self._pending) + len(job.sources) > self.max_queue:
                 raise QueueFull(f"the queue holds {len(self._pending)} sentences; with these "
-                                f"{len(job.sentences)} it would pass its limit of {self.max_queue}")
-            self._pending.extend((job, i) for i in range(len(job.sentences)))
-            self._lock.notify_all()
+                                f"{len(job.sources)} it would pass its limit of {self.max_queue}")
+            idle = not self._pending  # else the worker is decoding, or waits for these
+            self._last_arrival = job.arrival
+            self._pending.extend((job, i) for i in range(len(job.sources)))
+            if idle or len(self._pending) >= self._expected:  # one wake-up where it may start
+                self._lock.notify_all()
         return job
 
     def cancel(self, job: Job) -> None:
@@ -123,7 +147,11 @@ class DecodingWorker:
         batch being decoded finish, and their results are dropped."""
         with self._lock:
             job.cancelled = True
-            self._pending = deque(item for item in self._pending if item[0] is not job)
+            self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        """Take the job's sentences out of the queue (holding the lock)."""
+        self._pending = deque(item for item in self._pending if item[0] is not job)
 
     # -- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -131,11 +159,17 @@ class DecodingWorker:
             batch = self._take()
             if not batch:
                 return
+            start = time.monotonic()
             self._decode(batch)
+            with self._lock:
+                self._free_since = time.monotonic()
+                self._last_took = self._free_since - start
+                self._expected = min(self.max_batch, len(self._pending) + len(batch))
 
     def _take(self) -> list[tuple[Job, int]]:
-        """The next batch: waits for a first sentence, then for batch-mates until the oldest
-        has waited ``max_wait``; empty when stopping with nothing queued."""
+        """The next batch: waits for a first sentence, then for batch-mates (see the module's
+        docstring) until the expected number wait with its options; empty when stopping with
+        nothing queued."""
         with self._lock:
             while True:
                 while not self._pending and not self._stopping:
@@ -144,8 +178,11 @@ class DecodingWorker:
                     return []
                 oldest = self._pending[0][0]
                 same = sum(1 for job, _ in self._pending if job.options == oldest.options)
-                left = oldest.arrival + self.max_wait - time.monotonic()
-                if same >= self.max_batch or left <= 0 or self._stopping:
+                lull = max(self._last_arrival, self._free_since) + self.max_wait
+                limit = (max(oldest.arrival, self._free_since)
+                         + max(self.max_wait, self._last_took))
+                left = min(lull, limit) - time.monotonic()
+                if same >= self._expected or left <= 0 or self._stopping:
                     break
                 self._lock.wait(left)
             batch: list[tuple[Job, int]] = []
@@ -162,25 +199,27 @@ class DecodingWorker:
         options = batch[0][0].options
         failure: Exception | None = None
         try:
-            found = self.translator.hypotheses(
-                [job.sentences[i] for job, i in batch], beam=options.beam, n_best=options.n_best,
+            found = self.translator.decode_ids(
+                [job.sources[i] for job, i in batch], beam=options.beam, n_best=options.n_best,
                 batch_size=self.max_batch, return_attention=options.attention)
         except Exception as error:  # handed to each request, which reports it
             failure = error
         self.batches += 1
         finished: list[Job] = []
-        for n, (job, i) in enumerate(batch):
-            job._remaining -= 1
-            if failure is None:
-                job.results[i] = found[n]
-                if job._remaining == 0 and job.error is None:
+        with self._lock:  # against cancel(): a cancelled job is neither filled nor called
+            for n, (job, i) in enumerate(batch):
+                if job.cancelled:
+                    continue
+                job._remaining -= 1
+                if failure is None:
+                    job.results[i] = found[n]
+                    if job._remaining == 0 and job.error is None:
+                        finished.append(job)
+                elif job.error is None:
+                    job.error = failure
+                    self._drop(job)  # its other queued sentences would be decoded for nothing
                     finished.append(job)
-            elif job.error is None:
-                job.error = failure
-                finished.append(job)
         for job in finished:
-            if job.error is not None:
-                self.cancel(job)  # its other queued sentences would be decoded for nothing
             try:
                 job._on_done(job)
             except Exception:  # a callback's fault must not end the worker

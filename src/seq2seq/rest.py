@@ -153,13 +153,16 @@ class Models:
 
 # -- checks of one request --------------------------------------------------------------------
 def _sentences(text: str | list[str], config: ServeConfig, translator: Translator,
-               field: str = "text") -> list[str]:
+               field: str = "text") -> tuple[list[str], list[list[int]]]:
+    """A request's sentences, checked against the limits, and their source ids (encoded once,
+    here: the token limit is checked on them, and the worker decodes them)."""
     lines = _lines(text) if isinstance(text, str) else text
     if not lines:
         raise ApiError(400, "invalid_request", f"{field}: an empty list; give at least one sentence")
     if len(lines) > config.max_sentences:
         raise ApiError(413, "over_limit", f"{field}: {len(lines)} sentences, more than the limit of "
                        f"{config.max_sentences} per request (--max-sentences)")
+    sources = []
     for n, line in enumerate(lines):
         where = f"{field}[{n}]" if isinstance(text, list) else f"{field} line {n + 1}"
         _check_text(line, where)
@@ -167,10 +170,10 @@ def _sentences(text: str | list[str], config: ServeConfig, translator: Translato
             raise ApiError(413, "over_limit", f"{where}: {len(line)} characters, more than the limit "
                            f"of {config.max_chars} (--max-chars)")
         try:
-            translator.encode_source(line, where)
+            sources.append(translator.encode_source(line, where))
         except ValueError as error:  # more tokens than the model's decode.max_input_len
             raise ApiError(413, "over_limit", str(error)) from None
-    return lines
+    return lines, sources
 
 
 def _lines(text: str) -> list[str]:
@@ -208,9 +211,9 @@ def _options(served: Served, beam: int | None, n_best: int | None, attention: bo
     return DecodeOptions(beam=beam, n_best=n_best, attention=attention)
 
 
-async def _decode(served: Served, sentences: list[str], options: DecodeOptions,
+async def _decode(served: Served, sources: list[list[int]], options: DecodeOptions,
                   config: ServeConfig) -> Job:
-    """Queue the sentences on the model's worker and wait for their hypotheses."""
+    """Queue the sentences (their ids) on the model's worker and wait for their hypotheses."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Job] = loop.create_future()
 
@@ -219,7 +222,7 @@ async def _decode(served: Served, sentences: list[str], options: DecodeOptions,
             future.set_result(job)
 
     try:
-        job = served.worker.submit(sentences, options, lambda job: loop.call_soon_threadsafe(resolve, job))
+        job = served.worker.submit(sources, options, lambda job: loop.call_soon_threadsafe(resolve, job))
     except QueueFull as error:
         raise ApiError(503, "queue_full", f"{error} (--max-queue); retry later",
                        {"Retry-After": "1"}) from None
@@ -281,9 +284,9 @@ def create_app(loaders: dict[str, Callable[[], Translator]], config: ServeConfig
         source and target tokens and the attention matrix on request."""
         start = time.perf_counter()
         served = models.get(body.model)
-        sentences = _sentences(body.text, config, served.translator)
+        sentences, sources = _sentences(body.text, config, served.translator)
         options = _options(served, body.beam, body.n_best, body.return_attention, config)
-        job = await _decode(served, sentences, options, config)
+        job = await _decode(served, sources, options, config)
         results = [sentence_result(served.translator, text, hyps, tokens=body.return_tokens,
                                    attention=body.return_attention)
                    for text, hyps in zip(sentences, job.results)]
@@ -303,9 +306,10 @@ def create_app(loaders: dict[str, Callable[[], Translator]], config: ServeConfig
             raise ApiError(400, "invalid_request", "id: all items of one request must name the same model")
         model_id = ids.pop()
         served = models.get(None if model_id is None else str(model_id), field="id")
-        sentences = _sentences([item.src for item in body], config, served.translator, field="src")
+        sentences, sources = _sentences([item.src for item in body], config, served.translator,
+                                        field="src")
         options = _options(served, None, None, False, config)
-        job = await _decode(served, sentences, options, config)
+        job = await _decode(served, sources, options, config)
         decode = served.translator.tgt_tok.decode
         return JSONResponse([[{"src": text, "tgt": decode(hyps[rank].tokens), "n_best": options.n_best,
                                "pred_score": json_score(hyps[rank].score)}

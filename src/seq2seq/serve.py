@@ -30,7 +30,7 @@ class ServeConfig:
         "help": "seconds per request, the wait in the queue included; beyond it 504"})
     max_beam: int = field(default=10, metadata={"help": "the largest beam a request may ask for"})
     max_wait_ms: float = field(default=5.0, metadata={
-        "help": "milliseconds a sentence waits for others to share its batch"})
+        "help": "milliseconds the worker waits for one more sentence to share a batch"})
 
     def validate(self) -> ServeConfig:
         for name in ("max_chars", "max_sentences", "max_body_bytes", "max_queue", "max_beam"):

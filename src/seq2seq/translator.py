@@ -143,14 +143,21 @@ class Translator:
         with score 0, as Sockeye does; what a model makes of a lone eos is arbitrary."""
         if isinstance(sentences, str | bytes):
             raise TypeError("translate() takes a list of sentences, not one string")
-        sentences = list(sentences)  # any iterable: a generator is read once, here
+        src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(sentences, start=1)]
+        return self.decode_ids(src_ids, beam=beam, n_best=n_best, batch_size=batch_size,
+                               return_attention=return_attention, source=source)
+
+    def decode_ids(self, src_ids: Sequence[list[int]], beam: int | None = None, n_best: int = 1,
+                   batch_size: int | None = None, return_attention: bool = False,
+                   source: str = "input") -> list[list[Hypothesis]]:
+        """``hypotheses`` of sentences already encoded by ``encode_source`` (ids ending in eos),
+        for a caller that needed the ids first (the server checks their length per request)."""
         decode = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
         beam, n_best, batch_size = decode.beam, decode.n_best, decode.batch_size
         if beam > 1:  # beam search decodes batch * beam rows: keep about 2 * batch_size of them
             batch_size = max(1, 2 * batch_size // beam)
-        src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(sentences, start=1)]
         banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
-        results: list[list[Hypothesis]] = [[] for _ in sentences]
+        results: list[list[Hypothesis]] = [[] for _ in src_ids]
         for i, ids in enumerate(src_ids):
             if len(ids) == 1:  # eos alone; its eos step attends to it alone
                 results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
