@@ -231,7 +231,7 @@ def training_corpus(config: Config, model_dir: Path, dist: Any, resume: bool,
     if not dist.is_main and dist.local_rank == 0:
         # A node that does not see rank 0's folder has data.prepared on a disk of its own: its
         # first process prepares it there, with the run's tokenizers, while the others wait.
-        manifest = read_manifest(directory) if directory.is_dir() else None
+        manifest = read_manifest(directory)  # None where the folder or its manifest is missing
         if manifest is None:
             log(f"rank {dist.rank}: {directory} is not on this node; preparing it here")
             manifest = binarize(config, directory, rebuild=False, log=log, tokenizers_from=model_dir)

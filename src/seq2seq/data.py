@@ -255,8 +255,9 @@ def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_t
     src = np.asarray(src_lengths)
     order = np.empty(len(tgt), dtype=np.int32 if len(tgt) < 2**31 else np.int64)
     counts = np.bincount(tgt) if len(tgt) else np.zeros(0, np.int64)  # examples per target length
+    lengths = np.flatnonzero(counts).tolist()  # the distinct target lengths, ascending
     placed = 0
-    for length in np.flatnonzero(counts).tolist():  # one target length at a time: small temporaries
+    for length in lengths:  # one target length at a time: temporaries the size of its group
         group = np.flatnonzero(tgt == length)
         rng.shuffle(group)  # ties at random ...
         group = group[np.argsort(src[group], kind="stable")]  # ... among equal source lengths
@@ -268,7 +269,7 @@ def make_batches(src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_t
     # walking the examples one by one.
     sizes: list[int] = []
     current = 0  # examples in the open batch
-    for length in np.flatnonzero(counts).tolist():
+    for length in lengths:
         count = int(counts[length])
         cap = max(1, min(max_sentences, batch_tokens // (length + 1)))
         if current >= cap:
