@@ -40,7 +40,7 @@ def matmul_peak(seconds: float = 2.0, size: int = 2048, device: str = "cpu",
 
     On CPU in float32 the faster of two libraries counts: ``torch.mm`` (MKL) and oneDNN
     (``ops.cpu_linear``, which decoding uses; about 20% faster than MKL on this AMD CPU)."""
-    from seq2seq.ops import cpu_linear
+    from seq2seq.kernels.ops import cpu_linear
 
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -27,10 +27,10 @@ VARIANTS = {"greedy": (1, False, False), "beam5": (5, False, False),
 
 
 def measure(model_dir: str, variant: str, batch_size: int | None, repeat: int = 3) -> dict:
-    from seq2seq.data import read_lines
-    from seq2seq.metrics import score_translations
-    from seq2seq.ops import keep_freed_memory
-    from seq2seq.translator import Translator
+    from seq2seq.data.text import read_lines
+    from seq2seq.decoding.scores import score_translations
+    from seq2seq.decoding.translator import Translator
+    from seq2seq.kernels.ops import keep_freed_memory
 
     keep_freed_memory()  # as the seq2seq command does
 

@@ -28,11 +28,12 @@ def measure(config_path: str, warmup: int, steps: int) -> dict:
     import torch
 
     from seq2seq.config import Config
-    from seq2seq.data import collate, encode_corpus, make_batches, read_parallel
-    from seq2seq.ops import keep_freed_memory
-    from seq2seq.schedule import make_adam
-    from seq2seq.tokenize import train_tokenizers
-    from seq2seq.translator import build_model
+    from seq2seq.data.batches import collate, encode_corpus, make_batches
+    from seq2seq.data.text import read_parallel
+    from seq2seq.data.tokenizers import train_tokenizers
+    from seq2seq.decoding.translator import build_model
+    from seq2seq.kernels.ops import keep_freed_memory
+    from seq2seq.training.schedule import make_adam
 
     applied = keep_freed_memory()  # False with SEQ2SEQ_KEEP_FREED_MEMORY=0
     config = Config.load(config_path)

@@ -34,7 +34,7 @@ from pathlib import Path
 from common import DATA_DIR, record
 
 from seq2seq.config import packaged_configs
-from seq2seq.data import read_lines
+from seq2seq.data.text import read_lines
 
 GIB = 2**30
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from common import matmul_peak, record
 
-from seq2seq.simple import SMALL_MODEL_THREADS, EncoderDecoderRNN
+from seq2seq.vectors.model import SMALL_MODEL_THREADS, EncoderDecoderRNN
 
 MAX_NUM, SEQUENCE_LEN, HIDDEN = 50, 10, 200
 EPOCHS, LEARNING_RATE, DECAY_RATE = 500, 0.0001, 0.00001

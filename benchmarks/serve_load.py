@@ -216,7 +216,7 @@ def _load_threads(port: int, bodies: list[bytes], clients: int, requests: int, d
 def small_model(seconds: float) -> tuple[Path, list[str], str]:
     """The fallback: the dates demo trained for ``seconds`` in a temporary folder (in its own
     process, which sets its own torch threads)."""
-    from seq2seq.tasks import make_task
+    from seq2seq.data.tasks import make_task
 
     out = Path(tempfile.mkdtemp(prefix="serve_load_")) / "demo"
     subprocess.run([sys.executable, "-m", "seq2seq", "demo", "--task", "dates", "--max-seconds",
@@ -235,7 +235,7 @@ def offline(model_dir: Path, sentences: list[str], single: int, threads: int,
     time (on the first ``single`` sentences)."""
     import torch
 
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
 
     torch.set_num_threads(threads)
     translator = Translator.load(model_dir)
@@ -272,7 +272,7 @@ def main() -> None:
 
     if (args.model_dir / "config.yaml").is_file():
         from seq2seq.config import Config
-        from seq2seq.data import read_lines
+        from seq2seq.data.text import read_lines
 
         model_dir = args.model_dir
         src_lang = Config.load(model_dir / "config.yaml").data.src_lang

@@ -21,11 +21,12 @@ from pathlib import Path
 from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
 
 from seq2seq.config import Config
-from seq2seq.data import encode_corpus, make_batches, read_parallel
-from seq2seq.ops import keep_freed_memory
-from seq2seq.tokenize import load_tokenizers
-from seq2seq.train import train
-from seq2seq.translator import Translator, build_model
+from seq2seq.data.batches import encode_corpus, make_batches
+from seq2seq.data.text import read_parallel
+from seq2seq.data.tokenizers import load_tokenizers
+from seq2seq.decoding.translator import Translator, build_model
+from seq2seq.kernels.ops import keep_freed_memory
+from seq2seq.training.loop import train
 
 
 def main() -> None:

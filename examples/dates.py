@@ -5,9 +5,9 @@
 
 from pathlib import Path
 
+from seq2seq.data.tasks import make_task, write_task
+from seq2seq.decoding.translator import Translator
 from seq2seq.demo import demo_config
-from seq2seq.tasks import make_task, write_task
-from seq2seq.translator import Translator
 
 work = Path("dates-example")
 

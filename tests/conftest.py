@@ -109,7 +109,7 @@ def trained_model_dir(reversal_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def translator(trained_model_dir):
     """The trained model, loaded once for every test that translates in-process."""
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
 
     return Translator.load(trained_model_dir, device="cpu")
 

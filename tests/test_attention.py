@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq.attention import BahdanauAttention, LuongAttention, make_attention, masked_softmax
+from seq2seq.models.rnn.attention import BahdanauAttention, LuongAttention, make_attention, masked_softmax
 
 BATCH, TGT, SRC, QUERY, KEY = 3, 4, 6, 5, 7
 LENGTHS = torch.tensor([6, 2, 4])

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from seq2seq import cli
 from seq2seq.config import DataConfig
-from seq2seq.data import GZIP_MAGIC, UTF8_BOM, DataError, read_lines, read_parallel
-from seq2seq.tokenize import SPECIALS, train_tokenizers
-from seq2seq.translator import Translator
+from seq2seq.data.text import GZIP_MAGIC, UTF8_BOM, DataError, read_lines, read_parallel
+from seq2seq.data.tokenizers import SPECIALS, train_tokenizers
+from seq2seq.decoding.translator import Translator
 
 FAST = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -496,7 +496,7 @@ def rnn():
     """Input size 2, output 3 classes, Bahdanau attention; trained one epoch (target length 3)."""
     import numpy as np
 
-    from seq2seq.simple import EncoderDecoderRNN
+    from seq2seq.vectors.model import EncoderDecoderRNN
 
     model = EncoderDecoderRNN(2, 8, 3, loss="cross_entropy", attention="bahdanau", seed=0,
                               device="cpu")
@@ -666,7 +666,7 @@ def test_loss_function_refuses_bad_inputs(rnn, pred, true, message):
     ({"device": "tpu"}, "unknown device 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_constructor_refuses_bad_settings(settings, message):
-    from seq2seq.simple import EncoderDecoderRNN
+    from seq2seq.vectors.model import EncoderDecoderRNN
 
     args = {"input_size": 2, "hidden_size": 8, "output_size": 3, **settings}
     with pytest.raises(ValueError, match=message):
@@ -675,7 +675,7 @@ def test_constructor_refuses_bad_settings(settings, message):
 
 
 def test_save_into_a_file_and_load_from_nowhere_are_clear_errors(rnn, tmp_path):
-    from seq2seq.simple import EncoderDecoderRNN
+    from seq2seq.vectors.model import EncoderDecoderRNN
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'file'))} is a file: save\(\) "

@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import reversal_pairs
 
-from seq2seq.batching import DecodeOptions, DecodingWorker, Job, QueueFull, WorkerStopped
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
+from seq2seq.serving.worker import DecodeOptions, DecodingWorker, Job, QueueFull, WorkerStopped
 
 
 def ids(worker: DecodingWorker, sentences: list[str]) -> list[list[int]]:

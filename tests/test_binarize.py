@@ -20,14 +20,15 @@ import pytest
 import torch
 from conftest import write_reversal
 
-from seq2seq.binarize import binarize
-from seq2seq.checkpoint import read_checkpoint
 from seq2seq.cli import main
 from seq2seq.config import Config, ModelConfig
-from seq2seq.corpus import MANIFEST, PreparedCorpus, read_manifest
-from seq2seq.data import DataError, collate, encode_corpus, make_batches, read_parallel
-from seq2seq.model import Seq2Seq
-from seq2seq.tokenize import PAD_ID, load_tokenizers
+from seq2seq.data.batches import collate, encode_corpus, make_batches
+from seq2seq.data.prepare import binarize
+from seq2seq.data.prepared import MANIFEST, PreparedCorpus, read_manifest
+from seq2seq.data.text import DataError, read_parallel
+from seq2seq.data.tokenizers import PAD_ID, load_tokenizers
+from seq2seq.models.checkpoint import read_checkpoint
+from seq2seq.models.rnn.model import Seq2Seq
 
 WORDS = [f"w{i}" for i in range(300)]
 
@@ -199,7 +200,7 @@ def test_a_tsv_corpus_and_the_command_line(tmp_path, capsys):
 # -- faults of the machine: a kill, a full disk -------------------------------------------------
 _PREPARE = """
 import sys
-from seq2seq.binarize import binarize
+from seq2seq.data.prepare import binarize
 from seq2seq.config import Config
 config = Config.from_dict({"data": {"train_src": sys.argv[1], "train_tgt": sys.argv[2],
                                     "tokenizer": "word", "max_len": 40}})

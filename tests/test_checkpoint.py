@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from seq2seq import checkpoint as ckpt
-from seq2seq.checkpoint import (
+from seq2seq.config import ModelConfig
+from seq2seq.files import atomic_write_bytes
+from seq2seq.models import checkpoint as ckpt
+from seq2seq.models.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     load_model,
     load_training_state,
     read_checkpoint,
     save_checkpoint,
 )
-from seq2seq.config import ModelConfig
-from seq2seq.model import Seq2Seq
+from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB = 11
 

@@ -168,7 +168,7 @@ def test_the_configs_command_lists_and_prints_them(capsys):
 
 
 def test_data_paths_are_relative_to_data_dir_else_the_current_folder(tmp_path, monkeypatch):
-    from seq2seq.run_setup import resolve_data_paths
+    from seq2seq.training.setup import resolve_data_paths
 
     config_dir, cwd = tmp_path / "configs", tmp_path / "cwd"
     config_dir.mkdir()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seq2seq import corpus
-from seq2seq.corpus import FORMAT, MANIFEST, OFFSET_DTYPE, PreparedCorpus
+from seq2seq.data import prepared as corpus
+from seq2seq.data.prepared import FORMAT, MANIFEST, OFFSET_DTYPE, PreparedCorpus
 
 
 def write_prepared(folder: Path, lengths: np.ndarray, ids_dtype: str = "<u2") -> None:

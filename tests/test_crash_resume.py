@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from seq2seq import cli
-from seq2seq.checkpoint import read_checkpoint
-from seq2seq.train import _Run
+from seq2seq.models.checkpoint import read_checkpoint
+from seq2seq.training.loop import _Run
 
 CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, valid_tgt: valid.tgt,
@@ -161,7 +161,7 @@ def copy_run(partial_run: Path, tmp_path: Path) -> Path:
 
 # -- atomic writes ------------------------------------------------------------------------
 def test_atomic_writes_follow_the_umask_and_name_the_file_on_error(tmp_path, monkeypatch):
-    from seq2seq.checkpoint import atomic_write_bytes
+    from seq2seq.files import atomic_write_bytes
 
     mask = os.umask(0o022)
     os.umask(mask)

@@ -14,17 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seq2seq.data import (
-    GZIP_MAGIC,
-    DataError,
-    EncodedCorpus,
-    collate,
-    encode_corpus,
-    make_batches,
-    read_lines,
-    read_parallel,
-)
-from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer
+from seq2seq.data.batches import EncodedCorpus, collate, encode_corpus, make_batches
+from seq2seq.data.text import GZIP_MAGIC, DataError, read_lines, read_parallel
+from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer
 
 
 def _write(path: Path, data: bytes) -> Path:

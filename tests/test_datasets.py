@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from seq2seq import cli
-from seq2seq.datasets import DownloadError, download_multi30k, multi30k_checksums
+from seq2seq.data.downloads import DownloadError, download_multi30k, multi30k_checksums
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 

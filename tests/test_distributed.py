@@ -25,8 +25,8 @@ from conftest import write_reversal
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from seq2seq import distributed
 from seq2seq.config import ConfigError
+from seq2seq.training import distributed
 
 CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, valid_tgt: valid.tgt,
@@ -239,7 +239,7 @@ def test_two_processes_stopped_and_resumed_train_as_one_uninterrupted(corpus, tm
 def test_two_ranks_into_a_locked_model_dir_both_stop_with_the_lock_error(corpus, tmp_path):
     """Rank 0 alone takes the lock; when another process holds it, every rank stops at once with
     the same error (none waits in a collective for a rank 0 that has left)."""
-    from seq2seq.run_setup import ModelDirLock
+    from seq2seq.training.setup import ModelDirLock
 
     model_dir = tmp_path / "run"
     model_dir.mkdir()

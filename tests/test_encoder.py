@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq.encoder import Encoder, make_rnn
+from seq2seq.models.rnn.encoder import Encoder, make_rnn
 
 LENGTHS = [7, 3, 5, 1]
 

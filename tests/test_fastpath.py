@@ -14,11 +14,11 @@ import torch
 from conftest import autograd_nodes
 
 from seq2seq.config import Config, ModelConfig, packaged_configs
-from seq2seq.fastpath import REFERENCE, FastPaths, private_ops, resolve
-from seq2seq.gru import GRU
-from seq2seq.model import DecodingSession, Seq2Seq
-from seq2seq.ops import dropout_scale
-from seq2seq.search import beam_search, greedy_search, max_output_lengths
+from seq2seq.decoding.search import beam_search, greedy_search, max_output_lengths
+from seq2seq.kernels.gru import GRU
+from seq2seq.kernels.ops import dropout_scale
+from seq2seq.kernels.policy import REFERENCE, FastPaths, private_ops, resolve
+from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
 
 VOCAB, PAD, BOS, EOS = 17, 0, 1, 2
 LAYOUT = ("cell", "attention", "input_feeding", "bidirectional", "encoder_layers",
@@ -248,10 +248,10 @@ def test_search_with_input_feeding_gives_the_reference_outputs():
 def test_first_probe_inside_shapes_only_still_finds_the_ops():
     """The probe runs once per process, at the first model built: when that model is a
     meta-device skeleton (``Translator.load`` checks shapes first), it still probes on CPU."""
-    code = ("from seq2seq.checkpoint import shapes_only\n"
+    code = ("from seq2seq.models.checkpoint import shapes_only\n"
             "from seq2seq.config import ModelConfig\n"
-            "from seq2seq.model import Seq2Seq\n"
-            "from seq2seq.fastpath import private_ops\n"
+            "from seq2seq.models.rnn.model import Seq2Seq\n"
+            "from seq2seq.kernels.policy import private_ops\n"
             "with shapes_only():\n"
             "    Seq2Seq(ModelConfig(embed_size=4, hidden_size=4), src_vocab=9, tgt_vocab=9)\n"
             "print(sorted(private_ops()))\n")
@@ -262,7 +262,7 @@ def test_first_probe_inside_shapes_only_still_finds_the_ops():
 
 def test_translator_load_takes_the_kernels(trained_model_dir):
     from seq2seq.config import ConfigError
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
 
     assert Translator.load(trained_model_dir, device="cpu", kernels="reference").model.paths \
         == REFERENCE

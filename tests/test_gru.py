@@ -1,4 +1,4 @@
-"""The fused training path of seq2seq.gru.GRU (FastPaths.fused_gru) must match nn.GRU exactly:
+"""The fused training path of seq2seq.kernels.gru.GRU (FastPaths.fused_gru) must match nn.GRU exactly:
 outputs, final state and every gradient, with padding, both directions and several layers;
 it runs in training mode with the flag on, and nn.GRU runs otherwise."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq.fastpath import FastPaths
-from seq2seq.gru import GRU, reverse_index, run_padded
+from seq2seq.kernels.gru import GRU, reverse_index, run_padded
+from seq2seq.kernels.policy import FastPaths
 
 FUSED = FastPaths(fused_gru=True)
 

@@ -31,12 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from seq2seq import cli
-from seq2seq.checkpoint import CheckpointError, atomic_write_bytes, read_checkpoint, save_checkpoint
 from seq2seq.config import Config, ConfigError
-from seq2seq.data import DataError, read_lines, read_parallel
-from seq2seq.simple import EncoderDecoderRNN
-from seq2seq.tokenize import load_tokenizers
-from seq2seq.translator import Translator
+from seq2seq.data.text import DataError, read_lines, read_parallel
+from seq2seq.data.tokenizers import load_tokenizers
+from seq2seq.decoding.translator import Translator
+from seq2seq.files import atomic_write_bytes
+from seq2seq.models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from seq2seq.vectors.model import EncoderDecoderRNN
 
 SENTENCES = ["a b c", "h g f e d", "c c a b h h g", "d e"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -288,8 +289,8 @@ def test_training_reads_every_pair_from_fifos(reversal_corpus, tmp_path, capsys)
     assert [manifest["sources"][s]["path"] for s in ("train_src", "train_tgt")] == [str(src), str(tgt)]
     assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob("spool"))
     # the same arrays as preparing the regular files
-    from seq2seq.binarize import binarize
-    from seq2seq.corpus import PreparedCorpus
+    from seq2seq.data.prepare import binarize
+    from seq2seq.data.prepared import PreparedCorpus
 
     config = Config.load(tmp_path / "cfg.yaml")
     config.data.train_src = str(reversal_corpus / "train.src")
@@ -504,7 +505,7 @@ def test_rnn_load_reads_only_regular_files(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "deep"])
 def test_a_prepared_folders_manifest_is_read_only_from_a_regular_file(tmp_path, kind):
-    from seq2seq.corpus import MANIFEST, read_manifest
+    from seq2seq.data.prepared import MANIFEST, read_manifest
 
     path = tmp_path / MANIFEST
     path.write_text("{}")

@@ -39,10 +39,11 @@ def faults_of_freed_blocks():
 
 before = states()
 with torch.autograd.profiler.profile() as prof:
-    import seq2seq, seq2seq.cli, seq2seq.fastpath, seq2seq.ops, seq2seq.search  # noqa: F401
+    import seq2seq, seq2seq.cli, seq2seq.kernels.policy, seq2seq.kernels.ops  # noqa: F401
+    import seq2seq.decoding.search  # noqa: F401
 ops_run = sorted({event.name for event in prof.function_events})
 after_import = states()
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
 translator = Translator.load(sys.argv[1], device="cpu")
 translator.translate(["a b c"])
 after_load = states()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq import loss as loss_module
-from seq2seq.loss import output_cross_entropy, reduced_precision_scores
+from seq2seq.kernels import loss as loss_module
+from seq2seq.kernels.loss import output_cross_entropy, reduced_precision_scores
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from seq2seq.metrics import score_translations
+from seq2seq.decoding.scores import score_translations
 
 REFERENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch."]
 BLEU_SIGNATURE = re.compile(r"nrefs:1\|case:(mixed|lc)\|eff:no\|tok:13a\|smooth:exp\|version:\d+\.\d+\.\d+")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from seq2seq.metrics_log import MetricsLog
+from seq2seq.training.metrics_log import MetricsLog
 
 
 def test_append_then_truncate_keeps_the_lines_up_to_the_step(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seq2seq.config import ConfigError, ModelConfig
-from seq2seq.model import DecodingSession, Seq2Seq
+from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
 
 VOCAB, FEATURES, LENGTHS, TGT_LEN = 11, 3, [6, 2, 4], 5
 
@@ -258,7 +258,7 @@ def test_threads_share_one_translator(trained_model_dir, options):
     session) get exactly the sequential translations, greedy and beam."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
 
     translator = Translator.load(trained_model_dir, device="cpu", **options)
     assert translator.model.paths.bf16_output == ("precision" in options)

@@ -1,4 +1,4 @@
-"""seq2seq.ops: the fast tanh gives tanh's values and gradient; the fast dropout drops at its
+"""seq2seq.kernels.ops: the fast tanh gives tanh's values and gradient; the fast dropout drops at its
 rate, scales what it keeps, and repeats under a seed; freed memory is reused; the oneDNN
 product runs oneDNN's kernel where it applies, F.linear elsewhere, with F.linear's values."""
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from seq2seq.fastpath import private_ops
-from seq2seq.ops import Dropout, cpu_linear, dropout, tanh, tanh_
+from seq2seq.kernels.ops import Dropout, cpu_linear, dropout, tanh, tanh_
+from seq2seq.kernels.policy import private_ops
 
 
 def fast_tanh(x):
@@ -91,7 +91,7 @@ def test_fast_dropout_gradient_is_the_mask():
 
 _FAULTS = """
 import ctypes, resource
-from seq2seq.ops import keep_freed_memory
+from seq2seq.kernels.ops import keep_freed_memory
 print(keep_freed_memory())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

@@ -7,7 +7,7 @@ import json
 import re
 
 from seq2seq.cli import main
-from seq2seq.page import page_html, sentence_result
+from seq2seq.serving.results import page_html, sentence_result
 
 STATIC = re.compile(r'<script id="static-result" type="application/json">(.*?)</script>', re.S)
 

@@ -14,7 +14,7 @@ import torch
 from conftest import reversal_pairs
 
 from seq2seq import Translator
-from seq2seq.checkpoint import CheckpointError, save_checkpoint
+from seq2seq.models.checkpoint import CheckpointError, save_checkpoint
 
 
 @pytest.fixture(scope="module")

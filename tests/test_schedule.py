@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seq2seq.config import TrainConfig
-from seq2seq.schedule import Schedule, ScheduleState
+from seq2seq.training.schedule import Schedule, ScheduleState
 
 
 def replay(schedule: Schedule, scores: list[float]) -> tuple[ScheduleState, list[bool], list[float]]:

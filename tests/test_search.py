@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from seq2seq import search
 from seq2seq.config import ModelConfig
-from seq2seq.model import Seq2Seq
-from seq2seq.search import (
+from seq2seq.decoding import search
+from seq2seq.decoding.search import (
     beam_search,
     greedy_search,
     length_penalty,
@@ -19,6 +18,7 @@ from seq2seq.search import (
     rescore_candidates,
     top_continuations,
 )
+from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB, PAD, BOS, EOS = 9, 0, 1, 2
 LENGTHS = torch.tensor([6, 3, 5, 1])

@@ -24,12 +24,12 @@ from fastapi.testclient import TestClient
 
 from seq2seq.cli import main
 from seq2seq.config import Config
-from seq2seq.model import Seq2Seq
-from seq2seq.rest import create_app
-from seq2seq.serve import ServeConfig
-from seq2seq.tasks import make_task
-from seq2seq.tokenize import PAD_ID
-from seq2seq.translator import Translator
+from seq2seq.data.tasks import make_task
+from seq2seq.data.tokenizers import PAD_ID
+from seq2seq.decoding.translator import Translator
+from seq2seq.models.rnn.model import Seq2Seq
+from seq2seq.serving.app import create_app
+from seq2seq.serving.settings import ServeConfig
 
 KEY = "s3cret-key"
 

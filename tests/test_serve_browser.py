@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, serving
 
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 DRIVER = shutil.which("chromedriver")

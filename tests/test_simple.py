@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from seq2seq import simple
-from seq2seq.simple import EncoderDecoderRNN
+from seq2seq.vectors import model as simple
+from seq2seq.vectors.model import EncoderDecoderRNN
 
 VOCAB, LENGTH = 10, 10
 

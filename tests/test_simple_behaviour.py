@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 
-from seq2seq.simple import EncoderDecoderRNN
+from seq2seq.vectors.model import EncoderDecoderRNN
 
 CLASSES = 4
 

@@ -10,9 +10,9 @@ from conftest import autograd_nodes
 from torch import nn
 
 from seq2seq.config import ModelConfig
-from seq2seq.fastpath import REFERENCE, FastPaths
-from seq2seq.model import Seq2Seq
-from seq2seq.ops import dropout_scale
+from seq2seq.kernels.ops import dropout_scale
+from seq2seq.kernels.policy import REFERENCE, FastPaths
+from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB, LENGTHS, TGT_LEN = 13, [7, 3, 5, 1], 6
 STEPWISE = FastPaths(stepwise=True, fast_dropout=True)

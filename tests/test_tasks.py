@@ -6,7 +6,7 @@ from datetime import date, datetime
 import numpy as np
 import pytest
 
-from seq2seq.tasks import DATE_FORMATS, TASKS, make_task, progression_arrays, write_task
+from seq2seq.data.tasks import DATE_FORMATS, TASKS, make_task, progression_arrays, write_task
 
 # How a reader would parse each documented format, independently of the generator: strptime
 # patterns, after ordinal suffixes are dropped ("3rd" -> "3"). %y is re-pivoted to 1950-2049.

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seq2seq.config import DataConfig
-from seq2seq.tokenize import (
+from seq2seq.data.tokenizers import (
     BOS_ID,
     EOS_ID,
     PAD_ID,

@@ -14,7 +14,7 @@ import torch
 from conftest import write_reversal
 
 from seq2seq import cli
-from seq2seq.checkpoint import read_checkpoint
+from seq2seq.models.checkpoint import read_checkpoint
 
 CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, tokenizer: word, vocab_size: 100}
@@ -103,9 +103,9 @@ def test_bf16_on_cpu_runs_the_output_layer_in_bf16_without_autocast(corpus, tmp_
                                                                      monkeypatch):
     """CPU bf16 training: the fused loss's products in bf16, the rest float32 with no
     autocast, so the step-wise decoder's fused path runs (it refuses autocast)."""
-    from seq2seq import loss as loss_module
-    from seq2seq import model as model_module
-    from seq2seq import stepwise
+    from seq2seq.kernels import loss as loss_module
+    from seq2seq.kernels import stepwise
+    from seq2seq.models.rnn import model as model_module
 
     seen, fused_steps = [], []
     real_loss, real_stepwise = loss_module.output_cross_entropy, stepwise.run_stepwise

@@ -18,8 +18,8 @@ import pytest
 from conftest import run_cli, write_reversal
 
 from seq2seq import cli
-from seq2seq.train import TrainingError
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
+from seq2seq.training.loop import TrainingError
 
 CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, tokenizer: word, vocab_size: 100}

@@ -15,8 +15,8 @@ from conftest import write_reversal
 from safetensors.torch import load_file
 
 from seq2seq import cli
-from seq2seq.tokenize import UNK_ID
-from seq2seq.translator import Translator
+from seq2seq.data.tokenizers import UNK_ID
+from seq2seq.decoding.translator import Translator
 
 CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, valid_tgt: valid.tgt,

@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import long_line, reversal_pairs
 
-import seq2seq.translator as translator_module
+import seq2seq.decoding.translator as translator_module
 from seq2seq.config import Config
-from seq2seq.data import collate
-from seq2seq.model import Seq2Seq
-from seq2seq.search import beam_search, max_output_lengths
-from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer
-from seq2seq.translator import Translator
+from seq2seq.data.batches import collate
+from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer
+from seq2seq.decoding.search import beam_search, max_output_lengths
+from seq2seq.decoding.translator import Translator
+from seq2seq.models.rnn.model import Seq2Seq
 
 # In-distribution sentences, then harder ones: unseen lengths, unknown words, repeats.
 SENTENCES = [s for s, _ in reversal_pairs(20, random.Random(11))] + [

@@ -21,9 +21,9 @@ import yaml
 from safetensors.torch import save as safetensors_bytes
 
 from seq2seq import cli
-from seq2seq.checkpoint import FORMAT, CheckpointError, read_checkpoint
 from seq2seq.config import ConfigError
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
+from seq2seq.models.checkpoint import FORMAT, CheckpointError, read_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "seq2seq"
 
@@ -253,7 +253,7 @@ def test_no_module_uses_a_loader_that_can_run_code():
 # -- EncoderDecoderRNN.load ---------------------------------------------------------------------
 @pytest.fixture
 def rnn_dir(tmp_path) -> Path:
-    from seq2seq.simple import EncoderDecoderRNN
+    from seq2seq.vectors.model import EncoderDecoderRNN
 
     EncoderDecoderRNN(2, 8, 3, loss="cross_entropy", attention="bahdanau", seed=0,
                       device="cpu").save(tmp_path / "rnn")
@@ -261,7 +261,7 @@ def rnn_dir(tmp_path) -> Path:
 
 
 def _refused_by_rnn_load(rnn_dir: Path, marker: Path, named: str) -> None:
-    from seq2seq.simple import EncoderDecoderRNN
+    from seq2seq.vectors.model import EncoderDecoderRNN
 
     with pytest.raises(ValueError) as caught:
         EncoderDecoderRNN.load(rnn_dir, device="cpu")

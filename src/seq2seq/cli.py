@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from seq2seq import __version__
-from seq2seq.checkpoint import CheckpointError, atomic_write_text, check_output
 from seq2seq.config import Config, ConfigError, check_device
-from seq2seq.data import DataError
+from seq2seq.data.text import DataError
+from seq2seq.files import atomic_write_text, check_output
 from seq2seq.model_dir import CONFIG_FILE, LAST
+from seq2seq.models.checkpoint import CheckpointError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -123,7 +124,7 @@ def _model_args(parser: argparse.ArgumentParser, model_dir_required: bool = True
 def _serve_limits(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from seq2seq.serve import ServeConfig, flag
+    from seq2seq.serving.settings import ServeConfig, flag
 
     for field in fields(ServeConfig):
         parser.add_argument(flag(field.name), type=type(field.default), metavar="N",
@@ -132,9 +133,9 @@ def _serve_limits(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from seq2seq.distributed import DistributedError
-    from seq2seq.ops import keep_freed_memory
-    from seq2seq.train import TrainingError, TrainingInterrupted
+    from seq2seq.kernels.ops import keep_freed_memory
+    from seq2seq.training.distributed import DistributedError
+    from seq2seq.training.loop import TrainingError, TrainingInterrupted
 
     keep_freed_memory()  # process-wide, so the command does it, not the library: see ops.py
 
@@ -187,9 +188,9 @@ def _apply_flags(config: Config, flags: list[tuple[str, str, Any]]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from seq2seq.run_setup import refuse_own_config
-    from seq2seq.train import train
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
+    from seq2seq.training.loop import train
+    from seq2seq.training.setup import refuse_own_config
 
     resume = args.resume or _restarted_by_torchrun(args.model_dir)
     if args.config is not None:
@@ -225,7 +226,7 @@ def _restarted_by_torchrun(model_dir: Path) -> bool:
 
 
 def _load(args: argparse.Namespace):
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
 
     check_device(args.device, "--device")
     translator = Translator.load(args.model_dir, checkpoint=args.checkpoint, device=args.device,
@@ -238,7 +239,7 @@ def _load(args: argparse.Namespace):
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from seq2seq.data import read_lines
+    from seq2seq.data.text import read_lines
 
     if args.output is not None:
         check_output(args.output)  # a read-only or impossible target, refused before the work
@@ -314,7 +315,7 @@ def run_attention(args: argparse.Namespace) -> int:
         path = translator.plot_attention(args.text, args.output, beam=beam)
         print(f"attention heatmap written to {path}")
     if args.html is not None:
-        from seq2seq.page import attention_page
+        from seq2seq.serving.results import attention_page
 
         atomic_write_text(args.html, attention_page(translator, args.text, beam=beam,
                                                     model=args.model_dir.name))
@@ -323,10 +324,10 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from seq2seq.serve import ServeConfig, require_extra
+    from seq2seq.serving.settings import ServeConfig, require_extra
 
     require_extra()
-    from seq2seq.rest import run_server
+    from seq2seq.serving.app import run_server
 
     models = _served_models(args)
     config = ServeConfig(**{name: getattr(args, name) for name in ServeConfig.names()
@@ -372,8 +373,8 @@ def _served_models(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from seq2seq.binarize import binarize
-    from seq2seq.run_setup import resolve_data_paths
+    from seq2seq.data.prepare import binarize
+    from seq2seq.training.setup import resolve_data_paths
 
     config = Config.load(args.config).override(args.overrides)
     resolve_data_paths(config, args.data_dir)
@@ -404,7 +405,7 @@ def run_configs(args: argparse.Namespace) -> int:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from seq2seq.datasets import MULTI30K_URL, DownloadError, download_multi30k
+    from seq2seq.data.downloads import MULTI30K_URL, DownloadError, download_multi30k
 
     try:
         download_multi30k(args.output, base_url=args.base_url or MULTI30K_URL)

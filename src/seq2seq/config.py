@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from seq2seq.checkpoint import atomic_write_text, read_regular_file
+from seq2seq.files import atomic_write_text, read_regular_file
 
 CELLS = ("rnn", "gru", "lstm")
 ATTENTIONS = ("bahdanau", "dot", "general")

@@ -1,7 +1,7 @@
 """``seq2seq demo``: train a small attention model on a generated task, in about 30 seconds.
 
 Everything goes through the library's real path: ``tasks.make_task`` and ``write_task`` put
-the data in ``OUTPUT_DIR/data``, ``seq2seq.train.train`` trains a character-level model into
+the data in ``OUTPUT_DIR/data``, ``seq2seq.training.loop.train`` trains a character-level model into
 ``OUTPUT_DIR/model`` (progress bar and validation lines included), and ``Translator`` decodes
 the held-out test set and draws the attention of one example. The output folder then holds:
 
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seq2seq.config import Config
+from seq2seq.data.tasks import make_task, write_task
+from seq2seq.decoding.translator import Translator
 from seq2seq.model_dir import METRICS_FILE, remove_trained_files
 from seq2seq.plot import plot_losses
-from seq2seq.tasks import make_task, write_task
-from seq2seq.train import train
-from seq2seq.translator import Translator
+from seq2seq.training.loop import train
 
 MARKER = ".seq2seq-demo"  # marks an output folder as the demo's own
 DATA_FILES = tuple(f"{split}.{side}" for split in ("train", "valid", "test") for side in ("src", "tgt"))

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from seq2seq.checkpoint import atomic_write_bytes
+from seq2seq.files import atomic_write_bytes
 
 SPACE = "\u2423"  # '␣', shown for a space so character-level labels stay visible
 _CELL_INCHES = 0.3  # one attention cell, before clamping the figure size

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from seq2seq.config import ModelConfig
-from seq2seq.decoder import Decoder, DecoderState, Memory
-from seq2seq.encoder import Encoder
-from seq2seq.fastpath import REFERENCE, FastPaths, resolve
-from seq2seq.loss import output_cross_entropy, reduced_precision_scores
-from seq2seq.ops import Dropout, cpu_linear
+from seq2seq.kernels.loss import output_cross_entropy, reduced_precision_scores
+from seq2seq.kernels.ops import Dropout, cpu_linear
+from seq2seq.kernels.policy import REFERENCE, FastPaths, resolve
+from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
+from seq2seq.models.rnn.encoder import Encoder
 
 
 class Seq2Seq(nn.Module):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seq2seq.checkpoint import atomic_write_text
+from seq2seq.files import atomic_write_text
 
 
 class MetricsLog:

@@ -36,13 +36,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from seq2seq.batching import DecodeOptions, DecodingWorker, Job, QueueFull, WorkerStopped
 from seq2seq.config import ConfigError
-from seq2seq.page import json_score, page_html, sentence_result
-from seq2seq.serve import ServeConfig
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
+from seq2seq.serving.results import json_score, page_html, sentence_result
+from seq2seq.serving.settings import ServeConfig
+from seq2seq.serving.worker import DecodeOptions, DecodingWorker, Job, QueueFull, WorkerStopped
 
-log = logging.getLogger("seq2seq.serve")
+log = logging.getLogger("seq2seq.serving.settings")
 
 OPEN_PATHS = frozenset({"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq import stepwise
-from seq2seq.attention import make_attention
-from seq2seq.encoder import State, make_rnn
-from seq2seq.fastpath import REFERENCE, FastPaths
-from seq2seq.gru import GRU
-from seq2seq.ops import Dropout, tanh
+from seq2seq.kernels import stepwise
+from seq2seq.kernels.gru import GRU
+from seq2seq.kernels.ops import Dropout, tanh
+from seq2seq.kernels.policy import REFERENCE, FastPaths
+from seq2seq.models.rnn.attention import make_attention
+from seq2seq.models.rnn.encoder import State, make_rnn
 
 
 @dataclass

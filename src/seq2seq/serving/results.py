@@ -12,8 +12,8 @@ import math
 from importlib import resources
 from typing import Any
 
-from seq2seq.search import Hypothesis
-from seq2seq.translator import Translator
+from seq2seq.decoding.search import Hypothesis
+from seq2seq.decoding.translator import Translator
 
 PAGE_FILE = "page.html"
 EOS_PIECE = "</s>"
@@ -22,7 +22,7 @@ _STATIC_SLOT = '<script id="static-result" type="application/json">null</script>
 
 def page_html(static: dict[str, Any] | None = None) -> str:
     """The page; with ``static`` ({"model", "source", "result"}) it shows that result alone."""
-    html = resources.files("seq2seq").joinpath(PAGE_FILE).read_text(encoding="utf-8")
+    html = resources.files("seq2seq.serving").joinpath(PAGE_FILE).read_text(encoding="utf-8")
     if static is None:
         return html
     data = json.dumps(static, ensure_ascii=True).replace("<", "\\u003c")  # no "</script>" inside

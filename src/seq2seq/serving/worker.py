@@ -34,8 +34,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from seq2seq.search import Hypothesis
-from seq2seq.translator import Translator
+from seq2seq.decoding.search import Hypothesis
+from seq2seq.decoding.translator import Translator
 
 log = logging.getLogger(__name__)
 

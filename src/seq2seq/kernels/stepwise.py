@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from seq2seq.attention import BahdanauAttention
-from seq2seq.gru import gru_cell, gru_cell_backward
-from seq2seq.ops import dropout_scale, tanh_
+from seq2seq.kernels.gru import gru_cell, gru_cell_backward
+from seq2seq.kernels.ops import dropout_scale, tanh_
+from seq2seq.models.rnn.attention import BahdanauAttention
 
 
 def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_keys: Tensor,

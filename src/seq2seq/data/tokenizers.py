@@ -24,8 +24,8 @@ from typing import Any
 
 import sentencepiece as spm
 
-from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json, read_regular_file
 from seq2seq.config import TOKENIZERS, DataConfig, quote
+from seq2seq.files import atomic_write_bytes, atomic_write_json, read_regular_file
 from seq2seq.model_dir import TOKENIZER_FILE
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seq2seq.model import DecodingSession, Seq2Seq
+from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
 
 
 @dataclass

@@ -20,18 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from seq2seq import train as training
-from seq2seq.checkpoint import CheckpointError, check_shapes, load_model, shapes_only
 from seq2seq.config import Config, ConfigError, DataConfig, decode_settings
-from seq2seq.data import collate, read_lines
+from seq2seq.data.batches import collate
+from seq2seq.data.text import read_lines
+from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
+from seq2seq.decoding.scores import score_translations
+from seq2seq.decoding.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from seq2seq.device import resolve_device
-from seq2seq.metrics import score_translations
-from seq2seq.model import DecodingSession, Seq2Seq
+from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import BEST, CONFIG_FILE, LAST
-from seq2seq.ops import precision_autocast
-from seq2seq.run_setup import build_model, refuse_own_config
-from seq2seq.search import Hypothesis, beam_search, greedy_search, max_output_lengths
-from seq2seq.tokenize import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
+from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model, shapes_only
+from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
+from seq2seq.training import loop as training
+from seq2seq.training.setup import build_model, refuse_own_config
 
 
 def _skeleton(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
@@ -56,7 +57,7 @@ class Translator:
     def train(cls, config: Config | str | Path, model_dir: str | Path,
               data_dir: str | Path | None = None, resume: bool = False,
               overrides: Sequence[str] = (), overwrite: bool = False) -> Translator:
-        """Train a model into ``model_dir`` (see ``seq2seq.train``) and load its best checkpoint.
+        """Train a model into ``model_dir`` (see ``seq2seq.training.loop``) and load its best checkpoint.
 
         The config's data paths are relative to ``data_dir`` (default: the current directory,
         as for ``seq2seq train``). A trained model already in ``model_dir`` is an error unless
@@ -87,7 +88,7 @@ class Translator:
         separate torchao package and plans to delete once its blockers are cleared (planned
         first for 2.10; still present and working in 2.13 and 2.14); where it is gone,
         ``quantize`` is refused with a ConfigError that says so. ``kernels`` ('fast' or
-        'reference'; default: the config's ``train.kernels``): see ``seq2seq.fastpath``.
+        'reference'; default: the config's ``train.kernels``): see ``seq2seq.kernels.policy``.
         """
         model_dir = Path(model_dir)
         config_path = model_dir / CONFIG_FILE

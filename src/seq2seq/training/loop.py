@@ -30,16 +30,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seq2seq import distributed, run_setup
-from seq2seq.checkpoint import load_training_state, save_checkpoint
 from seq2seq.config import Config, TrainConfig
-from seq2seq.data import Batch, collate, make_batches
-from seq2seq.metrics import score_translations
-from seq2seq.metrics_log import MetricsLog
+from seq2seq.data.batches import Batch, collate, make_batches
+from seq2seq.decoding.scores import score_translations
+from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import BEST, LAST, METRICS_FILE, remove_stale_temporary_files
-from seq2seq.ops import precision_autocast
-from seq2seq.run_setup import TrainingError
-from seq2seq.schedule import Schedule, ScheduleState, make_adam
+from seq2seq.models.checkpoint import load_training_state, save_checkpoint
+from seq2seq.training import distributed
+from seq2seq.training import setup as run_setup
+from seq2seq.training.metrics_log import MetricsLog
+from seq2seq.training.schedule import Schedule, ScheduleState, make_adam
+from seq2seq.training.setup import TrainingError
 
 __all__ = ["TrainState", "TrainingError", "TrainingInterrupted", "train"]
 VALID_BATCH_SIZE = 250  # sentences per validation decoding batch, at most

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from seq2seq.fastpath import REFERENCE, FastPaths
-from seq2seq.ops import tanh
+from seq2seq.kernels.ops import tanh
+from seq2seq.kernels.policy import REFERENCE, FastPaths
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:

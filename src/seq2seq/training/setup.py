@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from seq2seq.binarize import training_corpus
-from seq2seq.checkpoint import shapes_only
 from seq2seq.config import Config, ConfigError
-from seq2seq.corpus import PreparedCorpus
-from seq2seq.data import DataError, EncodedCorpus, encode_corpus, read_parallel
-from seq2seq.model import Seq2Seq
+from seq2seq.data.batches import EncodedCorpus, encode_corpus
+from seq2seq.data.prepare import training_corpus
+from seq2seq.data.prepared import PreparedCorpus
+from seq2seq.data.text import DataError, read_parallel
+from seq2seq.data.tokenizers import PAD_ID, Tokenizer
 from seq2seq.model_dir import CONFIG_FILE, LAST, LOCK_FILE, remove_trained_files, trained_files
-from seq2seq.tokenize import PAD_ID, Tokenizer
+from seq2seq.models.checkpoint import shapes_only
+from seq2seq.models.rnn.model import Seq2Seq
 
 BYTES_PER_PARAMETER = 16  # float32 weight, gradient and Adam's two moments, activations aside
 

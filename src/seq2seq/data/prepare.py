@@ -39,13 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from seq2seq import corpus as fmt
-from seq2seq.checkpoint import atomic_write_bytes, atomic_write_json
 from seq2seq.config import Config, ConfigError, DataConfig
-from seq2seq.corpus import MANIFEST, SIDES, PreparedCorpus, file_record, mismatch, read_manifest
-from seq2seq.data import DataError, encode_corpus, iter_parallel
+from seq2seq.data import prepared as fmt
+from seq2seq.data.batches import encode_corpus
+from seq2seq.data.prepared import MANIFEST, SIDES, PreparedCorpus, file_record, mismatch, read_manifest
+from seq2seq.data.text import DataError, iter_parallel
+from seq2seq.data.tokenizers import Tokenizer, load_tokenizers, train_tokenizers
+from seq2seq.files import atomic_write_bytes, atomic_write_json
 from seq2seq.model_dir import TOKENIZER_FILE
-from seq2seq.tokenize import Tokenizer, load_tokenizers, train_tokenizers
 
 CHUNK_PAIRS = 20_000  # pairs per task sent to an encoding worker
 SAMPLE_SEED = 1  # the tokenizers' sample of the training pairs

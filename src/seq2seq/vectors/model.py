@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from seq2seq import arrays, checkpoint
 from seq2seq.config import CELLS, MAX_LAYERS, ModelConfig, normalize_attention, quote
 from seq2seq.device import resolve_device
-from seq2seq.model import DecodingSession, Seq2Seq
-from seq2seq.schedule import make_adam
+from seq2seq.models import checkpoint
+from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
+from seq2seq.training.schedule import make_adam
+from seq2seq.vectors import arrays
 
 LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("adam", "sgd")

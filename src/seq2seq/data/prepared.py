@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from seq2seq.checkpoint import read_regular_file
 from seq2seq.config import DataConfig
-from seq2seq.data import DataError
+from seq2seq.data.text import DataError
+from seq2seq.files import read_regular_file
 
 FORMAT = "seq2seq-prepared-1"
 MANIFEST = "manifest.json"

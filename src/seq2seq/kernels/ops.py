@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.fastpath import REFERENCE, FastPaths, onednn_linear
+from seq2seq.kernels.policy import REFERENCE, FastPaths, onednn_linear
 
 
 def tanh_(x: Tensor) -> Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from seq2seq.gru import GRU, run_padded
-from seq2seq.ops import Dropout
+from seq2seq.kernels.gru import GRU, run_padded
+from seq2seq.kernels.ops import Dropout
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "gru": GRU, "lstm": nn.LSTM}
 
@@ -17,7 +17,7 @@ State = Tensor | tuple[Tensor, Tensor]
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int,
              dropout: float, bidirectional: bool = False) -> nn.RNNBase:
     """A batch-first ``nn.RNN``/``GRU``/``nn.LSTM``: cuDNN on GPU; on CPU oneDNN for the LSTM,
-    and for the GRU ``seq2seq.gru.GRU``, with its fused training path."""
+    and for the GRU ``seq2seq.kernels.gru.GRU``, with its fused training path."""
     return RNN_CLASSES[cell](
         input_size, hidden_size, num_layers=num_layers, batch_first=True,
         dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional,

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.fastpath import REFERENCE, FastPaths
-from seq2seq.ops import cpu_linear, dropout, tanh_
+from seq2seq.kernels.ops import cpu_linear, dropout, tanh_
+from seq2seq.kernels.policy import REFERENCE, FastPaths
 
 
 def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
