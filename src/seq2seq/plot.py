@@ -135,7 +135,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` as ``checkpoint.atomic_write_bytes`` writes any output: atomically
+    """Write ``fig`` to ``path`` as ``files.atomic_write_bytes`` writes any output: atomically
     for a new or regular file, through a symlink, straight into a device or FIFO."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from seq2seq import files
 from seq2seq.config import CELLS, MAX_LAYERS, ModelConfig, normalize_attention, quote
 from seq2seq.device import resolve_device
 from seq2seq.models import checkpoint
@@ -233,7 +234,7 @@ class EncoderDecoderRNN:
                              f"({SETTINGS_FILE} and {WEIGHTS_FILE})")
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint.save_checkpoint(folder / WEIGHTS_FILE, self.model, {"format": FORMAT})
-        checkpoint.atomic_write_json(folder / SETTINGS_FILE, self.settings())
+        files.atomic_write_json(folder / SETTINGS_FILE, self.settings())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> EncoderDecoderRNN:
@@ -389,7 +390,7 @@ def _check_training(epochs: Any, learning_rate: Any, decay_rate: Any, periodic_c
 def _read_settings(path: Path) -> dict[str, Any]:
     """``settings.json``: every key of ``SETTINGS_KEYS`` (the format removed), checked."""
     try:
-        settings = json.loads(checkpoint.read_regular_file(path).decode("utf-8"))
+        settings = json.loads(files.read_regular_file(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
     except RecursionError:
