@@ -20,18 +20,45 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DATA_DIR = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k"))
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
+# The CPU features that decide which kernels run fast: AVX-512 (and its BF16 and Intel's AMX
+# tile units) or only AVX2. Figures made on CPUs with different flags are not comparable.
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
+
+
+def machine_facts() -> dict[str, str]:
+    """The CPU model, its speed-relevant flags, the threads and the torch version, by name."""
+    cpu, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{os.cpu_count()} cores {cpu} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}{gpu}")
+    cpu = cpu or platform.processor() or "unknown CPU"
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    facts = {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "flags": (" ".join(present) or "none of " + " ".join(CPU_FLAGS))
+                 + f" (torch uses {torch.backends.cpu.get_cpu_capability()})",
+        "threads": f"{torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
+def machine() -> str:
+    """One line of :func:`machine_facts`, for a header or a log."""
+    return "; ".join(f"{key}: {value}" for key, value in machine_facts().items())
+
+
+def print_header() -> None:
+    """Print the machine facts first, so that a run's output says where it ran."""
+    print("machine: " + machine(), flush=True)
 
 
 def matmul_peak(seconds: float = 2.0, size: int = 2048, device: str = "cpu",
@@ -92,7 +119,8 @@ def record(title: str, rows: list[tuple[str, str]]) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f'<a id="{entry_anchor(title, now)}"></a>', "", f"### {title}", "",
              f"- date: {now:%Y-%m-%d %H:%M} UTC", f"- commit: {git_commit()}",
-             f"- machine: {machine()}", f"- command: `{command}`", ""]
+             *[f"- {key}: {value}" for key, value in machine_facts().items()],
+             f"- command: `{command}`", ""]
     lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     text = "\n".join(lines) + "\n"
     print(text)

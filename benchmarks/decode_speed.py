@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
+from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, record
 
 # name: (beam, int8 dynamic quantization, bf16)
 VARIANTS = {"greedy": (1, False, False), "beam5": (5, False, False),
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the fastest counts")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print_header()
     if args.one:
         print(json.dumps(measure(args.model_dir, args.one, args.batch_size, args.repeat)))
         return

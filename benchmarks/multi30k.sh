@@ -41,9 +41,10 @@ if [[ -e "$MODEL_DIR/last.safetensors" || -e "$MODEL_DIR/config.yaml" ]]; then
 fi
 mkdir -p "$MODEL_DIR" "$(dirname "$RESULTS")"
 
-cores="$(nproc)"
-cpu="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
-torch_version="$("$PYTHON" -c 'import torch; print(torch.__version__)')"
+# CPU model, flags (AVX-512 or AVX2), threads and torch version, one "- key: value" line each
+machine_lines="$(cd benchmarks && "$PYTHON" -c 'import common
+for key, value in common.machine_facts().items(): print(f"- {key}: {value}")')"
+echo "$machine_lines"
 started="$(date -u '+%Y-%m-%d %H:%M UTC')"
 anchor="e$(date -u '+%Y%m%d-%H%M')-multi30k-$(basename "$CONFIG" .yaml | tr -c 'a-z0-9\n' '-')"
 commit="$(git rev-parse --short=7 HEAD 2>/dev/null || echo 'unknown (not a git checkout)')"
@@ -107,7 +108,7 @@ section="
 ### Multi30k en→de, $(basename "$CONFIG")${SET:+ ($SET)}, ${MAX_MINUTES} minutes, ${started}
 
 - commit: ${commit}
-- machine: ${cores} cores (nproc), ${cpu:-unknown CPU}, torch ${torch_version}
+${machine_lines}
 - command: \`MAX_MINUTES=${MAX_MINUTES} CONFIG=${CONFIG}${SET:+ SET=\"$SET\"} MODEL_DIR=${MODEL_DIR} benchmarks/multi30k.sh\`, that is \`${train_cmd[*]}\`, then \`${eval_cmd[*]}\` (and \`--lowercase\`)
 - test_2016_flickr (${test_sentences} sentences), beam ${BEAM}: **BLEU ${bleu}** (cased, detokenized sacreBLEU), BLEU ${bleu_lc} lowercased, chrF ${chrf}
 - signature: \`${signature}\`; lowercased: \`${signature_lc}\`; chrF: \`${chrf_signature}\`

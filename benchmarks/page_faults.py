@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA_DIR, ROOT, record
+from common import DATA_DIR, ROOT, print_header, record
 
 
 def measure(config_path: str, warmup: int, steps: int) -> dict:
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print_header()
     if args.one:
         print(json.dumps(measure(args.config, args.warmup, args.steps)))
         return

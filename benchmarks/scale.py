@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DATA_DIR, record
+from common import DATA_DIR, print_header, record
 
 from seq2seq.config import packaged_configs
 from seq2seq.data.text import read_lines
@@ -146,6 +146,7 @@ def main() -> None:
                         help="skip the 1- and 2-worker preparations (only the training runs)")
     parser.add_argument("--skip-gloo", action="store_true", help="skip the two-process run")
     args = parser.parse_args()
+    print_header()
 
     config = str(packaged_configs()["multi30k_en_de"])
     seq2seq = [sys.executable, "-m", "seq2seq"]

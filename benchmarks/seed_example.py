@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from common import matmul_peak, record
+from common import matmul_peak, print_header, record
 
 from seq2seq.vectors.model import SMALL_MODEL_THREADS, EncoderDecoderRNN
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="instead of the library's default")
     parser.add_argument("--cell", help="instead of the library's default")
     args = parser.parse_args()
+    print_header()
     train_kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
     model_kwargs = {} if args.cell is None else {"cell": args.cell}
 

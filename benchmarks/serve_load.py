@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import DATA_DIR, ROOT, record
+from common import DATA_DIR, ROOT, print_header, record
 
 CLIENTS = (1, 8, 32)
 CLIENT_KINDS = {
@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the server and of the offline translation (default: cores)")
     args = parser.parse_args()
+    print_header()
 
     if (args.model_dir / "config.yaml").is_file():
         from seq2seq.config import Config

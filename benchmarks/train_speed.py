@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, record
+from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, record
 
 from seq2seq.config import Config
 from seq2seq.data.batches import encode_corpus, make_batches
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    print_header()
     keep_freed_memory()  # as the seq2seq command does
 
     config = Config.load(args.config).override(args.overrides)
