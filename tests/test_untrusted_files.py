@@ -300,3 +300,89 @@ def test_rnn_load_names_the_setting_that_does_not_fit(rnn_dir, marker, change, n
     settings.update(change)
     path.write_text(json.dumps(settings))
     _refused_by_rnn_load(rnn_dir, marker, named)
+
+
+# -- names in a prepared corpus's manifest ------------------------------------------------------
+def _prepared_run(tmp_path: Path):
+    """A small corpus prepared into ``tmp_path/shared``; the config that names it."""
+    from seq2seq.config import Config
+    from seq2seq.data.prepare import binarize
+
+    words = [f"w{i}" for i in range(40)]
+    lines = [" ".join(words[(i * 7 + j) % 40] for j in range(1 + i % 9)) for i in range(300)]
+    (tmp_path / "train.src").write_text("".join(line + "\n" for line in lines))
+    (tmp_path / "train.tgt").write_text("".join(line[::-1] + "\n" for line in lines))
+    config = Config.from_dict({"data": {"train_src": str(tmp_path / "train.src"),
+                                        "train_tgt": str(tmp_path / "train.tgt"), "tokenizer": "word",
+                                        "vocab_size": 100, "prepared": str(tmp_path / "shared")}})
+    binarize(config, tmp_path / "shared", workers=1, log=lambda _message: None)
+    return config
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["../planted", "../../planted", "/tmp/planted", "sub/planted", ".."])
+def test_tokenizer_file_names_in_a_manifest_cannot_write_outside_the_model_folder(tmp_path, name):
+    """train copies the files a manifest's tokenizer_files names into the model folder: a name
+    with a folder in it (``../x``) is refused, naming it and the manifest, and nothing is written."""
+    import hashlib
+
+    from seq2seq.training.setup import training_corpus
+    from seq2seq.data.text import DataError
+    from seq2seq.training.distributed import Distributed
+
+    config = _prepared_run(tmp_path)
+    shared = tmp_path / "shared"
+    (tmp_path / "planted").write_text("export EVIL=1\n")  # what a real ../planted would read
+    digest = hashlib.sha256(b"export EVIL=1\n").hexdigest()
+    _edit_manifest(shared, lambda m: m["tokenizer_files"].update({name: digest}))
+    model_dir = tmp_path / "deep" / "model"
+    model_dir.mkdir(parents=True)
+    before = sorted(p for p in tmp_path.rglob("*") if "shared" not in p.parts)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(shared / 'manifest.json'))}: .*"
+                                        rf"{re.escape(repr(name))} is not a plain file name"):
+        training_corpus(config, model_dir, Distributed(), resume=False, log=lambda _message: None)
+    assert sorted(p for p in tmp_path.rglob("*") if "shared" not in p.parts) == before
+    assert not (tmp_path / "deep" / "planted").exists() and list(model_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "symlink to a copy"])
+def test_tokenizer_files_that_are_links_or_fifos_are_refused_at_once(tmp_path, kind):
+    """A tokenizer file of a prepared folder that is a link to /dev/zero, a FIFO or any link:
+    prepare and train refuse it within seconds, naming it, and the model folder gets nothing."""
+    from seq2seq.training.setup import training_corpus
+    from seq2seq.data.text import DataError
+    from seq2seq.training.distributed import Distributed
+
+    config = _prepared_run(tmp_path)
+    shared = tmp_path / "shared"
+    path = shared / json.loads((shared / "manifest.json").read_text())["tokenizer_files"].popitem()[0]
+    path.rename(tmp_path / "copy")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero" if kind == "symlink to /dev/zero" else tmp_path / "copy")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    what = "not a regular file" if kind == "fifo" else "a symbolic link"
+    result: list = []
+
+    def run() -> None:
+        try:
+            training_corpus(config, model_dir, Distributed(), resume=False, log=lambda _message: None)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            result.append(error)
+
+    import threading
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "training_corpus hung on the planted file"
+    assert isinstance(result[0], DataError), result
+    assert re.search(rf"^{re.escape(str(path))} \(named by .*manifest\.json, tokenizer_files\): {what}",
+                     str(result[0])), str(result[0])
+    assert list(model_dir.iterdir()) == []

@@ -33,7 +33,7 @@ import numpy as np
 
 from seq2seq.config import DataConfig
 from seq2seq.data.text import DataError
-from seq2seq.files import read_regular_file
+from seq2seq.files import open_regular_nofollow, plain_name, read_named_file, read_regular_file
 
 FORMAT = "seq2seq-prepared-1"
 MANIFEST = "manifest.json"
@@ -43,6 +43,10 @@ OFFSET_DTYPE = np.dtype("<i8")  # the index type: total tokens per side must fit
 SETTINGS = ("tokenizer", "vocab_size", "joint_vocab", "lowercase", "max_len", "long_pairs",
             "max_line_chars", "tokenizer_sample")
 _HASH_BLOCK = 1 << 20
+ARRAY_DTYPES = ("|u1", "<u2", "<u4", "<u8")  # ids and lengths: what smallest_unsigned gives
+_COUNTS = ("pairs", "src_tokens", "tgt_tokens")
+_SHA256_HEX = frozenset("0123456789abcdef")
+_CHECK_BLOCK = 1 << 22  # values per read when an array is checked: bounded memory, any size
 
 
 def settings_of(data: DataConfig) -> dict[str, Any]:
@@ -95,7 +99,53 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
         raise DataError(f"{path}: format {found!r:.60}, expected {FORMAT!r}: prepare the data again")
+    check_manifest(manifest, path)
     return manifest
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a manifest whose fields are missing or of the wrong type, naming the field: a
+    prepared folder may be shared or downloaded, and a damaged one must not end in a traceback.
+    Tokenizer file names must be plain names (``files.plain_name``): they are copied into
+    model folders."""
+    def bad(field: str, expected: str) -> DataError:
+        value = manifest
+        for part in field.split("."):
+            value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+        shown = "missing" if value == "<missing>" else f"got {_short(value)}"
+        return DataError(f"{path}: field {field!r} must be {expected}, {shown}: prepare the data again")
+
+    for name in _COUNTS:
+        value = manifest.get(name)
+        if type(value) is not int or value < 0:
+            raise bad(name, "an integer >= 0")
+    arrays = manifest.get("arrays")
+    if not isinstance(arrays, dict):
+        raise bad("arrays", "an object")
+    for name in ("ids_dtype", "lengths_dtype"):
+        if arrays.get(name) not in ARRAY_DTYPES:
+            raise bad(f"arrays.{name}", f"one of {', '.join(ARRAY_DTYPES)}")
+    if arrays.get("offsets_dtype") != OFFSET_DTYPE.str:
+        raise bad("arrays.offsets_dtype", repr(OFFSET_DTYPE.str))
+    for name in ("settings", "sources", "tokenizer_files"):
+        if not isinstance(manifest.get(name), dict):
+            raise bad(name, "an object")
+    for name, record in manifest["sources"].items():
+        if not isinstance(record, dict):
+            raise bad(f"sources.{name}", "an object")
+    for name, digest in manifest["tokenizer_files"].items():
+        try:
+            plain_name(name, path, "tokenizer_files names")
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+            raise DataError(f"{path}: field 'tokenizer_files' maps {name!r} to {_short(digest)}, "
+                            f"not a SHA-256 hex digest: prepare the data again")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def mismatch(manifest: dict[str, Any], data: DataConfig) -> str:
@@ -127,28 +177,46 @@ def mismatch(manifest: dict[str, Any], data: DataConfig) -> str:
     return ""
 
 
-def tokenizer_mismatch(manifest: dict[str, Any], directory: Path) -> str:
+def tokenizer_mismatch(manifest: dict[str, Any], directory: Path, source: str | Path = "") -> str:
     """Why the tokenizer files in ``directory`` are not the ones the ids were made with; "" if
-    they are (the prepared folder's own, or a model folder's copies)."""
-    for name, digest in manifest.get("tokenizer_files", {}).items():
+    they are (the prepared folder's own, or a model folder's copies). ``source``: the manifest's
+    path, for errors (a tokenizer file that is a link, a FIFO or a device is a DataError)."""
+    for name, digest in manifest["tokenizer_files"].items():
         path = Path(directory) / name
         try:
-            found = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
+            found = hashlib.sha256(read_tokenizer_file(directory, name, source)).hexdigest()
+        except FileNotFoundError:
             return f"{path} is missing"
         if found != digest:
             return f"{path} is not the tokenizer the ids were made with"
     return ""
 
 
+def read_tokenizer_file(directory: Path, name: str, source: str | Path = "") -> bytes:
+    """The bytes of the tokenizer file ``name`` (a key of a manifest's ``tokenizer_files``; the
+    manifest's path is ``source``) in ``directory``: a plain name, a regular file (not a link,
+    FIFO or device) of bounded size. Otherwise a ``DataError`` naming the file and ``source``;
+    ``FileNotFoundError`` if missing."""
+    try:
+        return read_named_file(directory, name, f"{source or MANIFEST}, tokenizer_files")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise DataError(str(error)) from None
+
+
 class PreparedSide(Sequence):
     """One side's examples: ``side[i]`` is example i's ids as a list, read from the files;
-    ``lengths`` is in memory."""
+    ``lengths`` is in memory. The files are opened as regular files, never through a link."""
 
     def __init__(self, ids_path: Path, offsets_path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
         self.ids_path, self.offsets_path, self.lengths, self.dtype = ids_path, offsets_path, lengths, dtype
-        self._ids = ids_path.open("rb", buffering=0)
-        self._offsets = offsets_path.open("rb", buffering=0)
+        self._ids = os.fdopen(_open_array(ids_path), "rb", buffering=0)
+        try:
+            self._offsets = os.fdopen(_open_array(offsets_path), "rb", buffering=0)
+        except BaseException:
+            self._ids.close()
+            raise
         self._typecode = {1: "B", 2: "H", 4: "I", 8: "Q"}[dtype.itemsize]
         assert array.array(self._typecode).itemsize == dtype.itemsize
         self._swap = sys.byteorder != "little"  # the files are little-endian
@@ -175,12 +243,95 @@ class PreparedSide(Sequence):
             ids.byteswap()
         return ids.tolist()
 
+    def check(self, tokens: int, vocab_size: int | None, lengths_path: Path) -> None:
+        """Refuse files that disagree with each other, naming the file and the example: offsets
+        that do not start at 0, step by the example's length and end at ``tokens``; ids not below
+        ``vocab_size`` (when given). One sequential pass over each file, vectorised, in blocks of
+        ``_CHECK_BLOCK`` values: memory stays bounded, and the files then sit in the page cache
+        that training reads them from."""
+        n, offsets_fd = len(self.lengths), self._offsets.fileno()
+        previous: np.ndarray | None = None
+        for start, block in _blocks(offsets_fd, OFFSET_DTYPE, n + 1, self.offsets_path):
+            if start == 0 and block[0] != 0:
+                raise DataError(f"{self.offsets_path}: the first offset is {block[0]}, not 0: the prepared "
+                                f"corpus is damaged; prepare the data again")
+            steps = np.diff(block if previous is None else np.concatenate((previous, block)))
+            first = start - (previous is not None)
+            wrong = np.flatnonzero(steps != self.lengths[first:first + len(steps)])
+            if len(wrong):
+                i = first + int(wrong[0])
+                raise DataError(f"{self.offsets_path}: example {i} spans offsets "
+                                f"{_offset(offsets_fd, i)} to {_offset(offsets_fd, i + 1)}, but its "
+                                f"length in {lengths_path} is {self.lengths[i]}: the prepared corpus is "
+                                f"damaged; prepare the data again")
+            previous = block[-1:]
+        if previous is None or int(previous[0]) != tokens:
+            last = None if previous is None else int(previous[0])
+            raise DataError(f"{self.offsets_path}: the last offset is {last}, the manifest says "
+                            f"{tokens} tokens: the prepared corpus is damaged; prepare the data again")
+        if vocab_size is None:
+            return
+        for start, block in _blocks(self._ids.fileno(), self.dtype, tokens, self.ids_path):
+            if len(block) and int(block.max()) >= vocab_size:
+                position = start + int(np.flatnonzero(block >= vocab_size)[0])
+                example = _example_at(offsets_fd, position, n)
+                raise DataError(f"{self.ids_path}: example {example} holds id {block.max()}, outside "
+                                f"the vocabulary of {vocab_size}: the prepared corpus does not belong to "
+                                f"these tokenizers or is damaged; prepare the data again")
+
+    def close(self) -> None:
+        self._ids.close()
+        self._offsets.close()
+
+
+def _open_array(path: Path) -> int:
+    """A prepared array file opened read-only, as a regular file: not a link, FIFO or device."""
+    try:
+        return open_regular_nofollow(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing from the prepared corpus: prepare the data again") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{str(error)}: prepare the data again") from None
+
+
+def _blocks(fd: int, dtype: np.dtype, count: int, path: Path):  # noqa: ANN202 - a generator
+    """(index of the first value, values) of the ``count`` values of ``dtype`` in ``fd``, in blocks."""
+    for start in range(0, count, _CHECK_BLOCK):
+        size = min(_CHECK_BLOCK, count - start) * dtype.itemsize
+        data = os.pread(fd, size, start * dtype.itemsize)
+        if len(data) != size:
+            raise DataError(f"{path}: shorter than its manifest says: the prepared corpus was changed "
+                            f"while in use; prepare the data again")
+        yield start, np.frombuffer(data, dtype)
+
+
+def _offset(fd: int, index: int) -> int:
+    return struct.unpack("<q", os.pread(fd, 8, index * 8))[0]
+
+
+def _example_at(fd: int, position: int, n: int) -> int:
+    """The example whose ids hold ``position``: the last i < n with offsets[i] <= position."""
+    low, high = 0, n - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _offset(fd, middle) <= position:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
 
 class PreparedCorpus:
     """A prepared folder, opened. ``src``/``tgt`` index like ``EncodedCorpus``'s lists, so
-    ``data.collate`` gathers batches from them; ``manifest`` says what it was made from."""
+    ``data.collate`` gathers batches from them; ``manifest`` says what it was made from.
 
-    def __init__(self, directory: str | Path) -> None:
+    Opening it checks what a damaged or planted folder could get wrong, once, naming the file
+    and field: the manifest's fields (``check_manifest``), each array's size, that the offsets
+    agree with the lengths, and, given ``vocab_sizes`` (source, target), that every id is inside
+    its vocabulary. The arrays are read once for it, sequentially.
+    """
+
+    def __init__(self, directory: str | Path, vocab_sizes: tuple[int, int] | None = None) -> None:
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         if manifest is None:
@@ -189,28 +340,37 @@ class PreparedCorpus:
         self.manifest = manifest
         arrays = manifest["arrays"]
         n = manifest["pairs"]
-        sides = [self._side(side, n, np.dtype(arrays["ids_dtype"]), np.dtype(arrays["lengths_dtype"]))
-                 for side in SIDES]
+        sides = []
+        for side, vocab in zip(SIDES, vocab_sizes or (None, None)):
+            sides.append(self._side(side, n, np.dtype(arrays["ids_dtype"]),
+                                    np.dtype(arrays["lengths_dtype"]), vocab))
         self.src, self.tgt = sides
 
-    def _side(self, side: str, n: int, ids_dtype: np.dtype, lengths_dtype: np.dtype) -> PreparedSide:
-        ids = self._checked(f"{side}.ids", ids_dtype, self.manifest[f"{side}_tokens"])
-        offsets = self._checked(f"{side}.offsets", OFFSET_DTYPE, n + 1)
-        lengths = np.fromfile(self._checked(f"{side}.lengths", lengths_dtype, n), dtype=lengths_dtype,
-                              count=n)
-        return PreparedSide(ids, offsets, lengths, ids_dtype)
-
-    def _checked(self, name: str, dtype: np.dtype, count: int) -> Path:
-        """The path of the array file ``name``, checked to hold ``count`` values of ``dtype``."""
-        path = self.directory / name
+    def _side(self, side: str, n: int, ids_dtype: np.dtype, lengths_dtype: np.dtype,
+              vocab_size: int | None) -> PreparedSide:
+        tokens = self.manifest[f"{side}_tokens"]
+        lengths_path = self.directory / f"{side}.lengths"
+        with os.fdopen(_open_array(lengths_path), "rb") as handle:
+            self._check_size(lengths_path, handle.fileno(), lengths_dtype, n)
+            lengths = np.fromfile(handle, dtype=lengths_dtype, count=n)
+        prepared = PreparedSide(self.directory / f"{side}.ids", self.directory / f"{side}.offsets",
+                                lengths, ids_dtype)
         try:
-            size = path.stat().st_size
-        except OSError:
-            raise DataError(f"{path}: missing from the prepared corpus: prepare the data again") from None
+            self._check_size(prepared.ids_path, prepared._ids.fileno(), ids_dtype, tokens)
+            self._check_size(prepared.offsets_path, prepared._offsets.fileno(), OFFSET_DTYPE, n + 1)
+            prepared.check(tokens, vocab_size, lengths_path)
+        except BaseException:
+            prepared.close()
+            raise
+        return prepared
+
+    @staticmethod
+    def _check_size(path: Path, fd: int, dtype: np.dtype, count: int) -> None:
+        """Refuse the array file ``path`` unless it holds ``count`` values of ``dtype``."""
+        size = os.fstat(fd).st_size
         if size != count * dtype.itemsize:
             raise DataError(f"{path}: {size} bytes, the manifest says {count} x {dtype.itemsize}: "
                             f"the prepared corpus is damaged; prepare the data again")
-        return path
 
     def __len__(self) -> int:
         return len(self.src)
