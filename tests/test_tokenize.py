@@ -249,3 +249,19 @@ def _check_encoding(tokenizer: Tokenizer, text: str) -> None:
     assert not {PAD_ID, BOS_ID, EOS_ID} & set(ids)
     assert len(tokenizer.pieces(text)) == len(ids)
     assert isinstance(tokenizer.decode(ids), str)
+
+
+def test_sentencepiece_learns_from_tokenizer_sample_sentences(tmp_path, corpus):
+    """``data.tokenizer_sample`` reaches sentencepiece (no fixed cap of its own): 200 sentences
+    give a smaller vocabulary than all 4,000, and a sample as large as the text gives the same
+    tokenizer as a sample far larger."""
+    def pieces(sample: int, folder: str) -> list[str]:
+        config = DataConfig(tokenizer="sentencepiece", vocab_size=1000, joint_vocab=True,
+                            tokenizer_sample=sample)
+        src, _ = train_tokenizers(config, corpus["train.en"], corpus["train.de"],
+                                  tmp_path / folder, log=_quiet)
+        return [src.id_to_piece(i) for i in range(len(src))]
+
+    everything = pieces(4000, "all")
+    assert pieces(50_000_000, "huge") == everything
+    assert len(pieces(200, "small")) < len(everything)

@@ -35,7 +35,6 @@ _SKIP_ON_DECODE = frozenset((PAD_ID, BOS_ID, EOS_ID))
 _SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be encoded as UTF-8
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")  # file stems we agree to load: no path separators
 SPM_SEED = 1  # sentencepiece's sampling of training sentences
-SPM_MAX_SENTENCES = 1_000_000
 
 
 class Tokenizer:
@@ -203,7 +202,7 @@ def _train(config: DataConfig, lines: Iterable[str], side: str, log: Callable[[s
         texts = (t.lower() for t in texts)
     if config.tokenizer == "sentencepiece":
         tokenizer = Tokenizer("sentencepiece", lowercase, model_proto=_train_sentencepiece(
-            texts, config.vocab_size, side))
+            texts, config.vocab_size, side, config.tokenizer_sample))
         log(f"sentencepiece {side} vocabulary: {len(tokenizer)} pieces")
         return tokenizer
     word = config.tokenizer == "word"
@@ -219,8 +218,10 @@ def _train(config: DataConfig, lines: Iterable[str], side: str, log: Callable[[s
     return Tokenizer(config.tokenizer, lowercase, tokens=[*SPECIALS, *kept])
 
 
-def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str) -> bytes:
-    """A unigram model of ``texts``, as serialized bytes; deterministic for the same input."""
+def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str, sample: int) -> bytes:
+    """A unigram model of ``texts``, as serialized bytes; deterministic for the same input.
+    Sentencepiece keeps at most ``sample`` sentences of them (``data.tokenizer_sample``; it
+    refuses a sample of 100 or fewer, so a smaller one keeps 101)."""
     texts = iter(texts)
     first = next(texts, None)
     if first is None:
@@ -233,7 +234,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str) -> by
             model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False,
             character_coverage=1.0, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             pad_piece=SPECIALS[0], unk_piece=SPECIALS[1], bos_piece=SPECIALS[2], eos_piece=SPECIALS[3],
-            input_sentence_size=SPM_MAX_SENTENCES, shuffle_input_sentence=True,
+            input_sentence_size=max(sample, 101), shuffle_input_sentence=True,
             num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as error:
         needed = re.search(r"required_chars\. \d+ vs (\d+)", str(error))
