@@ -30,9 +30,9 @@ def measure(config_path: str, warmup: int, steps: int) -> dict:
     from seq2seq.config import Config
     from seq2seq.data.batches import collate, encode_corpus, make_batches
     from seq2seq.data.text import read_parallel
-    from seq2seq.data.tokenizers import train_tokenizers
-    from seq2seq.decoding.translator import build_model
+    from seq2seq.data.tokenizers import PAD_ID, train_tokenizers
     from seq2seq.kernels.ops import keep_freed_memory
+    from seq2seq.models.builder import build_model
     from seq2seq.training.schedule import make_adam
 
     applied = keep_freed_memory()  # False with SEQ2SEQ_KEEP_FREED_MEMORY=0
@@ -48,7 +48,7 @@ def measure(config_path: str, warmup: int, steps: int) -> dict:
     batches = make_batches([len(s) for s in corpus.src], [len(s) for s in corpus.tgt],
                            t.batch_tokens, t.max_sentences, seed=t.seed, epoch=0)
     torch.manual_seed(t.seed)
-    model = build_model(config, src_tok, tgt_tok).train()
+    model = build_model(config.model, len(src_tok), len(tgt_tok), PAD_ID).train()
     optimizer = make_adam(model.parameters(), t.lr)
 
     def step(indices) -> int:

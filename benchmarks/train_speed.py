@@ -23,9 +23,9 @@ from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, reco
 from seq2seq.config import Config
 from seq2seq.data.batches import encode_corpus, make_batches
 from seq2seq.data.text import read_parallel
-from seq2seq.data.tokenizers import load_tokenizers
-from seq2seq.decoding.translator import Translator, build_model
+from seq2seq.data.tokenizers import PAD_ID, load_tokenizers
 from seq2seq.kernels.ops import keep_freed_memory
+from seq2seq.models.builder import build_model
 from seq2seq.training.loop import train
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     config.train.log_every = 1
     config.data.valid_src = config.data.valid_tgt = ""
     with tempfile.TemporaryDirectory() as model_dir:
-        train(config, model_dir, data_dir=DATA_DIR, translator=Translator)
+        train(config, model_dir, data_dir=DATA_DIR)
         saved = Config.load(Path(model_dir) / "config.yaml")
         lines = [json.loads(x) for x in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
         src_tok, tgt_tok = load_tokenizers(Path(model_dir))
@@ -61,7 +61,7 @@ def main() -> None:
     t = saved.train
     batches = make_batches([len(s) for s in corpus.src], [len(s) for s in corpus.tgt],
                            t.batch_tokens, t.max_sentences, seed=t.seed, epoch=0)
-    model = build_model(saved, src_tok, tgt_tok)
+    model = build_model(saved.model, len(src_tok), len(tgt_tok), PAD_ID)
     flops, sentences = 0.0, 0
     for indices in batches[args.warmup:args.warmup + args.steps]:
         sentences += len(indices)

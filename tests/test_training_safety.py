@@ -18,8 +18,7 @@ import pytest
 from conftest import run_cli, write_reversal
 
 from seq2seq import cli
-from seq2seq.decoding.translator import Translator
-from seq2seq.training.loop import TrainingError
+from seq2seq.training.loop import TrainingError, train_translator
 
 CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, tokenizer: word, vocab_size: 100}
@@ -106,7 +105,7 @@ def test_the_config_in_the_model_directory_is_never_written_over(corpus, tmp_pat
         assert code == cli.EXIT_ERROR and "Traceback" not in err
         assert "--config config.yaml is the file that training writes in --model-dir ." in err
     with pytest.raises(TrainingError, match="is the file that training writes"):
-        Translator.train(own / "config.yaml", own, data_dir=corpus)
+        train_translator(own / "config.yaml", own, data_dir=corpus)
     assert (own / "config.yaml").read_text(encoding="utf-8").startswith("# my settings")
     assert sorted(p.name for p in own.iterdir()) == ["config.yaml"]
 

@@ -1,7 +1,8 @@
 """seq2seq: RNN encoder-decoder models with attention, on PyTorch.
 
 - ``EncoderDecoderRNN``: NumPy arrays in and out, for sequences of vectors (``vectors/``).
-- ``Translator``: load, translate and evaluate translation models (``decoding/``).
+- ``Translator``: load, translate and evaluate translation models (``decoding/``);
+  ``train_translator`` trains one and loads it (``training/``).
 - ``Seq2Seq``: the PyTorch model core both of them use (``models/``).
 
 The layers, each a folder that imports only from the ones listed before it:
@@ -26,16 +27,18 @@ _LAZY = {
     "Seq2Seq": "seq2seq.models.rnn.model",
     "EncoderDecoderRNN": "seq2seq.vectors.model",
     "Translator": "seq2seq.decoding.translator",
+    "train_translator": "seq2seq.training.loop",
 }
 __all__ = [
     "Config", "DataConfig", "DecodeConfig", "EncoderDecoderRNN", "ModelConfig", "Seq2Seq",
-    "TrainConfig", "Translator",
+    "TrainConfig", "Translator", "train_translator",
 ]
 
 if TYPE_CHECKING:
     from seq2seq.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig
     from seq2seq.decoding.translator import Translator
     from seq2seq.models.rnn.model import Seq2Seq
+    from seq2seq.training.loop import train_translator
     from seq2seq.vectors.model import EncoderDecoderRNN
 
 

@@ -11,25 +11,29 @@ the held-out test set and draws the attention of one example. The output folder 
     losses.png      train and validation loss (and validation BLEU) against step
 
 Running the demo again into the same folder starts a fresh run. A folder that the demo did not
-make (it lacks the marker file) is refused rather than overwritten.
+make (it lacks the marker file) is refused rather than overwritten. The marker is also the
+demo's lock (``files.FileLock``): a second demo into a folder where one is running is refused
+before it deletes or writes anything.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from seq2seq.config import Config
+from seq2seq.config import Config, ConfigError
 from seq2seq.data.tasks import make_task, write_task
 from seq2seq.decoding.translator import Translator
-from seq2seq.model_dir import METRICS_FILE, remove_trained_files
+from seq2seq.files import FileError, FileLock, LockBusy
+from seq2seq.model_dir import METRICS_FILE
 from seq2seq.plot import plot_losses
 from seq2seq.training.loop import train
 
-MARKER = ".seq2seq-demo"  # marks an output folder as the demo's own
+MARKER = ".seq2seq-demo"  # marks an output folder as the demo's own, and is its lock
 DATA_FILES = tuple(f"{split}.{side}" for split in ("train", "valid", "test") for side in ("src", "tgt"))
 PICTURES = ("attention.png", "losses.png")
 SHOWN_EXAMPLES, SHOWN_MISTAKES = 8, 3
@@ -113,9 +117,17 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
     if max_seconds is not None and not 0 < max_seconds < float("inf"):
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     out = Path(output_dir)
-    data_dir, model_dir = out / "data", out / "model"
-    _claim(out)
+    lock = _claim(out)
+    try:
+        return _run(task, spec, out, seed, max_seconds, start)
+    finally:
+        lock.release()
 
+
+def _run(task: str, spec: DemoTask, out: Path, seed: int, max_seconds: float | None,
+         start: float) -> DemoResult:
+    """``run_demo`` in the folder ``out``, claimed and locked."""
+    data_dir, model_dir = out / "data", out / "model"
     data = make_task(task, n_train=spec.n_train, n_test=spec.n_valid + spec.n_test, seed=seed)
     files = write_task(data, data_dir, valid_size=spec.n_valid)
     config = demo_config(task, max_seconds, seed)
@@ -124,7 +136,7 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
             setattr(config.data, key, name)
     print(f"seq2seq demo: {task}, {len(data.train):,} generated training pairs in {data_dir}; "
           f"for example {data.train[0][0]!r} -> {data.train[0][1]!r}", flush=True)
-    train(config, model_dir, data_dir=data_dir, translator=Translator)
+    train(config, model_dir, data_dir=data_dir, overwrite=True)  # an earlier demo's model
 
     translator = Translator.load(model_dir)
     test = data.test[spec.n_valid:]
@@ -161,25 +173,35 @@ def _task(name: str) -> DemoTask:
     return DEMO_TASKS[name]
 
 
-def _claim(out: Path) -> None:
-    """Make ``out`` the demo's folder, clearing what an earlier demo run left there.
+def _claim(out: Path) -> FileLock:
+    """Lock ``out`` as the demo's folder, then clear what an earlier demo run left there.
 
-    Only the files the demo itself writes are removed; a folder with other contents and no
-    marker belongs to someone else and is refused.
+    The lock (on the marker file) comes first: a demo running there keeps its files, and this
+    one is refused. Only the files the demo itself writes are removed (the model's, through
+    training's ``--overwrite``, which deletes only files a training recorded); a folder with
+    other contents and no marker belongs to someone else and is refused, untouched.
     """
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ValueError(f"--output-dir {out} is not empty and was not made by `seq2seq demo`; "
-                         f"choose a new or empty folder")
+        raise ConfigError(f"--output-dir {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not os.path.lexists(out / MARKER):
+        raise ConfigError(f"--output-dir {out} is not empty and was not made by `seq2seq demo`; "
+                          f"choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by `seq2seq demo`; a new demo run may replace its contents\n",
-                              encoding="utf-8")
-    if (out / "model").is_dir():
-        remove_trained_files(out / "model")
-    for folder, names in ((out / "data", DATA_FILES), (out, PICTURES)):
-        for name in names:
-            (folder / name).unlink(missing_ok=True)
+    try:
+        lock = FileLock(out / MARKER)
+    except LockBusy as busy:
+        raise ConfigError(f"--output-dir {out} is in use: {busy.holder} is running `seq2seq demo` in "
+                          f"it; wait for it to end, or choose another folder") from None
+    except FileError as error:
+        raise ConfigError(f"--output-dir {out}: {error}") from None
+    try:
+        for folder, names in ((out / "data", DATA_FILES), (out, PICTURES)):
+            for name in names:
+                (folder / name).unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _print_table(test: list[tuple[str, str]], predictions: list[str], right: list[bool]) -> None:

@@ -1,7 +1,6 @@
 """The translation API: a trained model with its tokenizers, loaded once, used many times.
 
-    translator = Translator.train("configs/multi30k_en_de.yaml", "runs/en_de", data_dir=...)
-    translator = Translator.load("runs/en_de")
+    translator = Translator.load("runs/en_de")  # trained by `seq2seq train` or seq2seq.train_translator
     translator.translate(["A man rides a bike."], beam=5)
     translator.evaluate("test.en", "test.de")
     translator.plot_attention("A man rides a bike.", "attention.png")
@@ -9,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -21,25 +19,16 @@ import numpy as np
 import torch
 
 from seq2seq.config import Config, ConfigError, DataConfig, decode_settings
-from seq2seq.data.batches import collate
-from seq2seq.data.text import read_lines
-from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizers
+from seq2seq.data.text import DataError, read_lines
+from seq2seq.data.tokenizers import PAD_ID, Tokenizer, load_tokenizers
+from seq2seq.decoding.decode import decode_ids, encode_source
 from seq2seq.decoding.scores import score_translations
-from seq2seq.decoding.search import Hypothesis, beam_search, greedy_search, max_output_lengths
+from seq2seq.decoding.search import Hypothesis
 from seq2seq.device import resolve_device
-from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import BEST, CONFIG_FILE, LAST
-from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model, shapes_only
-from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
-from seq2seq.training import loop as training
-from seq2seq.training.setup import build_model, refuse_own_config
-
-
-def _skeleton(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
-    """The model a config describes, without memory, so that a tampered config (say
-    hidden_size: 10**9) is refused by ``check_shapes``, not allocated."""
-    with shapes_only():
-        return build_model(config, src_tok, tgt_tok)
+from seq2seq.models.builder import build_model
+from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model
+from seq2seq.models.rnn.model import Seq2Seq
 
 
 class Translator:
@@ -53,25 +42,6 @@ class Translator:
         self.model = model.to(self.device).eval()
 
     # -- construction ----------------------------------------------------------------------
-    @classmethod
-    def train(cls, config: Config | str | Path, model_dir: str | Path,
-              data_dir: str | Path | None = None, resume: bool = False,
-              overrides: Sequence[str] = (), overwrite: bool = False) -> Translator:
-        """Train a model into ``model_dir`` (see ``seq2seq.training.loop``) and load its best checkpoint.
-
-        The config's data paths are relative to ``data_dir`` (default: the current directory,
-        as for ``seq2seq train``). A trained model already in ``model_dir`` is an error unless
-        ``resume`` (go on training it) or ``overwrite`` (replace it).
-        """
-        if not isinstance(config, Config):
-            if not resume:
-                refuse_own_config(Path(config), Path(model_dir))
-            config = Config.load(config)
-        config.override(list(overrides))
-        training.train(config, Path(model_dir), data_dir=data_dir, resume=resume,
-                       overwrite=overwrite, translator=cls)
-        return cls.load(model_dir)
-
     @classmethod
     def load(cls, model_dir: str | Path, checkpoint: str = "best", device: str = "auto",
              quantize: bool | None = None, precision: str | None = None,
@@ -97,16 +67,18 @@ class Translator:
         config = Config.load(config_path)
         src_tok, tgt_tok = load_tokenizers(model_dir)
         if checkpoint not in ("best", "last"):
-            raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+            raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         weights = model_dir / (BEST if checkpoint == "best" else LAST)
         if checkpoint == "best" and not os.path.lexists(weights):
             weights = model_dir / LAST
-        try:
-            skeleton = _skeleton(config, src_tok, tgt_tok)
+        sizes = config.model, len(src_tok), len(tgt_tok), PAD_ID
+        try:  # shapes only: a tampered config (hidden_size: 10**9) is refused, not allocated
+            skeleton = build_model(*sizes, meta=True)
         except (RuntimeError, ValueError) as error:  # sizes past int64, impossible settings
             raise ConfigError(f"{config_path}: cannot build the model it describes: {error}") from None
         check_shapes(weights, skeleton)  # before any allocation
-        model = build_model(config, src_tok, tgt_tok)
+        with torch.random.fork_rng(devices=[]):  # the initial weights, replaced next, draw nothing
+            model = build_model(*sizes)
         load_model(weights, model)
         translator = cls(model, src_tok, tgt_tok, config, resolve_device(device))
         if quantize is not None:
@@ -153,67 +125,16 @@ class Translator:
                    source: str = "input") -> list[list[Hypothesis]]:
         """``hypotheses`` of sentences already encoded by ``encode_source`` (ids ending in eos),
         for a caller that needed the ids first (the server checks their length per request)."""
-        decode = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
-        beam, n_best, batch_size = decode.beam, decode.n_best, decode.batch_size
-        if beam > 1:  # beam search decodes batch * beam rows: keep about 2 * batch_size of them
-            batch_size = max(1, 2 * batch_size // beam)
-        banned = [PAD_ID, BOS_ID] + ([UNK_ID] if decode.ban_unk else [])
-        results: list[list[Hypothesis]] = [[] for _ in src_ids]
-        for i, ids in enumerate(src_ids):
-            if len(ids) == 1:  # eos alone; its eos step attends to it alone
-                results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
-                              for _ in range(n_best)]
-        order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1),
-                       key=lambda i: len(src_ids[i]))
-        expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
-        session = DecodingSession(self.model, expected_rows)  # this call's, for all its batches
-        with torch.inference_mode(), self._autocast():
-            for start in range(0, len(order), batch_size):
-                indices = order[start:start + batch_size]
-                batch = collate(indices, src_ids).to(self.device)
-                limits = max_output_lengths(batch.src_lengths, decode.max_len_ratio)
-                if beam == 1:
-                    found = [[h] for h in greedy_search(
-                        self.model, batch.src, batch.src_lengths, bos=BOS_ID, eos=EOS_ID,
-                        max_lengths=limits, banned=banned, return_attention=return_attention,
-                        session=session)]
-                else:
-                    found = beam_search(
-                        self.model, batch.src, batch.src_lengths, beam=beam, bos=BOS_ID,
-                        eos=EOS_ID, max_lengths=limits, alpha=decode.length_penalty,
-                        n_best=n_best, banned=banned, return_attention=return_attention,
-                        session=session)
-                for index, hyps in zip(indices, found):
-                    if not hyps or any(math.isnan(h.score) for h in hyps):  # NaN: none could win
-                        raise ValueError(f"{source}:{index + 1}: the model's scores are not finite "
-                                         f"(NaN or infinite weights or activations)")
-                    results[index] = hyps
-        return results
+        settings = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
+        return decode_ids(self.model, src_ids, settings, self.device, self.config.train.precision,
+                          return_attention=return_attention, source=source)
 
     def encode_source(self, sentence: str, where: str = "input") -> list[int]:
-        """Source ids with eos, at most ``decode.max_input_len`` tokens before it.
-
-        Decoding time grows with the square of the length (every output step attends to every
-        source token, and the output may be 1.5 times as long), so a longer sentence is cut
-        (``data.long_pairs: truncate``) or refused with a ValueError naming ``where`` (``skip``).
-        """
-        if not isinstance(sentence, str):
-            raise TypeError(f"{where}: expected a string, got {type(sentence).__name__}")
-        ids = self.src_tok.encode(sentence)
-        limit = self.config.decode.max_input_len
-        if len(ids) > limit:
-            if self.config.data.long_pairs != "truncate":
-                raise ValueError(f"{where}: {len(ids)} tokens, more than decode.max_input_len="
-                                 f"{limit}; raise it, or set data.long_pairs to 'truncate' to "
-                                 f"translate the first {limit} tokens of such lines (in the "
-                                 f"model's {CONFIG_FILE})")
-            ids = ids[:limit]
-        return ids + [EOS_ID]
-
-    def _autocast(self):
-        """Autocast for the model's precision (``ops.precision_autocast``); off otherwise, even
-        inside a caller's autocast."""
-        return precision_autocast(self.config.train.precision, self.device.type)
+        """Source ids with eos, at most ``decode.max_input_len`` tokens before it: a longer
+        sentence is cut (``data.long_pairs: truncate``) or refused with a DataError naming
+        ``where`` (``skip``); see ``decode.encode_source``."""
+        return encode_source(sentence, self.src_tok, self.config.decode.max_input_len,
+                             self.config.data.long_pairs, where)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, src: Sequence[str] | str | Path, ref: Sequence[str] | str | Path,
@@ -232,7 +153,7 @@ class Translator:
     def attention(self, text: str, beam: int = 1) -> Alignment:
         """Translate one sentence and return its attention weights with the token labels."""
         if self.model.config.attention is None:
-            raise ValueError("this model has no attention (model.attention is none)")
+            raise ConfigError("this model has no attention (model.attention is none)")
         hyp = self.hypotheses([text], beam=beam, return_attention=True)[0][0]
         src_pieces = self.src_tok.pieces(text)[: self.config.decode.max_input_len] + ["</s>"]
         tgt_pieces = [self.tgt_tok.id_to_piece(i) for i in hyp.tokens] + ["</s>"]
@@ -267,11 +188,11 @@ def _evaluation_lines(src: Sequence[str] | str | Path, ref: Sequence[str] | str 
     ref_name = ref if isinstance(ref, str | Path) else "the reference list"
     for name, lines in ((src_name, sources), (ref_name, references)):
         if not lines:
-            raise ValueError(f"{name}: no lines to evaluate")
+            raise DataError(f"{name}: no lines to evaluate")
     if not all(isinstance(line, str) for line in references):
         raise TypeError(f"{ref_name}: references must be strings")
     if len(sources) != len(references):
-        raise ValueError(f"sources and references differ in length: {src_name} has "
+        raise DataError(f"sources and references differ in length: {src_name} has "
                          f"{len(sources)} lines, {ref_name} has {len(references)}")
     return sources, references
 

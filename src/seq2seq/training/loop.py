@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seq2seq.config import Config, TrainConfig
+from seq2seq.config import Config, TrainConfig, decode_settings
 from seq2seq.data.batches import Batch, collate, make_batches
+from seq2seq.data.tokenizers import PAD_ID
+from seq2seq.decoding.decode import decode_ids, encode_source
 from seq2seq.decoding.scores import score_translations
+from seq2seq.decoding.translator import Translator
 from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import BEST, LAST, METRICS_FILE, remove_stale_temporary_files
+from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import load_training_state, save_checkpoint
 from seq2seq.training import distributed
 from seq2seq.training import setup as run_setup
@@ -42,7 +46,7 @@ from seq2seq.training.metrics_log import MetricsLog
 from seq2seq.training.schedule import Schedule, ScheduleState, make_adam
 from seq2seq.training.setup import TrainingError
 
-__all__ = ["TrainState", "TrainingError", "TrainingInterrupted", "train"]
+__all__ = ["TrainState", "TrainingError", "TrainingInterrupted", "train", "train_translator"]
 VALID_BATCH_SIZE = 250  # sentences per validation decoding batch, at most
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # SIGTERM: how Slurm and Kubernetes stop a job
 
@@ -75,13 +79,30 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def train_translator(config: Config | str | Path, model_dir: str | Path,
+                     data_dir: str | Path | None = None, resume: bool = False,
+                     overrides: Sequence[str] = (), overwrite: bool = False) -> Translator:
+    """Train a model into ``model_dir`` (as ``seq2seq train`` does) and load its best checkpoint.
+
+    ``config``: a Config, or a YAML file. The config's data paths are relative to ``data_dir``
+    (default: the current directory). ``overrides``: ``section.key=value`` settings, as
+    ``--set`` takes them. A trained model already in ``model_dir`` is an error unless
+    ``resume`` (go on training it) or ``overwrite`` (replace it).
+    """
+    if not isinstance(config, Config):
+        if not resume:
+            run_setup.refuse_own_config(Path(config), Path(model_dir))
+        config = Config.load(config)
+    config.override(list(overrides))
+    train(config, Path(model_dir), data_dir=data_dir, resume=resume, overwrite=overwrite)
+    return Translator.load(model_dir)
+
+
 def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = None,
-          resume: bool = False, overwrite: bool = False, *, translator: Callable[..., Any]) -> TrainState:
+          resume: bool = False, overwrite: bool = False) -> TrainState:
     """Train (or resume training) a translation model into ``model_dir``.
 
     ``overwrite`` replaces a trained model found there (without it, that is an error).
-    ``translator`` is ``seq2seq.Translator``, which decodes the validation sentences: passed
-    in, since ``Translator.train`` calls this function.
     """
     config = Config.from_dict(config.to_dict())  # a private, validated copy
     model_dir = Path(model_dir)
@@ -98,7 +119,7 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
         problem = dist.broadcast("")
         if problem:
             raise TrainingError(problem)
-        return _Run(config, model_dir, data_dir, resume, dist, translator).run()
+        return _Run(config, model_dir, data_dir, resume, dist).run()
     except BaseException as error:
         lost = dist.on_failure(error)  # a message naming the lost rank, if a peer is gone
         if lost:
@@ -137,8 +158,8 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist
 
 
 @torch.inference_mode()
-def validation_scores(model: nn.Module, data: run_setup.RunData, config: Config, device: torch.device,
-                      translator: Callable[..., Any]) -> dict[str, Any]:
+def validation_scores(model: nn.Module, data: run_setup.RunData, config: Config,
+                      device: torch.device) -> dict[str, Any]:
     """Validation loss (teacher forced) and the BLEU and chrF of the translations."""
     t, valid = config.train, data.valid
     model.eval()
@@ -151,12 +172,14 @@ def validation_scores(model: nn.Module, data: run_setup.RunData, config: Config,
         loss_sum += float(loss)
         tokens += batch.n_tokens
     # Validation sources over decode.max_input_len are cut, never refused: training goes on.
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, long_pairs="truncate"))
+    limit = config.decode.max_input_len
+    src_ids = [encode_source(s, data.src_tok, limit, "truncate") for s in data.valid_src]
     # small batches: validation's (rows, vocabulary) buffers sit on top of training's peak
-    hypotheses = translator(model, data.src_tok, data.tgt_tok, config, device).translate(
-        data.valid_src, beam=t.valid_beam, batch_size=min(config.decode.batch_size, VALID_BATCH_SIZE))
+    settings = decode_settings(config.decode, "train.valid_beam", beam=t.valid_beam, n_best=1,
+                               batch_size=min(config.decode.batch_size, VALID_BATCH_SIZE))
+    found = decode_ids(model, src_ids, settings, device, t.precision, source=config.data.valid_src)
     model.train()
-    scores = score_translations(hypotheses, data.valid_ref)
+    scores = score_translations([data.tgt_tok.decode(hyps[0].tokens) for hyps in found], data.valid_ref)
     valid_loss = loss_sum / max(tokens, 1)
     return {"valid_loss": round(valid_loss, 4), "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
             "valid_bleu": scores["bleu"], "valid_chrf": scores["chrf"]}
@@ -178,7 +201,7 @@ class _Run:
     """One training session of a run (a resume is a new session of the same run)."""
 
     def __init__(self, config: Config, model_dir: Path, data_dir: str | Path | None,
-                 resume: bool, dist: distributed.Distributed, translator: Callable[..., Any]) -> None:
+                 resume: bool, dist: distributed.Distributed) -> None:
         self.dist, self.model_dir = dist, model_dir
         cores = os.cpu_count() or 1
         torch.set_num_threads(config.train.threads or max(1, cores // dist.local_world_size))
@@ -193,7 +216,8 @@ class _Run:
         run_setup.check_model_size(self.config, self.data.src_tok, self.data.tgt_tok, self.device)
 
         torch.manual_seed(t.seed)
-        self.model = run_setup.build_model(self.config, self.data.src_tok, self.data.tgt_tok).to(self.device)
+        self.model = build_model(self.config.model, len(self.data.src_tok), len(self.data.tgt_tok),
+                                 PAD_ID).to(self.device)
         self.model.set_fast_paths(self.t.kernels, self.device, self.t.precision)
         self.optimizer = make_adam(self.model.parameters(), t.lr)
         self.schedule = Schedule.from_config(t)
@@ -201,7 +225,7 @@ class _Run:
         if resume:
             self.state = restore(model_dir / LAST, self.model, self.optimizer, dist, t.accumulate)
         score = None if self.data.valid is None else functools.partial(
-            validation_scores, self.model, self.data, self.config, self.device, translator)
+            validation_scores, self.model, self.data, self.config, self.device)
         self.files = _RunFiles(model_dir, self.model, self.optimizer, self.state, self.schedule, dist,
                                score, resume, session_start, t.checkpoint_delay_s)
         self.net: nn.Module = self.model
