@@ -1,7 +1,6 @@
 """Pictures: PNGs that matplotlib reads back, clear errors, tolerant metrics reading."""
 
 import json
-import os
 
 import matplotlib
 import matplotlib.image
@@ -44,14 +43,21 @@ def test_plot_attention_shape_mismatch_names_both_shapes(tmp_path):
 
 
 def test_plot_losses_skips_torn_lines(tmp_path):
+    train = [{"step": s, "train_loss": 3.0 / (s + 1)} for s in range(0, 100, 10)]
+    valid = [{"step": 50, "valid_loss": 1.2, "valid_bleu": 12.5},
+             {"step": 100, "valid_loss": 0.9, "valid_bleu": 20.0}]
     metrics = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "train_loss": 3.0 / (s + 1)}) for s in range(0, 100, 10)]
-    lines += [json.dumps({"step": 50, "valid_loss": 1.2, "valid_bleu": 12.5}), "[1, 2]", "",
-              json.dumps({"step": 100, "valid_loss": 0.9, "valid_bleu": 20.0})]
+    lines = [json.dumps(r) for r in train + valid[:1]] + ["[1, 2]", ""] + [json.dumps(valid[1])]
     metrics.write_text("\n".join(lines) + '\n{"step": 110, "train_lo', encoding="utf-8")
     out = plot_losses(metrics, tmp_path / "losses.png")
     assert_png(out)
-    assert os.stat(out).st_size > 0
+    # What was drawn is exactly the picture of the whole records: nothing of the torn line,
+    # nothing of the list, every record that was whole.
+    expected = plot_losses(train + valid, tmp_path / "expected.png")
+    assert np.array_equal(matplotlib.image.imread(out), matplotlib.image.imread(expected))
+    # And the comparison can fail: a picture without the last validation is another picture.
+    fewer = plot_losses(train + valid[:1], tmp_path / "fewer.png")
+    assert not np.array_equal(matplotlib.image.imread(out), matplotlib.image.imread(fewer))
 
 
 def test_plot_losses_from_records_without_bleu(tmp_path):
