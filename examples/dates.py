@@ -3,6 +3,7 @@
     python examples/dates.py      # about a minute on two CPU cores; a second run reuses the model
 """
 
+import os
 from pathlib import Path
 
 from seq2seq.data.tasks import make_task, write_task
@@ -18,7 +19,8 @@ files = write_task(data, work / "data", valid_size=1_000)
 
 # The demo's Config: characters as tokens, a bidirectional GRU encoder (128 per direction),
 # Luong attention, Adam at 3e-3, two epochs or one minute, whichever ends first.
-config = demo_config("dates", max_seconds=60)
+# SEQ2SEQ_EXAMPLE_SECONDS shortens the budget (tests/test_examples.py runs this file in seconds).
+config = demo_config("dates", max_seconds=float(os.environ.get("SEQ2SEQ_EXAMPLE_SECONDS", 60)))
 for key, name in files.items():
     setattr(config.data, key, name)
 if (work / "model" / "best.safetensors").is_file():

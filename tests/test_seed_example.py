@@ -1,7 +1,8 @@
-"""The user's seed example runs unchanged and learns the progression.
+"""The seed example, ``examples/progression.py``, runs unchanged and learns the progression.
 
-The example lives outside the repository, in ``../shared/seed`` beside the clone, so the test
-runs where that folder is and is skipped, saying why, in a plain clone. It trains 500 epochs
+The README says the file holds the user's original example unchanged: below its comment header
+it must equal ``../shared/seed/progression_example.py``, the original beside the clone (that
+comparison is skipped, saying why, in a plain clone without it). The example trains 500 epochs
 and prints as it goes; its printing is silenced here.
 """
 
@@ -16,20 +17,34 @@ import numpy as np
 import pytest
 import torch
 
-SEED_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / "progression_example.py"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "progression.py"
+ORIGINAL = ROOT.parent / "shared" / "seed" / "progression_example.py"
+
+
+def body(path: Path) -> str:
+    """The file without its leading comment header (the lines up to the first blank line)."""
+    text = path.read_text(encoding="utf-8")
+    header, _, rest = text.partition("\n\n")
+    assert all(line.startswith("#") for line in header.splitlines()), f"{path}: no comment header"
+    return rest
+
+
+@pytest.mark.skipif(not ORIGINAL.is_file(),
+                    reason=f"../shared absent: the user's original example is not part of the "
+                           f"repository ({ORIGINAL} is absent, as in a plain clone)")
+def test_the_example_is_the_original_unchanged():
+    assert body(EXAMPLE) == ORIGINAL.read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SEED_EXAMPLE.is_file(),
-                    reason=f"the user's own example is not part of the repository: {SEED_EXAMPLE} "
-                           "is absent (a plain clone); examples/ holds the package's own")
 def test_seed_example_predicts_every_last_number():
     # The example seeds nothing; fixing the global generators makes this test repeatable.
     torch.manual_seed(0)
     np.random.seed(0)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        namespace = runpy.run_path(str(SEED_EXAMPLE), run_name="seed_example")
+        namespace = runpy.run_path(str(EXAMPLE), run_name="seed_example")
     assert "predicted last number" in printed.getvalue()  # its periodic_test ran
 
     rnn = namespace["rnn"]

@@ -179,13 +179,19 @@ def test_integer_class_targets_equal_one_hot_targets():
     assert runs[0] == runs[1] == runs[2]
 
 
-def test_sgd_optimizer_reduces_the_loss():
-    X = np.random.default_rng(0).normal(size=(16, 4, 3))
-    Y = np.random.default_rng(1).integers(0, 4, (16, 2))
-    rnn = untrained(loss="cross_entropy")
-    history = rnn.train(X, Y, epochs=30, learning_rate=0.5, optimizer="sgd", batch_size=16,
+def test_sgd_optimizer_learns_to_copy_unseen_sequences():
+    """Plain SGD learns a task, not merely a lower loss: copying sequences of 4 symbols, every
+    token of 32 unseen sequences right. Adam with the same settings takes another path."""
+    tokens = np.random.default_rng(0).integers(0, 4, (96, 3))
+    X, Y = np.eye(4)[tokens], tokens.copy()
+    rnn = untrained(input_size=4, loss="cross_entropy")
+    history = rnn.train(X[:64], Y[:64], epochs=60, learning_rate=1.0, optimizer="sgd", batch_size=16,
                         verbose=False)
-    assert history[-1] < history[0]
+    assert history[0] > 1.2 and history[-1] < 0.05  # from chance, ln 4 = 1.39, to near zero
+    assert np.array_equal(rnn.predict_batch(X[64:]).argmax(-1), Y[64:])
+    adam = untrained(input_size=4, loss="cross_entropy").train(
+        X[:64], Y[:64], epochs=2, learning_rate=1.0, batch_size=16, verbose=False)
+    assert adam != history[:2]
 
 
 # -- determinism ------------------------------------------------------------------------------

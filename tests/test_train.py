@@ -70,12 +70,27 @@ def test_resume_with_a_bigger_step_budget_equals_one_run(corpus, tmp_path, capsy
 
 
 def test_dropout_matters_so_the_resume_test_can_fail(corpus, tmp_path):
-    """The same run with another seed ends elsewhere: equal tensors above are no accident."""
-    train(corpus, tmp_path / "a", "--set", "train.max_steps=3")
-    train(corpus, tmp_path / "b", "--set", "train.max_steps=3", "--set", "train.seed=5")
+    """Runs that differ only in dropout (same seed: same initial weights, same batches) end
+    elsewhere: the masks change the weights, so a resume that drew other masks than the
+    uninterrupted run would fail the equality above."""
+    from seq2seq.config import Config
+    from seq2seq.models.builder import build_model
+
+    config = Config.load(str(corpus / "cfg.yaml"))
+    initial = []
+    for dropout in (0.3, 0.0):
+        config.model.dropout = dropout
+        torch.manual_seed(4)
+        initial.append(build_model(config.model, 20, 20, 0).state_dict())
+    assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])  # dropout draws nothing
+
+    for name, dropout in (("a", "0.3"), ("b", "0.0"), ("c", "0.3")):
+        train(corpus, tmp_path / name, "--set", "train.max_steps=3", "--set", f"model.dropout={dropout}")
     a, _ = checkpoint(tmp_path / "a")
     b, _ = checkpoint(tmp_path / "b")
-    assert not torch.equal(a["model.generator.bias"], b["model.generator.bias"])
+    c, _ = checkpoint(tmp_path / "c")
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("model."))  # repeatable
+    assert not torch.equal(a["model.generator.bias"], b["model.generator.bias"])  # dropout acted
 
 
 def test_resume_without_more_budget_does_nothing(corpus, tmp_path, capsys):
