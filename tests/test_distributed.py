@@ -283,6 +283,53 @@ def test_nccl_without_cuda_is_a_config_error(monkeypatch):
         distributed.setup("nccl", "cpu")
 
 
+@pytest.mark.parametrize("variables, message", [
+    ({"WORLD_SIZE": "2"}, r"sets WORLD_SIZE=2 but not RANK: start the processes with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": ""}, r"sets WORLD_SIZE=2 but not RANK"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, r"WORLD_SIZE='two' must be an integer from 1 to"),
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE='0' must be an integer from 1 to"),
+    ({"WORLD_SIZE": "99999999999999999999"}, r"WORLD_SIZE='99999999999999999999' must be an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK='2' must be an integer from 0 to 1 \(WORLD_SIZE=2\)"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, r"RANK='-1' must be an integer from 0 to 1"),
+    ({"WORLD_SIZE": "2", "RANK": "0.5"}, r"RANK='0.5' must be an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "3"},
+     r"LOCAL_WORLD_SIZE='3' must be an integer from 1 to 2"),
+    ({"WORLD_SIZE": "4", "RANK": "0", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "2"},
+     r"LOCAL_RANK='2' must be an integer from 0 to 1 \(LOCAL_WORLD_SIZE=2\)"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_RESTART_COUNT": "x"}, r"TORCHELASTIC_RESTART_COUNT='x'"),
+])
+def test_bad_launch_variables_are_a_config_error_naming_the_variable(monkeypatch, variables, message):
+    """Checked before any process group is made: nothing waits for peers that will never come."""
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        distributed.setup("gloo", "cpu")
+
+
+def test_launch_variables_in_range_give_the_place(monkeypatch):
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.place_from_environment() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.place_from_environment() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert distributed.place_from_environment() == (3, 4, 0, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", " 1 ")
+    assert distributed.place_from_environment() == (3, 4, 1, 2)
+
+
+def test_the_train_command_names_a_missing_rank_without_a_traceback(corpus, tmp_path):
+    env = clean_env(WORLD_SIZE="2")
+    result = subprocess.run([sys.executable, *train_args(corpus, tmp_path / "model")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "seq2seq: error: the environment sets WORLD_SIZE=2 but not RANK" in result.stderr
+
+
 def test_communication_errors_are_told_apart():
     gloo = RuntimeError("[/src/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                         "[127.0.0.1]:5339: Connection reset by peer. This is typically caused by ...")

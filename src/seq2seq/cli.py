@@ -216,7 +216,8 @@ def run_train(args: argparse.Namespace) -> int:
 def _restarted_by_torchrun(model_dir: Path) -> bool:
     """torchrun --max-restarts starts failed workers again: they resume from the last checkpoint
     of the run (if it got that far) instead of refusing a model directory that holds one."""
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    text = os.environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    attempt = int(text) if text.isdigit() else 0  # a bad value: distributed.setup names it
     if attempt == 0 or not (model_dir / LAST).is_file():
         return False
     if os.environ.get("RANK", "0") == "0":

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from seq2seq.config import ConfigError
 from seq2seq.device import resolve_device
 
+MAX_PROCESSES = 1 << 20  # the largest WORLD_SIZE taken from the environment
 TIMEOUT_S = 60.0  # a lock-step collective that waits longer has lost a process
 PATIENT_TIMEOUT_S = 3600.0  # waiting for rank 0 to validate or write a checkpoint
 HEARTBEAT_S = 1.0  # each rank counts up in the rendezvous store this often ...
@@ -144,16 +145,14 @@ class Distributed:
 def setup(backend: str = "auto", device: str = "auto", timeout_s: float = TIMEOUT_S,
           patient_timeout_s: float = PATIENT_TIMEOUT_S) -> Distributed:
     """Join the process group that torchrun describes in the environment, if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    place = place_from_environment()
+    if place is None:
         return Distributed()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    rank, world_size, local_rank, local_world = place
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    restart = _environment_int("TORCHELASTIC_RESTART_COUNT", 0, 0, MAX_PROCESSES)
     if (shared_store and rank == 0 and restart == 0
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
+            and _environment_int("TORCHELASTIC_MAX_RESTARTS", 0, 0, MAX_PROCESSES) > 0):
         print(f"seq2seq: warning: {SHARED_STORE_HINT}", file=sys.stderr, flush=True)
     if backend == "auto":
         wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -175,6 +174,41 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = TIMEOU
     store = _store()
     heartbeat = Heartbeat(store, rank, world_size) if store is not None else None
     return Distributed(rank, world_size, local_rank, local_world, backend, control, heartbeat)
+
+
+def place_from_environment() -> tuple[int, int, int, int] | None:
+    """(rank, world size, local rank, local world size) from torchrun's variables; None for one
+    process (``WORLD_SIZE`` unset or 1). Each must be an integer in its range, and ``RANK`` is
+    required with a ``WORLD_SIZE`` over 1: a ``ConfigError`` names the variable otherwise."""
+    world_size = _environment_int("WORLD_SIZE", 1, 1, MAX_PROCESSES)
+    if world_size == 1:
+        return None
+    if os.environ.get("RANK", "").strip() == "":
+        raise ConfigError(f"the environment sets WORLD_SIZE={world_size} but not RANK: start the "
+                          f"processes with torchrun, which sets RANK, LOCAL_RANK and "
+                          f"LOCAL_WORLD_SIZE, or unset WORLD_SIZE to train in one process")
+    rank = _environment_int("RANK", 0, 0, world_size - 1, f"(WORLD_SIZE={world_size})")
+    local_world = _environment_int("LOCAL_WORLD_SIZE", world_size, 1, world_size,
+                                   f"(WORLD_SIZE={world_size})")
+    local_rank = _environment_int("LOCAL_RANK", 0, 0, local_world - 1, f"(LOCAL_WORLD_SIZE={local_world})")
+    return rank, world_size, local_rank, local_world
+
+
+def _environment_int(name: str, default: int, low: int, high: int, why: str = "") -> int:
+    """The environment variable ``name`` as an integer in [low, high]; ``default`` when unset or
+    empty. Otherwise a ConfigError naming the variable, its value and the range."""
+    text = os.environ.get(name, "").strip()
+    if text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ConfigError(f"environment variable {name}={shown!r} must be an integer from {low} to "
+                          f"{high}{' ' + why if why else ''}; torchrun sets it")
+    return value
 
 
 class Heartbeat:
