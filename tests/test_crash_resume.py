@@ -160,7 +160,21 @@ def copy_run(partial_run: Path, tmp_path: Path) -> Path:
 
 
 # -- atomic writes ------------------------------------------------------------------------
-def test_atomic_writes_follow_the_umask_and_name_the_file_on_error(tmp_path, monkeypatch):
+# A child process whose files may not grow past 1,000 bytes (RLIMIT_FSIZE, with SIGXFSZ ignored
+# so that write() fails with EFBIG instead of killing it): a real write error, from the kernel.
+_WRITE_PAST_FSIZE = """
+import json, resource, signal, sys
+from seq2seq.files import atomic_write_bytes
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+try:
+    atomic_write_bytes(sys.argv[1], b"y" * 5000)
+except OSError as error:
+    print(json.dumps({"errno": error.errno, "filename": error.filename, "message": str(error)}))
+"""
+
+
+def test_atomic_writes_follow_the_umask_and_name_the_file_on_error(tmp_path):
     from seq2seq.files import atomic_write_bytes
 
     mask = os.umask(0o022)
@@ -168,13 +182,11 @@ def test_atomic_writes_follow_the_umask_and_name_the_file_on_error(tmp_path, mon
     atomic_write_bytes(tmp_path / "a.bin", b"x" * 10)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
 
-    def fail(fd):
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError) as caught:
-        atomic_write_bytes(tmp_path / "a.bin", b"y" * 10)
-    assert caught.value.errno == errno.EIO and caught.value.filename == str(tmp_path / "a.bin")
+    done = subprocess.run([sys.executable, "-c", _WRITE_PAST_FSIZE, str(tmp_path / "a.bin")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout, done.stderr
+    error = json.loads(done.stdout)
+    assert error["errno"] == errno.EFBIG and error["filename"] == str(tmp_path / "a.bin"), error
     assert (tmp_path / "a.bin").read_bytes() == b"x" * 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
@@ -261,17 +273,23 @@ def test_resume_in_process_without_config_is_exact(partial_run, reference, tmp_p
 @pytest.mark.parametrize("setting", ["model.cell=lstm", "model.input_feeding=false", "train.precision=bf16"],
                          ids=["lstm", "no input feeding", "bf16"])
 def test_resume_is_exact_for_lstm_without_input_feeding_and_in_bf16(corpus, tmp_path, capsys, setting):
-    """The runs above are GRU, input feeding, fp32: stopped at step 20 and resumed, the other
-    cell, the plain decoder and bf16 training (the output layer's products in bf16 on CPU)
-    end as an uninterrupted run does, exactly."""
-    settings = ["--set", setting, "--set", "train.max_steps=30"]
+    """The runs above are GRU, input feeding, fp32: stopped by a real Ctrl-C (SIGINT to a
+    training process) and resumed, the other cell, the plain decoder and bf16 training (the
+    output layer's products in bf16 on CPU) end as an uninterrupted run does, exactly."""
+    settings = ["--set", setting, "--set", "train.max_steps=40", "--set", "train.valid_every=20"]
     reference = tmp_path / "reference"
     assert cli.main(train_args(corpus, reference, *settings)) == 0
     model_dir = tmp_path / "model"
-    train_until_interrupted_at_20(corpus, model_dir, *settings)
+    process = start(train_args(corpus, model_dir, *settings), tmp_path / "run1.txt")
+    wait_for(lambda: max(logged_steps(model_dir), default=0) >= 10, process, "step 10")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == cli.EXIT_INTERRUPTED, (tmp_path / "run1.txt").read_text()
+    stopped_at = step_of(model_dir / "last.safetensors")
+    assert 10 <= stopped_at < 40, "the run ended before Ctrl-C reached it"
+    capsys.readouterr()
     assert cli.main(train_args(corpus, model_dir, "--resume", *settings)) == 0
-    assert "resuming from step 20" in capsys.readouterr().err
-    assert step_of(model_dir / "last.safetensors") == 30
+    assert f"resuming from step {stopped_at}" in capsys.readouterr().err
+    assert step_of(model_dir / "last.safetensors") == 40
     assert_same_run(model_dir, reference)
 
 
