@@ -217,7 +217,7 @@ def test_a_killed_preparation_leaves_nothing_that_looks_prepared(tmp_path):
     try:
         # Kill it once its first chunks are on disk, in the middle of the encoding.
         while time.monotonic() < deadline and process.poll() is None:
-            partial = [p for p in tmp_path.glob(".prepared.*.partial") if (p / "src.ids").is_file()]
+            partial = [p for p in tmp_path.glob(".prepared.partial-*") if (p / "src.ids").is_file()]
             if partial and (partial[0] / "src.ids").stat().st_size > 20_000:
                 break
             time.sleep(0.01)
@@ -226,12 +226,13 @@ def test_a_killed_preparation_leaves_nothing_that_looks_prepared(tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert not out.exists() and len(list(tmp_path.glob(".prepared.*.partial"))) == 1
+    # the folder holds only its lock (taken before anything is written), the work is beside it
+    assert os.listdir(out) == ["prepare.lock"] and len(list(tmp_path.glob(".prepared.partial-*"))) == 1
     with pytest.raises(DataError, match="not a prepared corpus"):
         PreparedCorpus(out)
     # the next preparation removes what the killed one left, and completes
     binarize(_config(src, tgt, max_len=40), out, workers=1, log=_quiet)
-    assert read_manifest(out)["pairs"] > 0 and not list(tmp_path.glob(".prepared.*.partial"))
+    assert read_manifest(out)["pairs"] > 0 and not list(tmp_path.glob(".prepared.partial-*"))
 
 
 def test_a_worker_that_dies_ends_the_preparation_with_an_error_not_a_hang(tmp_path):
@@ -244,7 +245,7 @@ def test_a_worker_that_dies_ends_the_preparation_with_an_error_not_a_hang(tmp_pa
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "DataError: an encoding worker process stopped" in result.stderr.splitlines()[-1]
-    assert not out.exists() and not list(tmp_path.glob(".prepared.*"))
+    assert not out.exists() and not list(tmp_path.glob(".prepared*"))
 
 
 def _limit_file_size() -> None:
@@ -332,3 +333,145 @@ def test_a_full_disk_gives_a_clear_error_and_no_half_made_dataset(tmp_path):
     assert re.search(r"^seq2seq: error: cannot write the prepared corpus .*/disk/prepared: No space "
                      r"left on device \(writing [st][rg][ct]\.(ids|offsets|lengths)\); nothing was "
                      r"kept$", result.stderr, re.MULTILINE), result.stderr
+
+
+# -- the worker processes die with their parent -------------------------------------------------
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, read from /proc (no psutil)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "(comm) state"
+            children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children, found, todo = _children_by_parent(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead and waiting for a parent to reap it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_killing_prepare_with_sigkill_leaves_no_worker_process(tmp_path):
+    """A real ``seq2seq prepare`` with two encoding workers, killed with SIGKILL while they work:
+    every process it started ends too (none is left blocked on a pipe, as they once were)."""
+    rng = random.Random(5)
+    lines = ["".join(" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) + "\n" for _ in range(45_000))
+             for _ in range(2)]  # 3 chunks of 20,000 pairs: two workers
+    (tmp_path / "train.src").write_text(lines[0], encoding="utf-8")
+    (tmp_path / "train.tgt").write_text(lines[1], encoding="utf-8")
+    (tmp_path / "cfg.yaml").write_text("data: {train_src: train.src, train_tgt: train.tgt, "
+                                       "tokenizer: word, max_len: 40}\n")
+    process = subprocess.Popen([sys.executable, "-m", "seq2seq", "prepare", "--config",
+                                str(tmp_path / "cfg.yaml"), "--data-dir", str(tmp_path), "--output",
+                                str(tmp_path / "prepared"), "--workers", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            started = _descendants(process.pid)
+            if sum("spawn_main" in _cmdline(pid) for pid in started) >= 2:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, f"prepare ended before its workers started: {process.stderr.read()}"
+        assert sum("spawn_main" in _cmdline(pid) for pid in started) >= 2, "no worker started in 120 s"
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, started)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = [f"{pid}: {_cmdline(pid)}" for pid in started if _alive(pid)]
+        assert not left, f"processes left behind by the killed prepare: {left}"
+    finally:
+        process.kill()
+        process.wait()
+        for pid in started:  # never leave them running, even when the test fails
+            if _alive(pid) and "multiprocessing" in _cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# -- what a preparation may delete ----------------------------------------------------------------
+def test_an_output_name_with_wildcards_deletes_no_sibling(tmp_path):
+    """``--output 'a*'`` once globbed ``.a*.*.partial`` and deleted the siblings it matched."""
+    src, tgt = _corpus(tmp_path / "data", 200)
+    siblings = [tmp_path / ".ab.x.partial", tmp_path / ".a[b].zz.partial",
+                tmp_path / ".ab.partial-12345678"]  # the last: the work in progress of output "ab"
+    for sibling in siblings:
+        sibling.mkdir()
+        (sibling / "keep.txt").write_text("mine")
+    for name in ("a*", "a[b]"):
+        binarize(_config(src, tgt), tmp_path / name, workers=1, log=_quiet)
+        binarize(_config(src, tgt, max_len=30), tmp_path / name, workers=1, log=_quiet)  # a rebuild
+        assert read_manifest(tmp_path / name)["settings"]["max_len"] == 30
+    for sibling in siblings:
+        assert (sibling / "keep.txt").read_text() == "mine"
+
+
+def test_a_rebuild_refuses_a_folder_with_foreign_files_and_changes_nothing(tmp_path):
+    src, tgt = _corpus(tmp_path / "data", 200)
+    out = tmp_path / "prepared"
+    binarize(_config(src, tgt), out, workers=1, log=_quiet)
+    (out / "README.md").write_text("my notes")
+    before = _arrays(out)
+    with pytest.raises(DataError, match=r"must be rebuilt .* holds .*README\.md, which seq2seq prepare did "
+                                        r"not write .*nothing was changed"):
+        binarize(_config(src, tgt, max_len=30), out, workers=1, log=_quiet)
+    assert (out / "README.md").read_text() == "my notes" and _arrays(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folder
+    # a folder that fits is used as it is, foreign files and all
+    assert binarize(_config(src, tgt), out, workers=1, log=_quiet)["settings"]["max_len"] == 25
+
+
+def test_an_output_that_is_a_symlink_is_built_and_rebuilt_through_it(tmp_path):
+    """The link stays a link; its target folder is built, then rebuilt; nothing partial is left."""
+    src, tgt = _corpus(tmp_path / "data", 200)
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "prepared"
+    link.symlink_to(tmp_path / "disk" / "corpus")  # dangling until the first preparation
+    binarize(_config(src, tgt), link, workers=1, log=_quiet)
+    assert link.is_symlink() and read_manifest(tmp_path / "disk" / "corpus")["settings"]["max_len"] == 25
+    binarize(_config(src, tgt, max_len=30), link, workers=1, log=_quiet)
+    assert link.is_symlink() and read_manifest(link)["settings"]["max_len"] == 30
+    assert PreparedCorpus(link).manifest["settings"]["max_len"] == 30
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["corpus"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "disk", "prepared"]
+
+
+def test_a_second_preparation_into_a_locked_folder_is_refused_before_it_deletes_anything(tmp_path):
+    from seq2seq.files import FileLock
+
+    src, tgt = _corpus(tmp_path / "data", 200)
+    out = tmp_path / "prepared"
+    binarize(_config(src, tgt), out, workers=1, log=_quiet)
+    before = _arrays(out)
+    stale = tmp_path / ".prepared.partial-abcd1234"  # what a killed run would leave: kept while locked
+    stale.mkdir()
+    with FileLock(out / "prepare.lock"):  # as a preparation running in another process holds it
+        with pytest.raises(DataError, match=rf"{out} is in use: pid {os.getpid()} on .* is preparing it"):
+            binarize(_config(src, tgt, max_len=30), out, workers=1, log=_quiet)
+    assert _arrays(out) == before and stale.is_dir()

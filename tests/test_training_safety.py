@@ -7,6 +7,8 @@ The concurrent runs are real processes; the tiny runs go through ``cli.main`` in
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -70,7 +72,7 @@ def test_a_second_training_into_a_locked_directory_is_refused_and_a_kill_leaves_
     assert holder in (model_dir / "train.lock").read_text()  # the dead holder's note stays ...
     # ... but the OS released its lock: the run resumes at once
     assert cli.main(args(corpus, model_dir, "--resume", "--set", "train.epochs=2")) == 0
-    assert (model_dir / "train.lock").read_text() == ""  # emptied by a run that ended
+    assert (model_dir / "train.lock").read_text().strip() == ""  # blanked by a run that ended
 
 
 def test_a_trained_model_is_replaced_only_with_overwrite(corpus, tmp_path, capsys):
@@ -129,3 +131,82 @@ def test_empty_validation_files_are_a_clear_error(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_ERROR and "Traceback" not in err
     assert f"seq2seq: error: {tmp_path / 'valid.src'}: the validation data is empty" in err
+
+
+# -- lock files and what --overwrite may delete ----------------------------------------------------
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_never_changes(corpus, tmp_path, capsys, link):
+    """A ``train.lock`` planted as a link to someone's file: the file is left byte for byte, by a
+    run into an empty folder and by one into a folder with a trained model (once refused after
+    truncating the lock); nothing else is written either."""
+    victim = tmp_path / "someones.txt"
+    victim.write_text("precious\n")
+    trained = tmp_path / "trained"
+    assert cli.main(args(corpus, trained, "--set", "train.max_steps=1")) == 0
+    for model_dir in (tmp_path / "empty", trained):
+        model_dir.mkdir(exist_ok=True)
+        (model_dir / "train.lock").unlink(missing_ok=True)
+        if link == "symlink":
+            (model_dir / "train.lock").symlink_to(victim)
+        else:
+            os.link(victim, model_dir / "train.lock")
+        before = sorted(p.name for p in model_dir.iterdir())
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            capsys.readouterr()
+            assert cli.main(args(corpus, model_dir, *extra, "--set", "train.max_steps=1")) == cli.EXIT_ERROR
+            err = capsys.readouterr().err
+            what = "is a symbolic link" if link == "symlink" else "is a file with "
+            assert "Traceback" not in err
+            if extra != ("--resume",) or model_dir == trained:  # --resume into nothing: no checkpoint
+                assert f"seq2seq: error: {model_dir / 'train.lock'}: the lock file {what}" in err
+            assert victim.read_text() == "precious\n"
+            assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_the_lock_note_is_written_without_truncating_and_a_held_lock_refuses(corpus, tmp_path, capsys):
+    from seq2seq.files import FileLock
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "train.lock").write_text("pid 1234567 on an-old-host-with-a-long-name\n")
+    with FileLock(model_dir / "train.lock"):  # another process, as far as the run can tell
+        note = (model_dir / "train.lock").read_text()
+        assert note.startswith(f"pid {os.getpid()} on {socket.gethostname()} ") and note.endswith(" \n")
+        assert len(note) == len("pid 1234567 on an-old-host-with-a-long-name\n")  # written over, not cut
+        assert cli.main(args(corpus, model_dir, "--overwrite")) == cli.EXIT_ERROR
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        assert f"is in use: {holder} is training" in capsys.readouterr().err
+    assert sorted(p.name for p in model_dir.iterdir()) == ["train.lock"]
+    assert (model_dir / "train.lock").read_text().strip() == ""
+
+
+def test_overwrite_deletes_only_files_a_training_wrote(corpus, tmp_path, capsys):
+    """``--overwrite`` into a folder where a user keeps files of the same names as a model's
+    (no record of a training) deletes nothing and names one; in a trained folder, it replaces
+    the model and keeps the user's other files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("# my own config\n")
+    (mine / "best.safetensors").write_bytes(b"my weights")
+    (mine / "notes.txt").write_text("notes")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert cli.main(args(corpus, mine, "--overwrite", "--set", "train.max_steps=1")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert (f"seq2seq: error: --overwrite: {mine / 'config.yaml'} was not written by a seq2seq training "
+            f"(it has no record of the files seq2seq wrote)") in err and "Nothing was deleted" in err
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.name != "train.lock"} == before
+
+    model_dir = tmp_path / "model"
+    assert cli.main(args(corpus, model_dir, "--set", "train.max_steps=1")) == 0
+    assert json.loads((model_dir / "written.json").read_text())["files"] == sorted(
+        ["config.yaml", "tokenizer.json", "last.safetensors", "best.safetensors", "metrics.jsonl"])
+    (model_dir / "notes.txt").write_text("notes")
+    (model_dir / "extra.vocab.json").write_text("{}")  # looks like a model's, is not named by it
+    assert cli.main(args(corpus, model_dir, "--overwrite", "--set", "train.max_steps=1")) == cli.EXIT_ERROR
+    assert f"--overwrite: {model_dir / 'extra.vocab.json'} was not written" in capsys.readouterr().err
+    (model_dir / "extra.vocab.json").unlink()
+    best = (model_dir / "best.safetensors").read_bytes()
+    assert cli.main(args(corpus, model_dir, "--overwrite", "--set", "train.max_steps=1",
+                         "--set", "train.seed=5")) == 0
+    assert (model_dir / "best.safetensors").read_bytes() != best
+    assert (model_dir / "notes.txt").read_text() == "notes"

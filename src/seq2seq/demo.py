@@ -115,7 +115,7 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
     start = time.monotonic()
     spec = _task(task)
     if max_seconds is not None and not 0 < max_seconds < float("inf"):
-        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        raise ConfigError(f"max_seconds must be > 0, got {max_seconds}")
     out = Path(output_dir)
     lock = _claim(out)
     try:
@@ -169,7 +169,7 @@ def _run(task: str, spec: DemoTask, out: Path, seed: int, max_seconds: float | N
 
 def _task(name: str) -> DemoTask:
     if name not in DEMO_TASKS:
-        raise ValueError(f"unknown demo task {name!r}: expected one of {', '.join(DEMO_TASKS)}")
+        raise ConfigError(f"unknown demo task {name!r}: expected one of {', '.join(DEMO_TASKS)}")
     return DEMO_TASKS[name]
 
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import socket
 import stat
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+class FileError(ValueError):
+    """A file that is not what it must be (not a regular file, too large); the message names it."""
 
 
 # -- writing files -------------------------------------------------------------------------
@@ -35,35 +42,68 @@ def atomic_write_bytes(path: str | Path, data: bytes, delay_s: float = 0.0, *,
     sleeps half-way through the write: a test hook that makes the write window reachable for
     a kill.
     """
+    with atomic_writer(path, cut_hard_links=cut_hard_links) as write:
+        half = len(data) // 2
+        write(data[:half])
+        if delay_s > 0:
+            time.sleep(delay_s)
+        write(data[half:])
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, *, cut_hard_links: bool = False) -> Iterator[Callable[[bytes], None]]:
+    """``write(piece)``, to write ``path`` in pieces as ``atomic_write_bytes`` writes it whole:
+    a regular file goes to a temporary file renamed over ``path`` when the block ends without
+    an exception (one, or a kill, leaves ``path`` as it was); a FIFO or character device gets
+    each piece at once, flushed (a reader downstream sees it); a file with other hard links is
+    rewritten in place and cut to the new length at the end. Errors of ``write`` and of the
+    final rename are ``OSError``s naming ``path``; the block's own exceptions pass unchanged.
+    """
     target, info, how = check_output(path, cut_hard_links=cut_hard_links)
-    if how != "replace":
-        return _write_into(target, data, path, sync=how == "in place")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        if how == "replace":
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        else:
+            fd, tmp = os.open(target, os.O_WRONLY | os.O_CLOEXEC), None
     except OSError as error:  # a read-only or missing folder
         raise _naming(error, path) from None
-    try:
-        # mkstemp's 0600 would hide the files from other users; an existing file keeps its mode
-        os.fchmod(fd, stat.S_IMODE(info.st_mode) if info else 0o666 & ~_UMASK)
-        if info is not None and os.geteuid() == 0:
-            with contextlib.suppress(OSError):
-                os.fchown(fd, info.st_uid, info.st_gid)
-        with os.fdopen(fd, "wb") as handle:
-            half = len(data) // 2
-            handle.write(data[:half])
-            if delay_s > 0:
-                handle.flush()
-                time.sleep(delay_s)
-            handle.write(data[half:])
+    handle = os.fdopen(fd, "wb")
+
+    def write(piece: bytes) -> None:
+        try:
+            handle.write(piece)
             handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # disk full: the message must say which file
+        except OSError as error:  # disk full: the message must say which file
             raise _naming(error, path) from None
+
+    try:
+        try:
+            if tmp is not None:  # mkstemp's 0600 would hide the file; an existing one keeps its mode
+                os.fchmod(fd, stat.S_IMODE(info.st_mode) if info else 0o666 & ~_UMASK)
+                if info is not None and os.geteuid() == 0:
+                    with contextlib.suppress(OSError):
+                        os.fchown(fd, info.st_uid, info.st_gid)
+        except OSError as error:
+            raise _naming(error, path) from None
+        yield write
+        try:
+            if how != "straight":
+                if how == "in place":  # drop what is left of the old content
+                    handle.truncate(handle.tell())
+                os.fsync(fd)
+            handle.close()
+            if tmp is not None:
+                os.replace(tmp, target)
+        except OSError as error:
+            raise _naming(error, path) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            handle.close()
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    if tmp is not None:
+        _fsync_dir(target.parent)
 
 
 def check_output(path: str | Path, cut_hard_links: bool = False
@@ -92,20 +132,6 @@ def check_output(path: str | Path, cut_hard_links: bool = False
         raise PermissionError(errno.EACCES, "read-only file, not replaced (make it writable or "
                                             "remove it first)", str(path))
     return target, info, "in place" if info.st_nlink > 1 and not cut_hard_links else "replace"
-
-
-def _write_into(target: Path, data: bytes, path: str | Path, sync: bool) -> None:
-    """Write ``data`` into the existing ``target`` (a device, FIFO or hard-linked file)."""
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if sync:  # a regular file: drop what is left of the old content, then sync
-                handle.truncate(len(data))
-                os.fsync(handle.fileno())
-    except OSError as error:
-        raise _naming(error, path) from None
 
 
 def _naming(error: OSError, path: Path) -> OSError:
@@ -153,7 +179,7 @@ def read_regular_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
     A model folder may come from anyone: a ``config.yaml`` that is a symlink to ``/dev/zero``
     or a FIFO would otherwise be read until memory runs out, or block forever. The file is
     opened without blocking and checked before anything is read. Raises ``FileNotFoundError``
-    (or another ``OSError``) naming the file, or a ``ValueError`` naming it and what it is.
+    (or another ``OSError``) naming the file, or a ``FileError`` naming it and what it is.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -162,14 +188,14 @@ def read_regular_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: not a regular file ({file_kind(info.st_mode)}); model "
+            raise FileError(f"{path}: not a regular file ({file_kind(info.st_mode)}); model "
                              f"files are read only from regular files")
         if info.st_size > limit:
-            raise ValueError(f"{path}: {info.st_size} bytes, more than the {limit} that a file "
+            raise FileError(f"{path}: {info.st_size} bytes, more than the {limit} that a file "
                              f"of this kind may have")
         data = handle.read(limit + 1)
     if len(data) > limit:  # it grew while being read
-        raise ValueError(f"{path}: more than the {limit} bytes that a file of this kind may have")
+        raise FileError(f"{path}: more than the {limit} bytes that a file of this kind may have")
     return data
 
 
@@ -241,3 +267,162 @@ def open_regular_nofollow(path: str | Path, source: str | Path | None = None) ->
         raise ValueError(f"{path}{named}: not a regular file ({file_kind(info.st_mode)}); files "
                          f"named by data are read only from regular files")
     return fd
+
+
+# -- lock files ----------------------------------------------------------------------------
+LOCK_NOTE_BYTES = 256  # a lock file's note (its holder) is written padded to this width
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; ``holder`` is its note (``pid N on HOST``)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    """An exclusive ``flock`` on the lock file ``path``, which notes its holder (pid and host).
+
+    A lock file lives in a folder that may hold anything, planted links included, so it is
+    opened with ``O_NOFOLLOW`` (a symlink is refused, never followed) and used only when the
+    open file is a regular file with one link and no more than a note's bytes: a hard link to
+    a user's file, a FIFO or a folder is refused, and nothing is written. It is never
+    truncated: the note is written over the old one (padded with blanks to its length), and
+    blanked on release. The OS releases the lock when its holder dies, however it dies, so no lock goes
+    stale; the file itself stays (a deleted lock file lets two processes lock two files).
+
+    Raises ``LockBusy`` when another process holds it, ``FileError`` when the path is not a
+    lock file, or the ``OSError`` of the open (naming ``path``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        for _ in range(10):  # a holder that replaced the folder under us: lock the new file
+            self.fd = _open_lock_file(self.path)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                note = os.pread(self.fd, LOCK_NOTE_BYTES, 0).decode("utf-8", "replace").strip()
+                os.close(self.fd)
+                raise LockBusy(self.path, note or "another process") from None
+            if _same_file(self.fd, self.path):
+                break
+            os.close(self.fd)
+        else:
+            raise FileError(f"{self.path}: the lock file keeps being replaced; is another process "
+                            f"removing it?")
+        note = f"pid {os.getpid()} on {socket.gethostname()}".encode()[:LOCK_NOTE_BYTES - 1] + b"\n"
+        with contextlib.suppress(OSError):  # the note is for another's error alone: a full disk may refuse it
+            old = os.fstat(self.fd).st_size  # a longer old note is blanked, not cut off
+            os.pwrite(self.fd, note[:-1].ljust(old - 1) + b"\n", 0)
+
+    def release(self) -> None:
+        """Blank the note and let the lock go (closing the file releases it)."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            size = os.fstat(self.fd).st_size
+            if size:
+                os.pwrite(self.fd, b" " * (size - 1) + b"\n", 0)
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file ``path``, made when missing; refused unless a regular file
+    with one link and at most ``LOCK_NOTE_BYTES`` bytes. Opening never follows a symlink nor
+    blocks (a FIFO), and the checks are on the open file, not on the path."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, os.O_RDWR | flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FileError(f"{path}: the lock file is a symbolic link; it is not followed: remove "
+                            f"the link") from None
+        if error.errno not in (errno.EACCES, errno.EROFS):
+            raise _naming(error, path) from None
+        try:  # a read-only lock file can still be locked (its note is not written)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            raise _naming(error, path) from None
+    info = os.fstat(fd)
+    problem = ("" if stat.S_ISREG(info.st_mode) else f"not a regular file ({file_kind(info.st_mode)})")
+    if not problem and info.st_nlink != 1:
+        problem = f"a file with {info.st_nlink} hard links (another name may be someone's file)"
+    elif not problem and info.st_size > LOCK_NOTE_BYTES:
+        problem = f"{info.st_size} bytes, more than a lock file's note (it may be someone's file)"
+    if problem:
+        os.close(fd)
+        raise FileError(f"{path}: the lock file is {problem}; it is left untouched: remove it")
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (not removed or replaced since)."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    info = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino)
+
+
+# -- the record of the files the project wrote into a folder --------------------------------
+MAX_RECORD_BYTES = 1 << 20
+
+
+def read_plain_json(path: str | Path, limit: int = MAX_RECORD_BYTES) -> Any:
+    """The JSON in ``path``, read only from a regular file (a symlink is not followed) of at most
+    ``limit`` bytes; None when there is no such file. ``FileError`` naming it otherwise."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FileError(f"{path}: a symbolic link; the project's own records are not read "
+                            f"through links") from None
+        raise _naming(error, path) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileError(f"{path}: not a regular file ({file_kind(info.st_mode)})")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileError(f"{path}: more than the {limit} bytes that a file of this kind may have")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise FileError(f"{path}: not valid JSON ({type(error).__name__}: {str(error)[:200]})") from None
+
+
+def replace_file(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a new file renamed over ``path``: whatever ``path`` was (a symlink, a
+    hard link), that name alone is replaced; no link is followed, no other file changes.
+    For the project's own bookkeeping files, never for a user's output (``atomic_write_bytes``)."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _naming(error, path) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from None
+        raise
+    _fsync_dir(path.parent)

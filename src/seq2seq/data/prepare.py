@@ -10,14 +10,14 @@ Everything is written into a temporary folder beside the output and renamed into
 complete: a killed or failed preparation leaves nothing that looks prepared, and the next one
 removes what it left.
 
-``training_corpus`` is what training calls: rank 0 prepares (or checks) the folder while the
-other ranks wait, then every rank reads the same files.
+Training calls ``binarize`` from ``training.setup``, which coordinates the ranks of a run.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -28,7 +28,9 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -42,18 +44,21 @@ import numpy as np
 from seq2seq.config import Config, ConfigError, DataConfig
 from seq2seq.data import prepared as fmt
 from seq2seq.data.batches import encode_corpus
-from seq2seq.data.prepared import MANIFEST, SIDES, PreparedCorpus, file_record, mismatch, read_manifest
+from seq2seq.data.prepared import MANIFEST, SIDES, file_record, mismatch, read_manifest
 from seq2seq.data.text import DataError, iter_parallel
 from seq2seq.data.tokenizers import Tokenizer, load_tokenizers, train_tokenizers
-from seq2seq.files import atomic_write_bytes, atomic_write_json
+from seq2seq.files import FileError, FileLock, LockBusy, atomic_write_json
 from seq2seq.model_dir import TOKENIZER_FILE
 
 CHUNK_PAIRS = 20_000  # pairs per task sent to an encoding worker
 SAMPLE_SEED = 1  # the tokenizers' sample of the training pairs
 PREPARED_DIR = "prepared"  # in the model folder, when data.prepared is not set
-_PARTIAL = ".partial"  # suffix of unfinished (and replaced) folders beside the output
+_PARTIAL = ".partial"  # in the names of unfinished (and replaced) folders beside the output
+LOCK_FILE = "prepare.lock"  # in the prepared folder: held while a process prepares it
+ARRAY_FILES = tuple(f"{side}.{kind}" for side in SIDES for kind in ("ids", "lengths", "offsets"))
 SPOOL_DIR = "spool"  # in the unfinished folder: copies of training files that are pipes
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 Chunk = tuple[list[str], list[str]]
 
 
@@ -76,13 +81,41 @@ def binarize(config: Config, output: str | Path, workers: int | None = None, *, 
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    output = Path(output).absolute()
+    given = output
+    # A symlink is followed: its target folder is (re)built, beside itself, and the link stays.
+    output = Path(os.path.realpath(output))
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{given}: exists and is not a folder; choose another --output")
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        lock = _lock(output, given)
+    except OSError as error:
+        raise DataError(f"cannot write the prepared corpus {given}: {error.strerror or error}") from None
+    manifest = None
+    try:
+        manifest = _prepare_locked(data, output, workers, rebuild, tokenizers_from, chunk_pairs, log)
+        return manifest
+    finally:
+        if created and manifest is None:  # a failed first preparation leaves no folder behind
+            with contextlib.suppress(OSError):
+                (output / LOCK_FILE).unlink()
+                output.rmdir()
+        lock.release()
+
+
+def _prepare_locked(data: DataConfig, output: Path, workers: int, rebuild: bool,
+                    tokenizers_from: Path | None, chunk_pairs: int,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """``binarize`` into ``output``, a folder whose lock this process holds."""
     folder, copies = None, {}
     try:
+        manifest = read_manifest(output)
+        if manifest is None:
+            _refuse_foreign(output, set(), f"exists and is not a prepared corpus (no {MANIFEST})")
         if not all(_is_regular(path) for path in fmt.source_paths(data).values()):
             folder = _partial_folder(output)
             data, copies = _spool(data, folder / SPOOL_DIR)
-        manifest = read_manifest(output) if output.is_dir() else None
         if manifest is not None:
             reason = mismatch(manifest, data) or fmt.tokenizer_mismatch(manifest, output)
             if not reason:
@@ -91,10 +124,8 @@ def binarize(config: Config, output: str | Path, workers: int | None = None, *, 
             if not rebuild:
                 raise DataError(f"{output} does not fit the config: {reason}. Run seq2seq prepare to "
                                 f"rebuild it, or set data.prepared to another folder")
+            _refuse_foreign(output, set(manifest["tokenizer_files"]), f"it must be rebuilt ({reason})")
             log(f"rebuilding {output}: {reason}")
-        elif output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise DataError(f"{output}: exists and is not a prepared corpus (no {MANIFEST}); choose "
-                            f"another folder")
         folder = folder or _partial_folder(output)
         return _build(data, copies, output, folder, workers, tokenizers_from, chunk_pairs, log)
     except OSError as error:  # disk full, quota, read-only folder
@@ -111,6 +142,29 @@ def binarize(config: Config, output: str | Path, workers: int | None = None, *, 
     finally:
         if folder is not None:  # renamed to output when complete: then nothing is left here
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _lock(output: Path, given: str | Path) -> FileLock:
+    """The lock of the prepared folder ``output``, taken before anything in it (or beside it) is
+    deleted or written; a DataError when another process holds it."""
+    try:
+        return FileLock(output / LOCK_FILE)
+    except LockBusy as busy:
+        raise DataError(f"{given} is in use: {busy.holder} is preparing it; wait for it to end, or "
+                        f"choose another folder") from None
+    except FileError as error:
+        raise DataError(f"{given}: {error}; nothing was changed") from None
+
+
+def _refuse_foreign(output: Path, tokenizer_files: set[str], why: str) -> None:
+    """A rebuild replaces the whole folder: refuse one that holds a file seq2seq prepare did not
+    write (the arrays, the manifest, the tokenizer files it names, the lock), naming it."""
+    own = {MANIFEST, LOCK_FILE, *ARRAY_FILES, *tokenizer_files}
+    foreign = sorted(set(os.listdir(output)) - own)
+    if foreign:
+        raise DataError(f"{output}: {why}, and it holds {output / foreign[0]}, which seq2seq prepare "
+                        f"did not write ({len(foreign)} such file(s)); nothing was changed: move them "
+                        f"out, or choose another folder")
 
 
 def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path, workers: int,
@@ -162,11 +216,20 @@ def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path,
 
 
 def _partial_folder(output: Path) -> Path:
-    """A new temporary folder beside ``output``, after removing those a killed preparation left."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.*{_PARTIAL}"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=_PARTIAL, dir=output.parent))
+    """A new temporary folder beside ``output``, after removing those a killed preparation of
+    ``output`` left (the caller holds its lock). Names are compared, never globbed: ``output``'s
+    name may hold ``*`` or ``[``."""
+    prefix = _partial_prefix(output)
+    for name in os.listdir(output.parent):
+        rest = name[len(prefix):]
+        if name.startswith(prefix) and len(rest) == 8 and rest.isascii() and rest.replace("_", "").isalnum():
+            shutil.rmtree(output.parent / name, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+
+
+def _partial_prefix(output: Path) -> str:
+    """Temporary folders of ``output`` are named ``.NAME.partial-`` and mkdtemp's 8 characters."""
+    return f".{output.name}{_PARTIAL}-"
 
 
 def _is_regular(path: str) -> bool:
@@ -200,50 +263,6 @@ def _spool(data: DataConfig, folder: Path) -> tuple[DataConfig, dict[str, str]]:
             for setting, handle in files.items():
                 handle.write(f"{src}\t{tgt}\r\n" if tsv else f"{src if setting == 'train_src' else tgt}\r\n")
     return dataclasses.replace(data, **copies), {copies[s]: names[s] for s in copies}
-
-
-def training_corpus(config: Config, model_dir: Path, dist: Any, resume: bool,
-                    log: Callable[[str], None] = print) -> tuple[PreparedCorpus, Tokenizer, Tokenizer]:
-    """The run's training data, prepared, and its tokenizers (saved in ``model_dir``).
-
-    ``data.prepared`` names a prepared folder: used when it fits the config, refused when it
-    does not, made when it does not exist. Unset, the run prepares into ``MODEL_DIR/prepared``.
-    Rank 0 prepares while the others wait (``dist``: a ``distributed.Distributed``); then every
-    rank reads the same files, so the page cache holds them once per node. Where ``data.prepared``
-    is on each node's own disk (the model folder being shared), the first process of each other
-    node prepares its copy, with the tokenizers rank 0 made.
-    """
-    model_dir = Path(model_dir)
-    given = bool(config.data.prepared)
-    directory = Path(config.data.prepared) if given else model_dir / PREPARED_DIR
-    if dist.is_main:
-        # A resumed run keeps its tokenizers: the data is encoded with them, never with new ones.
-        manifest = binarize(config, directory, rebuild=not (given or resume), log=log,
-                            tokenizers_from=model_dir if resume else None)
-        if resume:
-            reason = fmt.tokenizer_mismatch(manifest, model_dir)
-            if reason:
-                raise DataError(f"--resume: {reason} (the run's tokenizers differ from those of "
-                                f"{directory}): point data.prepared at data prepared for this run")
-        else:
-            for name in manifest["tokenizer_files"]:
-                atomic_write_bytes(model_dir / name, (directory / name).read_bytes())
-    dist.barrier()
-    if not dist.is_main and dist.local_rank == 0:
-        # A node that does not see rank 0's folder has data.prepared on a disk of its own: its
-        # first process prepares it there, with the run's tokenizers, while the others wait.
-        manifest = read_manifest(directory)  # None where the folder or its manifest is missing
-        if manifest is None:
-            log(f"rank {dist.rank}: {directory} is not on this node; preparing it here")
-            manifest = binarize(config, directory, rebuild=False, log=log, tokenizers_from=model_dir)
-        reason = fmt.tokenizer_mismatch(manifest, model_dir)
-        if reason:
-            raise DataError(f"{directory} on the node of rank {dist.rank}: {reason} (it was not "
-                            f"prepared with this run's tokenizers): remove it or point data.prepared "
-                            f"elsewhere")
-    dist.barrier()
-    src_tok, tgt_tok = load_tokenizers(model_dir)
-    return PreparedCorpus(directory), src_tok, tgt_tok
 
 
 # -- the first pass: check, count, sample ------------------------------------------------------
@@ -335,9 +354,23 @@ class _Encoder:
 _worker_encoder: _Encoder | None = None  # set in each pool worker process by _start_worker
 
 
-def _start_worker(encoder: _Encoder) -> None:
+def _start_worker(encoder: _Encoder, parent: int) -> None:
     global _worker_encoder
+    _die_with_parent(parent)
     _worker_encoder = encoder
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux send this worker SIGKILL when its parent ends, however it ends: a killed
+    ``prepare`` (SIGKILL runs no cleanup) would otherwise leave its workers waiting for work on
+    a pipe forever. A parent already gone by now ends the worker at once. Elsewhere, a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): the pool's own checks remain
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _encode_in_worker(chunk: Chunk) -> dict[str, Any]:
@@ -356,7 +389,7 @@ def _encoded(chunks: Iterator[Chunk], encoder: _Encoder, workers: int) -> Iterat
         return
     # spawn: the caller may be a training process with threads, which fork would copy half-made
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(encoder,))
+                               initializer=_start_worker, initargs=(encoder, os.getpid()))
     try:
         pending: collections.deque[Future] = collections.deque()
         for chunk in chunks:
@@ -377,8 +410,7 @@ def _write_arrays(chunks: Iterator[Chunk], encoder: _Encoder, workers: int,
     """Append every chunk's ids, lengths and offsets to the files in ``folder``; the counts."""
     counts = {"pairs": 0, "src_tokens": 0, "tgt_tokens": 0, "skipped_empty": 0, "skipped_long": 0,
               "truncated": 0}
-    names = [f"{side}.{kind}" for side in SIDES for kind in ("ids", "lengths", "offsets")]
-    files = {name: open(folder / name, "wb") for name in names}  # noqa: SIM115 (closed below)
+    files = {name: open(folder / name, "wb") for name in ARRAY_FILES}  # noqa: SIM115 (closed below)
     try:
         for side in SIDES:
             files[f"{side}.offsets"].write(np.zeros(1, fmt.OFFSET_DTYPE).tobytes())
@@ -430,7 +462,7 @@ def _copy_tokenizers(source: Path, target: Path) -> None:
 def _replace(folder: Path, output: Path) -> None:
     """Rename the complete ``folder`` to ``output``, moving an older ``output`` aside first."""
     if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=_PARTIAL, dir=output.parent))
+        old = Path(tempfile.mkdtemp(prefix=_partial_prefix(output), dir=output.parent))
         os.replace(output, old)
         os.replace(folder, output)
         shutil.rmtree(old, ignore_errors=True)

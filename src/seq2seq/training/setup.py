@@ -1,15 +1,14 @@
 """Setting up a training run, before its first update: the model directory (its lock, a trained
-model already in it), the config of a resumed run, the data and tokenizers (made by
-``binarize.py``), and the model, its size checked against the device's memory.
+model already in it), the config of a resumed run, the data and tokenizers (prepared by
+``data.prepare``, on rank 0 while the other ranks wait), and the model, its size checked
+against the device's memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
+import json
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,28 @@ from pathlib import Path
 import torch
 
 from seq2seq.config import Config, ConfigError
+from seq2seq.data import prepared as fmt
 from seq2seq.data.batches import EncodedCorpus, encode_corpus
-from seq2seq.data.prepare import training_corpus
-from seq2seq.data.prepared import PreparedCorpus
+from seq2seq.data.prepare import PREPARED_DIR, binarize
+from seq2seq.data.prepared import MANIFEST, PreparedCorpus, read_manifest
 from seq2seq.data.text import DataError, read_parallel
-from seq2seq.data.tokenizers import PAD_ID, Tokenizer
-from seq2seq.model_dir import CONFIG_FILE, LAST, LOCK_FILE, remove_trained_files, trained_files
-from seq2seq.models.checkpoint import shapes_only
-from seq2seq.models.rnn.model import Seq2Seq
+from seq2seq.data.tokenizers import PAD_ID, Tokenizer, load_tokenizers
+from seq2seq.files import FileError, FileLock, LockBusy, atomic_write_bytes, read_plain_json, replace_file
+from seq2seq.model_dir import (
+    CONFIG_FILE,
+    LAST,
+    LOCK_FILE,
+    METRICS_FILE,
+    RECORD_FILE,
+    RUN_FILES,
+    TOKENIZER_FILE,
+    tokenizer_file_names,
+    trained_files,
+)
+from seq2seq.models.builder import build_model
+from seq2seq.training.distributed import Distributed
 
+RECORD_FORMAT = "seq2seq-written-1"
 BYTES_PER_PARAMETER = 16  # float32 weight, gradient and Adam's two moments, activations aside
 
 
@@ -37,51 +49,111 @@ class ModelDirLock:
     """An exclusive ``flock`` on ``train.lock`` in a model directory, for one training process.
 
     The OS releases it when the process ends, however it ends: a SIGKILL leaves no stale lock.
-    The file names the holder (pid and host) for the error that a second run gets; it is
-    emptied on release, never deleted (a deleted lock file lets two runs lock two files).
+    The file names the holder (pid and host) for the error that a second run gets. It is opened
+    as ``files.FileLock`` opens lock files: never through a symlink, never when it has other
+    hard links, never truncated; a refused run changes nothing.
     """
 
     def __init__(self, model_dir: Path) -> None:
         path = model_dir / LOCK_FILE
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError:
-            if not path.is_file():
-                raise
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # read-only: the first write will say
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 200).decode("utf-8", "replace").strip() or "another process"
-            os.close(self.fd)
-            raise TrainingError(f"{model_dir} is in use: {holder} is training into it (it holds "
+            self._lock = FileLock(path)
+        except LockBusy as busy:
+            raise TrainingError(f"{model_dir} is in use: {busy.holder} is training into it (it holds "
                                 f"{path}); wait for it to end, or choose another --model-dir") from None
-        with contextlib.suppress(OSError):  # the note is for that error alone: a full disk may refuse it
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except FileError as error:
+            raise TrainingError(f"{error}; nothing was changed") from None
 
     def release(self) -> None:
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # closing releases the lock
+        self._lock.release()  # blanks the note; closing releases the lock
 
 
 def claim_model_dir(model_dir: Path, resume: bool, overwrite: bool) -> ModelDirLock:
-    """Lock ``model_dir`` for this run (rank 0 only), refusing to overwrite a trained model."""
+    """Lock ``model_dir`` for this run (rank 0 only), refusing to overwrite a trained model.
+
+    The lock comes first: nothing is written or deleted before it is held. ``overwrite``
+    deletes only the files a seq2seq training wrote there (``owned_files``); a folder where a
+    model file was not written by one is refused, naming it, before anything is deleted. The
+    names this run writes are recorded in ``written.json`` before it writes them.
+    """
     if resume and not (model_dir / LAST).is_file():
         raise TrainingError(f"--resume: no checkpoint to resume from at {model_dir / LAST} (the run "
                             f"stopped before its first one); start it again without --resume")
     model_dir.mkdir(parents=True, exist_ok=True)
     lock = ModelDirLock(model_dir)
-    found = [] if resume else trained_files(model_dir)
-    if found and not overwrite:
+    try:
+        found = [] if resume else trained_files(model_dir)
+        if found and not overwrite:
+            raise TrainingError(f"{model_dir} already holds a trained model ({', '.join(found)}); add "
+                                f"--resume to continue its training, --overwrite to replace it, or "
+                                f"choose another --model-dir")
+        if found:
+            remove_owned_files(model_dir)
+        record_run_files(model_dir)
+    except BaseException:
         lock.release()
-        raise TrainingError(f"{model_dir} already holds a trained model ({', '.join(found)}); add "
-                            f"--resume to continue its training, --overwrite to replace it, or "
-                            f"choose another --model-dir")
-    if found:
-        remove_trained_files(model_dir)
+        raise
     return lock
+
+
+def owned_files(model_dir: Path) -> set[str]:
+    """The names in ``model_dir`` that a seq2seq training wrote, by its record (``written.json``)
+    and the tokenizer files that a recorded ``tokenizer.json`` names. No record: none."""
+    record = _read_record(model_dir)
+    owned = set(record)
+    if TOKENIZER_FILE in owned:
+        spec = _read_json(model_dir / TOKENIZER_FILE)
+        if isinstance(spec, dict):
+            stems = [spec.get(side) for side in ("src", "tgt")]
+            owned.update(tokenizer_file_names([s for s in stems if isinstance(s, str) and "/" not in s]))
+    return owned
+
+
+def remove_owned_files(model_dir: Path) -> None:
+    """Delete a trained model from ``model_dir`` (``--overwrite``), after checking that every one
+    of its files is the project's (``owned_files``); otherwise a TrainingError naming one, and
+    nothing deleted. Other files in the folder stay."""
+    owned = owned_files(model_dir)
+    present = [*trained_files(model_dir), *(n for n in (METRICS_FILE,) if os.path.lexists(model_dir / n))]
+    present += [n for n in sorted(owned) if n.endswith(".model") and os.path.lexists(model_dir / n)]
+    foreign = [name for name in present if name not in owned]
+    if foreign:
+        why = ("it has no record of the files seq2seq wrote" if not owned
+               else f"it is not in {model_dir / RECORD_FILE}, the record of the files seq2seq wrote")
+        raise TrainingError(f"--overwrite: {model_dir / foreign[0]} was not written by a seq2seq training "
+                            f"({why}); --overwrite deletes only those: move it away, or choose another "
+                            f"--model-dir. Nothing was deleted")
+    for name in dict.fromkeys(present):
+        (model_dir / name).unlink(missing_ok=True)
+
+
+def record_run_files(model_dir: Path) -> None:
+    """Add the names a training run writes (``model_dir.RUN_FILES``) to ``written.json``, before
+    the run writes any of them."""
+    names = sorted(set(_read_record(model_dir)) | set(RUN_FILES))
+    replace_file(model_dir / RECORD_FILE, (json.dumps({"format": RECORD_FORMAT, "files": names},
+                                                      indent=1) + "\n").encode())
+
+
+def _read_record(model_dir: Path) -> list[str]:
+    path = model_dir / RECORD_FILE
+    record = _read_json(path)
+    if record is None:
+        return []
+    files = record.get("files") if isinstance(record, dict) else None
+    if (not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or not isinstance(files, list)
+            or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in files)):
+        raise TrainingError(f"{path}: not a record of the files seq2seq wrote (expected "
+                            f'{{"format": "{RECORD_FORMAT}", "files": [plain file names]}}); remove it '
+                            f"if nothing here is a trained model")
+    return files
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return read_plain_json(path)
+    except FileError as error:
+        raise TrainingError(str(error)) from None
 
 
 def refuse_own_config(config_path: Path, model_dir: Path) -> None:
@@ -127,15 +199,62 @@ class RunData:
 
     src_tok: Tokenizer
     tgt_tok: Tokenizer
-    train: PreparedCorpus  # token ids read from the prepared files (binarize.py)
+    train: PreparedCorpus  # token ids read from the prepared files (data/prepare.py)
     valid_src: list[str]  # validation sources and references as text, for BLEU
     valid_ref: list[str]
     valid: EncodedCorpus | None  # None without validation files
 
 
-def load_data(config: Config, model_dir: Path, resume: bool, dist, log: Callable[[str], None]) -> RunData:
+def training_corpus(config: Config, model_dir: Path, dist: Distributed, resume: bool,
+                    log: Callable[[str], None] = print) -> tuple[PreparedCorpus, Tokenizer, Tokenizer]:
+    """The run's training data, prepared (``data.prepare.binarize``), and its tokenizers (saved in
+    ``model_dir``).
+
+    ``data.prepared`` names a prepared folder: used when it fits the config, refused when it
+    does not, made when it does not exist. Unset, the run prepares into ``MODEL_DIR/prepared``.
+    Rank 0 prepares while the others wait; then every rank reads the same files, so the page
+    cache holds them once per node. Where ``data.prepared`` is on each node's own disk (the model
+    folder being shared), the first process of each other node prepares its copy, with the
+    tokenizers rank 0 made.
+    """
+    model_dir = Path(model_dir)
+    given = bool(config.data.prepared)
+    directory = Path(config.data.prepared) if given else model_dir / PREPARED_DIR
+    if dist.is_main:
+        # A resumed run keeps its tokenizers: the data is encoded with them, never with new ones.
+        manifest = binarize(config, directory, rebuild=not (given or resume), log=log,
+                            tokenizers_from=model_dir if resume else None)
+        if resume:
+            reason = fmt.tokenizer_mismatch(manifest, model_dir)
+            if reason:
+                raise DataError(f"--resume: {reason} (the run's tokenizers differ from those of "
+                                f"{directory}): point data.prepared at data prepared for this run")
+        else:
+            for name in manifest["tokenizer_files"]:  # plain names, checked by read_manifest
+                atomic_write_bytes(model_dir / name, fmt.read_tokenizer_file(directory, name,
+                                                                            directory / MANIFEST))
+    dist.barrier()
+    if not dist.is_main and dist.local_rank == 0:
+        # A node that does not see rank 0's folder has data.prepared on a disk of its own: its
+        # first process prepares it there, with the run's tokenizers, while the others wait.
+        manifest = read_manifest(directory)  # None where the folder or its manifest is missing
+        if manifest is None:
+            log(f"rank {dist.rank}: {directory} is not on this node; preparing it here")
+            manifest = binarize(config, directory, rebuild=False, log=log, tokenizers_from=model_dir)
+        reason = fmt.tokenizer_mismatch(manifest, model_dir)
+        if reason:
+            raise DataError(f"{directory} on the node of rank {dist.rank}: {reason} (it was not "
+                            f"prepared with this run's tokenizers): remove it or point data.prepared "
+                            f"elsewhere")
+    dist.barrier()
+    src_tok, tgt_tok = load_tokenizers(model_dir)
+    return PreparedCorpus(directory, (len(src_tok), len(tgt_tok))), src_tok, tgt_tok
+
+
+def load_data(config: Config, model_dir: Path, resume: bool, dist: Distributed,
+              log: Callable[[str], None]) -> RunData:
     """The training data, prepared on rank 0 (tokenizers included) and read from its files on every
-    rank (``binarize.training_corpus``); the validation data, read and encoded in memory."""
+    rank (``training_corpus``); the validation data, read and encoded in memory."""
     data = config.data
     # prepared once (on rank 0, the others waiting) into arrays of token ids, or reused
     train, src_tok, tgt_tok = training_corpus(config, model_dir, dist, resume, log)
@@ -150,15 +269,10 @@ def load_data(config: Config, model_dir: Path, resume: bool, dist, log: Callable
     return RunData(src_tok, tgt_tok, train, valid_src, valid_ref, valid)
 
 
-def build_model(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer) -> Seq2Seq:
-    return Seq2Seq(config.model, src_vocab=len(src_tok), tgt_vocab=len(tgt_tok), pad_id=PAD_ID)
-
-
 def check_model_size(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
     """Refuse a model that the device's memory cannot train, before allocating any of it."""
     try:
-        with shapes_only():
-            parameters = build_model(config, src_tok, tgt_tok).num_parameters()
+        parameters = build_model(config.model, len(src_tok), len(tgt_tok), PAD_ID, meta=True).num_parameters()
     except (RuntimeError, ValueError, OverflowError) as error:  # sizes past int64
         raise ConfigError(f"the model section describes a model that cannot be built: {error}") from None
     if device.type == "cuda":
