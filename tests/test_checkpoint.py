@@ -156,3 +156,77 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     model = tiny_model()
     with pytest.raises(CheckpointError, match="holds no training state"):
         load_training_state(tmp_path / "weights.safetensors", model, torch.optim.Adam(model.parameters()))
+
+
+# -- training metadata read back ------------------------------------------------------------------
+STATE_FIELDS = {"step": int, "epoch": int, "elapsed_s": float, "finished": bool, "stop_reason": str}
+
+
+def _tampered(path, change) -> None:
+    """Rewrite the checkpoint ``path`` with ``change`` applied to its metadata (tensors kept)."""
+    import json
+
+    from safetensors.torch import save as safetensors_bytes
+
+    tensors, meta = read_checkpoint(path)
+    change(meta, tensors)
+    header = {"format": ckpt.FORMAT, "meta": json.dumps(meta)}
+    path.write_bytes(safetensors_bytes(tensors, metadata=header))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m, t: m.pop("train_state"), r"'train_state' must be an object, missing"),
+    (lambda m, t: m.update(train_state=[1]), r"'train_state' must be an object, got \[1\]"),
+    (lambda m, t: m["train_state"].update(step="12"), r"'train_state.step' must be of type int, got '12'"),
+    (lambda m, t: m["train_state"].update(step=1.0), r"'train_state.step' must be of type int, got 1.0"),
+    (lambda m, t: m["train_state"].update(finished="no"), r"'train_state.finished' must be of type bool"),
+    (lambda m, t: m["train_state"].update(elapsed_s=None), r"'train_state.elapsed_s' must be of type float"),
+    (lambda m, t: m.pop("rng"), r"'rng' must be an object, missing"),
+    (lambda m, t: m["rng"].pop("python"), r"'rng.python' must be Python's random state .*, missing"),
+    (lambda m, t: m["rng"].update(python=[3, [1, 2], None]), r"'rng.python' must be Python's random state"),
+    (lambda m, t: m["rng"].update(python="x"), r"'rng.python' must be Python's random state .* got 'x'"),
+    (lambda m, t: m["rng"].pop("numpy"), r"'rng.numpy' must be NumPy's MT19937 state, missing"),
+    (lambda m, t: m["rng"]["numpy"]["state"].update(key=[1, 2]), r"'rng.numpy' must be NumPy's MT19937"),
+    (lambda m, t: t.pop("rng.torch"), r"tensor rng.torch must be torch's random state, got nothing"),
+    (lambda m, t: t.update({"rng.torch": torch.zeros(3, dtype=torch.uint8)}),
+     r"rng.torch .* got shape \(3,\)"),
+    (lambda m, t: m.pop("optimizer"), r"'optimizer' must be an object, missing"),
+    (lambda m, t: m["optimizer"].update(param_groups={"lr": 1}), r"'optimizer.param_groups' must be a list"),
+])
+def test_training_metadata_that_a_run_did_not_write_is_refused_before_anything_is_restored(
+        tmp_path, change, message):
+    model, optimizer = trained_pair(seed=0)
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, model, {"train_state": {"step": 2, "epoch": 0, "finished": False}},
+                    optimizer=optimizer)
+    _tampered(path, change)
+    other, other_optimizer = trained_pair(seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    random.seed(5)
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    with pytest.raises(CheckpointError, match=rf"^{path}: .*{message}"):
+        load_training_state(path, other, other_optimizer, state_fields=STATE_FIELDS)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert random.getstate() == python_state and torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_a_resume_from_a_checkpoint_without_train_state_is_one_line_of_error(tmp_path, capsys):
+    """Through the command: ``seq2seq train --resume`` names the file and the field."""
+    from conftest import write_reversal
+
+    from seq2seq import cli
+
+    data = write_reversal(tmp_path / "data", {"train": 60, "valid": 8})
+    config = tmp_path / "cfg.yaml"
+    config.write_text("data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, "
+                      "valid_tgt: valid.tgt, tokenizer: char}\nmodel: {embed_size: 8, hidden_size: 8}\n"
+                      "train: {epochs: 1, batch_tokens: 200, device: cpu, max_steps: 2}\n")
+    model_dir = tmp_path / "model"
+    args = ["train", "--config", str(config), "--data-dir", str(data), "--model-dir", str(model_dir)]
+    assert cli.main(args) == 0
+    _tampered(model_dir / "last.safetensors", lambda m, t: m.pop("train_state"))
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"seq2seq: error: {model_dir / 'last.safetensors'}: metadata field 'train_state' must be" in err

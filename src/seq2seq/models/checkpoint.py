@@ -193,17 +193,94 @@ def load_model(path: str | Path, model: nn.Module) -> dict[str, Any]:
     return meta
 
 
-def load_training_state(path: str | Path, model: nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and random generators; returns the training meta."""
+def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state_fields: dict[str, type] | None = None) -> dict[str, Any]:
+    """Restore model, optimizer and random generators; returns the training meta.
+
+    The metadata is checked before anything is restored (a refused checkpoint changes nothing):
+    the optimizer's and the random generators' states (each tried on a fresh generator first),
+    and, given ``state_fields`` (name -> int, float, bool or str), the object ``train_state``
+    whose fields must have those types. A ``CheckpointError`` names the file and the field.
+    """
     tensors, meta = read_checkpoint(path)
+    if "optimizer" not in meta and "rng" not in meta:
+        raise CheckpointError(f"{path}: holds no training state (optimizer, rng) to resume from")
+    _check_training_meta(meta, tensors, Path(path), state_fields)
     weights = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     load_model_tensors(model, weights, str(path))
-    if "optimizer" not in meta or "rng" not in meta:
-        raise CheckpointError(f"{path}: holds no training state (optimizer, rng) to resume from")
     _restore_optimizer(optimizer, tensors, meta["optimizer"], str(path))
     _restore_rng(tensors, meta["rng"])
     return meta
+
+
+def _check_training_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
+                         state_fields: dict[str, type] | None) -> None:
+    """Refuse training metadata that a run did not write, naming the field (see
+    ``load_training_state``)."""
+    def bad(field: str, expected: str) -> CheckpointError:
+        value: Any = meta
+        for part in field.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        shown = "missing" if value is _MISSING else f"got {_short(value)}"
+        return CheckpointError(f"{path}: metadata field {field!r} must be {expected}, {shown}")
+
+    if state_fields is not None:
+        state = meta.get("train_state")
+        if not isinstance(state, dict):
+            raise bad("train_state", "an object")
+        for name, kind in state_fields.items():
+            if name in state and not _is_of(state[name], kind):
+                raise bad(f"train_state.{name}", f"of type {kind.__name__}")
+    optimizer = meta.get("optimizer")
+    if not isinstance(optimizer, dict):
+        raise bad("optimizer", "an object")
+    groups = optimizer.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad("optimizer.param_groups", "a list of objects")
+    if not isinstance(optimizer.get("scalars", {}), dict):
+        raise bad("optimizer.scalars", "an object")
+    rng = meta.get("rng")
+    if not isinstance(rng, dict):
+        raise bad("rng", "an object")
+    try:  # each state tried on a generator of its own: the process's are untouched if one fails
+        version, values, gauss = rng["python"]
+        random.Random().setstate((version, tuple(values), gauss))
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError):
+        raise bad("rng.python", "Python's random state [version, 625 integers, gauss]") from None
+    try:
+        np.random.RandomState().set_state(_numpy_state(rng["numpy"]))
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError):
+        raise bad("rng.numpy", "NumPy's MT19937 state") from None
+    torch_state = tensors.get(RNG_PREFIX + "torch")
+    try:
+        torch.Generator().set_state(torch_state)
+    except (TypeError, RuntimeError):
+        found = "nothing" if torch_state is None else f"shape {tuple(torch_state.shape)}"
+        raise CheckpointError(f"{path}: tensor {RNG_PREFIX}torch must be torch's random state, "
+                              f"got {found}") from None
+
+
+_MISSING = object()
+
+
+def _is_of(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return type(value) is int
+    return isinstance(value, kind)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _numpy_state(saved: Any) -> dict[str, Any]:
+    """NumPy's state dict from its JSON form (the key as a uint32 array)."""
+    state = dict(saved)
+    state["state"] = {**state["state"], "key": np.asarray(state["state"]["key"], dtype=np.uint32)}
+    return state
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -254,9 +331,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     version, values, gauss = meta["python"]
     random.setstate((version, tuple(values), gauss))
-    np_state = dict(meta["numpy"])
-    np_state["state"] = {**np_state["state"], "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}
-    np.random.set_state(np_state)
+    np.random.set_state(_numpy_state(meta["numpy"]))
 
 
 def _jsonable(obj: Any) -> Any:

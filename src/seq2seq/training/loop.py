@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,9 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist
             accumulate: int) -> TrainState:
     """Model, optimizer and random state from the checkpoint ``path``; the run's state, its
     position in the epoch converted when the processes x accumulation changed."""
-    meta = load_training_state(path, model, optimizer)
-    known = {f.name for f in dataclasses.fields(TrainState)}
+    fields = typing.get_type_hints(TrainState)  # name -> type: the checkpoint's are checked
+    meta = load_training_state(path, model, optimizer, state_fields=fields)
+    known = set(fields)
     state = TrainState(**{k: v for k, v in meta["train_state"].items() if k in known})
     # The same batches per update (processes x accumulate) continue exactly, however split.
     saved_group, group = state.world_size * state.accumulate, dist.world_size * accumulate
