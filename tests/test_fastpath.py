@@ -15,10 +15,12 @@ from conftest import autograd_nodes
 
 from seq2seq.config import Config, ModelConfig, packaged_configs
 from seq2seq.decoding.search import beam_search, greedy_search, max_output_lengths
-from seq2seq.kernels.gru import GRU
+from seq2seq.kernels import apply as apply_kernels
+from seq2seq.kernels import decoding_session, policy
+from seq2seq.kernels.gru import FusedGRU
 from seq2seq.kernels.ops import dropout_scale
 from seq2seq.kernels.policy import REFERENCE, FastPaths, private_ops, resolve
-from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
+from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB, PAD, BOS, EOS = 17, 0, 1, 2
 LAYOUT = ("cell", "attention", "input_feeding", "bidirectional", "encoder_layers",
@@ -59,7 +61,7 @@ def make_batch(tgt_len: int = 7, seed: int = 1):
 
 def training_step(model: Seq2Seq, kernels: str, batch, seed: int = 5):
     """(loss, {parameter: gradient}, autograd node names) of one training step."""
-    paths = model.set_fast_paths(kernels)
+    paths = apply_kernels(model, kernels)
     model.train().zero_grad()
     torch.manual_seed(seed)
     src, lengths, tgt_in, tgt_out = batch
@@ -108,14 +110,14 @@ def test_long_sequences_in_float32():
         src, lengths, tgt_in, _ = batch
         scores = []
         for kernels in ("fast", "reference"):
-            model.set_fast_paths(kernels)
-            session = DecodingSession(model, expected_rows=10 ** 6)
+            apply_kernels(model, kernels)
+            session = decoding_session(model, expected_rows=10 ** 6)
             memory, state = session.encode(src, lengths)
             steps = []
             for t in range(tgt_in.size(1)):
                 step, state, _ = session.step(tgt_in[:, t:t + 1], state, memory)
                 steps.append(step)
-            assert (session.gru_input is not None) == (kernels == "fast")
+            assert (getattr(session, "gru_input", None) is not None) == (kernels == "fast")
             scores.append(torch.cat(steps, 1))
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-5)
 
@@ -124,8 +126,8 @@ def test_dropout_between_gru_layers():
     """The fused two-layer GRU drops its first layer's outputs with the mask that
     ``dropout_scale`` draws: the same as two nn.GRU layers given that mask."""
     torch.manual_seed(0)
-    gru = GRU(5, 7, num_layers=2, batch_first=True, dropout=0.4).double()
-    gru.paths = FastPaths(fused_gru=True, fast_dropout=True)
+    gru = torch.nn.GRU(5, 7, num_layers=2, batch_first=True, dropout=0.4).double()
+    FusedGRU.install(gru, FastPaths(fused_gru=True, fast_dropout=True), "cpu")
     first = torch.nn.GRU(5, 7, batch_first=True).double()
     second = torch.nn.GRU(7, 7, batch_first=True).double()
     with torch.no_grad():
@@ -204,7 +206,7 @@ def test_decoding_runs_onednn_only_in_fast_sessions():
     src, lengths, tgt_in, _ = make_batch()
     ran = {}
     for kernels in ("fast", "reference"):
-        model.set_fast_paths(kernels)
+        apply_kernels(model, kernels)
         with torch.no_grad(), torch.autograd.profiler.profile() as prof:
             greedy_search(model, src, lengths, bos=BOS, eos=EOS, max_lengths=lengths + 3)
         ran[kernels] = {event.name for event in prof.function_events}
@@ -218,9 +220,9 @@ def test_search_gives_the_reference_outputs(translator):
     sentences = ["a b c d", "h g f e d c b a", "c c a", "b", "e f g h a b c d"] * 4
     results = {}
     for kernels in ("fast", "reference"):
-        translator.model.set_fast_paths(kernels)
+        apply_kernels(translator.model, kernels)
         results[kernels] = [translator.hypotheses(sentences, beam=beam) for beam in (1, 5)]
-    translator.model.set_fast_paths("fast")
+    apply_kernels(translator.model, "fast")
     for fast, ref in zip(results["fast"], results["reference"]):
         assert [h[0].tokens for h in fast] == [h[0].tokens for h in ref]
         for f, r in zip(fast, ref):
@@ -237,7 +239,7 @@ def test_search_with_input_feeding_gives_the_reference_outputs():
     limits = max_output_lengths(lengths, 2.0)
     outputs = {}
     for kernels in ("fast", "reference"):
-        model.set_fast_paths(kernels)
+        apply_kernels(model, kernels)
         greedy = greedy_search(model, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
         beam = beam_search(model, src, lengths, beam=5, bos=BOS, eos=EOS, max_lengths=limits)
         outputs[kernels] = ([h.tokens for h in greedy], [h[0].tokens for h in beam])
@@ -264,9 +266,9 @@ def test_translator_load_takes_the_kernels(trained_model_dir):
     from seq2seq.config import ConfigError
     from seq2seq.decoding.translator import Translator
 
-    assert Translator.load(trained_model_dir, device="cpu", kernels="reference").model.paths \
+    assert policy(Translator.load(trained_model_dir, device="cpu", kernels="reference").model) \
         == REFERENCE
-    fast = Translator.load(trained_model_dir, device="cpu").model.paths  # train.kernels: fast
+    fast = policy(Translator.load(trained_model_dir, device="cpu").model)  # train.kernels: fast
     assert fast.fused_gru and fast.onednn_output == ("onednn_linear" in private_ops())
     with pytest.raises(ConfigError, match="train.kernels must be 'fast' or 'reference'"):
         Translator.load(trained_model_dir, device="cpu", kernels="turbo")

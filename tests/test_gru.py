@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq.kernels.gru import GRU, reverse_index, run_padded
+from seq2seq.kernels.gru import FusedGRU, reverse_index
 from seq2seq.kernels.policy import FastPaths
+from seq2seq.models.rnn.encoder import run_padded
 
 FUSED = FastPaths(fused_gru=True)
 
@@ -32,8 +33,8 @@ def _run(module, fused: bool, x, lengths, hx):
 @pytest.mark.parametrize("with_hx", [True, False])
 def test_fused_path_matches_nn_gru(bidirectional, layers, padded, with_hx):
     torch.manual_seed(0)
-    gru = GRU(5, 7, num_layers=layers, batch_first=True, bidirectional=bidirectional).double()
-    gru.paths = FUSED
+    gru = nn.GRU(5, 7, num_layers=layers, batch_first=True, bidirectional=bidirectional).double()
+    FusedGRU.install(gru, FUSED, "cpu")
     x = torch.randn(4, 6, 5, dtype=torch.double)
     lengths = torch.tensor([6, 3, 1, 5]) if padded else None
     directions = 2 if bidirectional else 1
@@ -48,8 +49,8 @@ def test_fused_path_matches_nn_gru(bidirectional, layers, padded, with_hx):
 
 def test_padded_positions_are_zero_and_do_not_change_results():
     torch.manual_seed(1)
-    gru = GRU(3, 4, batch_first=True, bidirectional=True)
-    gru.paths = FUSED
+    gru = nn.GRU(3, 4, batch_first=True, bidirectional=True)
+    FusedGRU.install(gru, FUSED, "cpu")
     x = torch.randn(2, 5, 3, requires_grad=True)
     out, h_n = gru.forward_padded(x, torch.tensor([5, 2]))
     assert torch.all(out[1, 2:] == 0)
@@ -58,9 +59,9 @@ def test_padded_positions_are_zero_and_do_not_change_results():
     torch.testing.assert_close(h_n[:, 1], h_alone[:, 0])
 
 
-def _fused_calls(gru: GRU, x: torch.Tensor) -> int:
+def _fused_calls(gru: nn.GRU, x: torch.Tensor) -> int:
     """How many nodes of the fused layer Function the output's graph holds."""
-    out, _ = gru.forward_padded(x.requires_grad_())
+    out, _ = gru(x.requires_grad_())
     seen, stack, count = set(), [out.grad_fn], 0
     while stack:
         node = stack.pop()
@@ -72,20 +73,30 @@ def _fused_calls(gru: GRU, x: torch.Tensor) -> int:
     return count
 
 
-def test_fused_path_runs_in_training_mode_with_its_flag_only():
-    gru = GRU(3, 4, num_layers=2, batch_first=True)
+def test_fused_path_runs_in_training_mode_on_the_cpu_only():
+    gru = nn.GRU(3, 4, num_layers=2, batch_first=True)
     x = torch.randn(2, 5, 3)
     assert _fused_calls(gru, x) == 0  # a GRU alone: the reference paths
-    gru.paths = FUSED
+    FusedGRU.install(gru, FUSED, "cpu")
     assert _fused_calls(gru, x) == 2  # one Function per layer
     assert _fused_calls(gru.eval(), x) == 0  # evaluation and decoding: nn.GRU
+    gru.train().to("meta")  # off the CPU the twin is nn.GRU, and back on it fused again
+    assert not gru.on_cpu
+    gru.to_empty(device="cpu")
+    assert gru.on_cpu and _fused_calls(gru, x) == 2
 
 
-def test_state_dict_is_nn_grus():
-    gru = GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True)
-    plain = nn.GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True)
-    assert gru.state_dict().keys() == plain.state_dict().keys()
-    plain.load_state_dict(gru.state_dict())
+def test_the_twin_keeps_nn_grus_parameters_and_state_dict():
+    gru = nn.GRU(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+    before = gru.state_dict()
+    parameters = list(gru.parameters())
+    FusedGRU.install(gru, FUSED, "cpu")
+    assert gru.state_dict().keys() == before.keys()
+    assert all(a is b for a, b in zip(gru.parameters(), parameters, strict=True))
+    gru.uninstall()
+    assert type(gru) is nn.GRU and not hasattr(gru, "cpu_policy")
+    with pytest.raises(TypeError, match="FusedGRU is the twin of GRU, not of LSTM"):
+        FusedGRU.install(nn.LSTM(3, 4), FUSED, "cpu")
 
 
 def test_reverse_index_reverses_within_length():

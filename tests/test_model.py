@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from seq2seq.config import ConfigError, ModelConfig
-from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
+from seq2seq.kernels import apply as apply_kernels
+from seq2seq.kernels import decoding_session, policy
+from seq2seq.kernels.session import CombinedMemory, FastRNNSession
+from seq2seq.models.rnn.model import Seq2Seq
+from seq2seq.models.rnn.session import RNNSession
 
 VOCAB, FEATURES, LENGTHS, TGT_LEN = 11, 3, [6, 2, 4], 5
 
@@ -18,8 +22,11 @@ def config(**kwargs) -> ModelConfig:
 
 
 def token_model(**kwargs) -> Seq2Seq:
+    """A model with the fast kernels of a CPU applied."""
     torch.manual_seed(0)
-    return Seq2Seq(config(**kwargs), src_vocab=VOCAB, tgt_vocab=VOCAB).eval()
+    model = Seq2Seq(config(**kwargs), src_vocab=VOCAB, tgt_vocab=VOCAB).eval()
+    apply_kernels(model, "fast")
+    return model
 
 
 def vector_model(feedback: str = "onehot", **kwargs) -> Seq2Seq:
@@ -90,10 +97,10 @@ def test_decoding_with_combined_values_equals_the_combine_layer(attention, feedi
     model = token_model(attention=attention, input_feeding=feeding, bidirectional=attention != "dot")
     src, lengths, tgt_in = token_batch()
     scores, weights = model(src, lengths, tgt_in)
-    assert model.encode(src, lengths)[0].combined_values is None  # outside a session
+    assert not isinstance(model.encode(src, lengths)[0], CombinedMemory)  # outside a session
     with torch.no_grad():
-        session = DecodingSession(model)
-        assert session.encode(src, lengths)[0].combined_values is not None
+        session = decoding_session(model)
+        assert isinstance(session.encode(src, lengths)[0], CombinedMemory)
         steps, step_weights = _decode_steps(model, src, lengths, tgt_in, session=session)
     torch.testing.assert_close(steps, scores.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step_weights, weights[:, -1].detach())
@@ -166,10 +173,10 @@ def test_bad_construction_raises():
 
 def _decode_steps(model, src, lengths, tgt_in, beams=1, session=None):
     """Decode tgt_in one step at a time through a session; (scores, last step's weights)."""
-    session = session or DecodingSession(model)
+    session = session or decoding_session(model)
     memory, state = session.encode(src, lengths)
     if beams > 1:  # each sentence's state repeated per beam; memory stays once per sentence
-        state = state.select(torch.arange(src.size(0)).repeat_interleave(beams))
+        state = session.reorder_state(state, torch.arange(src.size(0)).repeat_interleave(beams))
         tgt_in = tgt_in.repeat_interleave(beams, 0)
     steps = []
     for t in range(TGT_LEN):
@@ -184,7 +191,7 @@ def test_decoding_tables_give_the_same_steps(attention, feeding):
     src, lengths, tgt_in = token_batch()
     with torch.no_grad():
         scores, _ = model(src, lengths, tgt_in)
-        session = DecodingSession(model)
+        session = decoding_session(model)
         tabled, _ = _decode_steps(model, src, lengths, tgt_in, session=session)
         assert session.gru_input is not None  # 3 rows x 5 steps: more rows than the 11 tokens
         tabled_again, _ = _decode_steps(model, src, lengths, tgt_in, session=session)
@@ -196,10 +203,10 @@ def test_decoding_table_is_made_only_when_enough_rows_use_it():
     model = token_model(attention="general", input_feeding=False)
     src, lengths, tgt_in = token_batch()
     with torch.no_grad():
-        session = DecodingSession(model)
+        session = decoding_session(model)
         _decode_steps(model, src[:1], lengths[:1], tgt_in[:1], session=session)
         assert session.gru_input is None and session.rows == TGT_LEN  # 5 rows < 11 tokens
-        session = DecodingSession(model, expected_rows=VOCAB)  # the caller expects enough
+        session = decoding_session(model, expected_rows=VOCAB)  # the caller expects enough
         memory, state = session.encode(src[:1], lengths[:1])
         session.step(tgt_in[:1, :1], state, memory)
         assert session.gru_input is not None
@@ -245,7 +252,7 @@ def test_the_model_holds_no_per_call_state():
     src, lengths, tgt_in = token_batch()
     before = _attributes(model)
     with torch.no_grad():
-        session = DecodingSession(model)
+        session = decoding_session(model)
         _decode_steps(model, src, lengths, tgt_in, session=session)
     assert session.gru_input is not None
     assert _attributes(model) == before
@@ -261,7 +268,7 @@ def test_threads_share_one_translator(trained_model_dir, options):
     from seq2seq.decoding.translator import Translator
 
     translator = Translator.load(trained_model_dir, device="cpu", **options)
-    assert translator.model.paths.bf16_output == ("precision" in options)
+    assert policy(translator.model).bf16_output == ("precision" in options)
     sentences = ["a b c d", "h g f e d c b a", "c c a", "b a", "e f g h a b c d", "d d h"] * 3
     jobs = [(sentences[i:] + sentences[:i], 1 + 2 * (i % 2)) for i in range(8)]
     want = [translator.translate(lines, beam=beam) for lines, beam in jobs]
@@ -272,5 +279,22 @@ def test_threads_share_one_translator(trained_model_dir, options):
 
 def test_a_session_needs_eval_mode():
     model = token_model().train()
-    with pytest.raises(ValueError, match=r"decode with the model in eval mode \(model.eval\(\)\)"):
-        DecodingSession(model)
+    for session in (decoding_session, RNNSession):
+        with pytest.raises(ValueError, match=r"decode with the model in eval mode \(model.eval\(\)\)"):
+            session(model)
+
+
+@pytest.mark.parametrize("attention, feeding", [("bahdanau", True), ("general", False), (None, False)])
+def test_plain_and_fast_sessions_decode_alike(attention, feeding):
+    """The two implementations of the decoding interface: the plain session steps through
+    plain PyTorch, the fast one through the kernels, to the same scores and weights."""
+    model = token_model(attention=attention, input_feeding=feeding)
+    src, lengths, tgt_in = token_batch()
+    with torch.no_grad():
+        fast = decoding_session(model, expected_rows=10 ** 6)
+        assert isinstance(fast, FastRNNSession)
+        got = _decode_steps(model, src, lengths, tgt_in, beams=2, session=fast)
+        want = _decode_steps(model, src, lengths, tgt_in, beams=2, session=RNNSession(model))
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    if attention is not None:
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)

@@ -2,7 +2,6 @@
 rate, scales what it keeps, and repeats under a seed; freed memory is reused; the oneDNN
 product runs oneDNN's kernel where it applies, F.linear elsewhere, with F.linear's values."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -10,12 +9,17 @@ import sys
 import pytest
 import torch
 
-from seq2seq.kernels.ops import Dropout, cpu_linear, dropout, tanh, tanh_
-from seq2seq.kernels.policy import private_ops
+from seq2seq.kernels.ops import FastDropout, FastTanh, cpu_linear, dropout, tanh_
+from seq2seq.kernels.policy import REFERENCE, private_ops
+
+
+def twin(plain: torch.nn.Module, cls, device_type: str = "cpu") -> torch.nn.Module:
+    cls.install(plain, REFERENCE, device_type)
+    return plain
 
 
 def fast_tanh(x):
-    return tanh(x, fast=True)
+    return twin(torch.nn.Tanh(), FastTanh)(x)
 
 
 def fast_dropout(x, p, training):
@@ -51,11 +55,13 @@ def test_fast_tanh_leaves_its_input_and_has_tanh_gradient():
                                                             requires_grad=True),))
 
 
-def test_tanh_runs_sigmoid_only_when_fast():
+def test_tanh_runs_sigmoid_only_in_the_twin_on_the_cpu():
     x = torch.randn(10)
     assert "aten::sigmoid_" in ops_run(fast_tanh, x) and "aten::tanh" not in ops_run(fast_tanh, x)
-    assert "aten::tanh" in ops_run(tanh, x, False) and "aten::sigmoid_" not in ops_run(tanh, x, False)
-    assert torch.equal(tanh(x, False), torch.tanh(x))
+    plain = torch.nn.Tanh()
+    assert "aten::tanh" in ops_run(plain, x) and "aten::sigmoid_" not in ops_run(plain, x)
+    elsewhere = twin(torch.nn.Tanh(), FastTanh, "cuda")  # decided for a GPU: torch.tanh
+    assert "aten::tanh" in ops_run(elsewhere, x) and torch.equal(elsewhere(x), torch.tanh(x))
 
 
 def test_fast_dropout_rate_and_scale():
@@ -72,13 +78,14 @@ def test_fast_dropout_rate_and_scale():
     assert torch.equal(a, fast_dropout(x, 0.5, True))  # seeded: resumes repeat exactly
 
 
-def test_dropout_module_uses_its_flag():
+def test_dropout_twin_draws_fast_masks_on_the_cpu_only():
     torch.manual_seed(0)
     x = torch.ones(1000)
-    drop = Dropout(0.5)
-    assert "aten::bernoulli_" in ops_run(drop, x)  # a module alone: F.dropout
-    drop.paths = dataclasses.replace(drop.paths, fast_dropout=True)
+    drop = torch.nn.Dropout(0.5)
+    assert "aten::bernoulli_" in ops_run(drop, x)  # the plain module: F.dropout
+    twin(drop, FastDropout)
     assert "aten::random_" in ops_run(drop, x) and "aten::bernoulli_" not in ops_run(drop, x)
+    assert "aten::bernoulli_" in ops_run(twin(torch.nn.Dropout(0.5), FastDropout, "cuda"), x)
 
 
 def test_fast_dropout_gradient_is_the_mask():

@@ -1,5 +1,5 @@
-"""Greedy and beam search: beam 1 equals greedy, n-best order, length limits, bans, and
-bf16 decoding's rescored candidates."""
+"""Greedy and beam search: beam 1 equals greedy, n-best order, length limits, bans, bf16
+decoding's rescored candidates, attention rebuilt from back-pointers, and stopping on request."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from seq2seq.config import ModelConfig
 from seq2seq.decoding import search
 from seq2seq.decoding.search import (
+    DecodingStopped,
     beam_search,
     greedy_search,
     length_penalty,
@@ -18,7 +19,9 @@ from seq2seq.decoding.search import (
     rescore_candidates,
     top_continuations,
 )
+from seq2seq.kernels import apply as apply_kernels
 from seq2seq.models.rnn.model import Seq2Seq
+from seq2seq.models.rnn.session import RNNSession
 
 VOCAB, PAD, BOS, EOS = 9, 0, 1, 2
 LENGTHS = torch.tensor([6, 3, 5, 1])
@@ -40,6 +43,7 @@ def model(seed: int = 0, **kwargs) -> Seq2Seq:
     with torch.no_grad():  # sharper output distributions: sentences end at varied lengths
         net.generator.weight.mul_(2.0)
         net.decoder.combine.weight.mul_(2.0)
+    apply_kernels(net, "fast")  # decoding through the fast session
     return net
 
 
@@ -128,9 +132,9 @@ def test_attention_is_returned_per_output_step():
     net, (src, lengths) = model(**CONFIGS[0]), batch()
     limits = max_output_lengths(lengths, 1.5)
     greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits,
-                           return_attention=True)
+                           with_attention=True)
     beam = beam_search(net, src, lengths, beam=2, bos=BOS, eos=EOS, max_lengths=limits,
-                       return_attention=True)
+                       with_attention=True)
     for hyp, n in zip([*greedy, *(h[0] for h in beam)], [*LENGTHS.tolist()] * 2):
         assert hyp.attention.shape[0] == len(hyp.tokens) + 1  # the eos step included
         torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(hyp.attention.shape[0]))
@@ -223,7 +227,7 @@ def test_rescore_candidates_removes_the_rounding():
 
 def _decode_all(net: Seq2Seq, src, lengths, precision):
     limits = max_output_lengths(lengths, 2.0)
-    assert net.set_fast_paths("fast", "cpu", precision).bf16_output == (precision == "bf16")
+    assert apply_kernels(net, "fast", "cpu", precision).bf16_output == (precision == "bf16")
     greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
     beam = beam_search(net, src, lengths, beam=4, bos=BOS, eos=EOS, max_lengths=limits,
                        n_best=4)
@@ -263,3 +267,91 @@ def test_bf16_output_layer_decodes_as_float32_once_rescored(monkeypatch):
         assert tokens16 == tokens and tokens_r != tokens
         same = [i for i in range(len(tokens)) if tokens_r[i] == tokens[i]]
         assert (rescored - exact).abs().max() * 3 < (rounded - exact)[same].abs().max()
+
+
+@pytest.mark.parametrize("settings", [CONFIGS[0], CONFIGS[3]], ids=["bahdanau-feeding", "dot"])
+def test_beam_attention_is_each_hypothesis_own_path(settings):
+    """Beam search keeps each step's weights and each row's origin, and rebuilds a returned
+    hypothesis's attention from them: the weights that teacher forcing its own tokens gives,
+    for every one of the n best, wherever its beam came from."""
+    net, (src, lengths) = model(2, **settings), batch(2)
+    apply_kernels(net, "reference")
+    limits = max_output_lengths(lengths, 2.0)
+    results = beam_search(net, src, lengths, beam=4, n_best=4, bos=BOS, eos=EOS,
+                          max_lengths=limits, with_attention=True)
+    checked = 0
+    for i, hyps in enumerate(results):
+        for hyp in hyps:
+            n = int(lengths[i])
+            tgt_in = torch.tensor([[BOS, *hyp.tokens]])
+            with torch.no_grad():
+                _, weights = net(src[i:i + 1, :n], lengths[i:i + 1], tgt_in)
+            torch.testing.assert_close(hyp.attention[:, :n], weights[0], atol=1e-5, rtol=1e-5)
+            assert torch.all(hyp.attention[:, n:] == 0)
+            checked += 1
+    assert checked == 4 * len(LENGTHS)
+    assert len({len(h.tokens) for hyps in results for h in hyps}) > 1
+
+
+def test_attention_is_skipped_unless_asked_for():
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    limits = max_output_lengths(lengths, 1.5)
+    greedy = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
+    beam = beam_search(net, src, lengths, beam=3, n_best=3, bos=BOS, eos=EOS, max_lengths=limits)
+    assert all(h.attention is None for h in [*greedy, *(h for hyps in beam for h in hyps)])
+    with_weights = beam_search(net, src, lengths, beam=3, n_best=3, bos=BOS, eos=EOS,
+                               max_lengths=limits, with_attention=True)
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in beam] == \
+        [[(h.tokens, h.score) for h in hyps] for hyps in with_weights]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_should_stop_is_asked_once_per_step_and_stops_the_search(beam):
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    limits = max_output_lengths(lengths, 1.5) + 20
+
+    def run(should_stop):
+        if beam == 1:
+            return greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits,
+                                 should_stop=should_stop)
+        return beam_search(net, src, lengths, beam=beam, bos=BOS, eos=EOS, max_lengths=limits,
+                           should_stop=should_stop)
+
+    calls = []
+    want = run(None)
+    assert run(lambda: calls.append(1) and False) == want  # asked, never stopping: same result
+    steps = len(calls)
+    assert steps >= 2
+    calls.clear()
+    with pytest.raises(DecodingStopped, match="after 1 steps") as stopped:
+        run(lambda: calls.append(1) is None and len(calls) > 1)
+    assert stopped.value.steps == 1 and len(calls) == 2
+
+
+def test_search_talks_to_the_session_it_is_given():
+    """Any object with the session interface decodes: here the plain session, wrapped to
+    count its calls; the model argument is not used when a session is given."""
+    net, (src, lengths) = model(**CONFIGS[0]), batch()
+    limits = max_output_lengths(lengths, 1.5)
+    calls = {"encode": 0, "step": 0, "reorder_state": 0}
+
+    class Counting(RNNSession):
+        def encode(self, *args):
+            calls["encode"] += 1
+            return super().encode(*args)
+
+        def step(self, *args):
+            calls["step"] += 1
+            return super().step(*args)
+
+        def reorder_state(self, *args):
+            calls["reorder_state"] += 1
+            return super().reorder_state(*args)
+
+    apply_kernels(net, "reference")
+    want = beam_search(net, src, lengths, beam=2, bos=BOS, eos=EOS, max_lengths=limits)
+    got = beam_search(None, src, lengths, beam=2, bos=BOS, eos=EOS, max_lengths=limits,
+                      session=Counting(net))
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in got] == \
+        [[(h.tokens, h.score) for h in hyps] for hyps in want]
+    assert calls["encode"] == 1 and calls["step"] >= 2 and calls["reorder_state"] == calls["step"] - 1

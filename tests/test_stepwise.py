@@ -10,6 +10,7 @@ from conftest import autograd_nodes
 from torch import nn
 
 from seq2seq.config import ModelConfig
+from seq2seq.kernels import apply as apply_kernels
 from seq2seq.kernels.ops import dropout_scale
 from seq2seq.kernels.policy import REFERENCE, FastPaths
 from seq2seq.models.rnn.model import Seq2Seq
@@ -57,7 +58,7 @@ class _FixedDropout(nn.Module):
 
 def _loss_and_grads(model, paths: FastPaths):
     src, lengths, tgt_in, tgt_out = _batch()
-    model.set_fast_paths(paths)
+    apply_kernels(model, paths)
     model.zero_grad()
     torch.manual_seed(3)
     loss, weights = model(src, lengths, tgt_in, tgt_out=tgt_out, label_smoothing=0.1)
@@ -91,7 +92,7 @@ def test_outputs_and_final_state_match():
     src, lengths, tgt_in, _ = _batch()
     results = []
     for paths in (STEPWISE, REFERENCE):
-        model.set_fast_paths(paths)
+        apply_kernels(model, paths)
         model.zero_grad()
         memory, state = model.encode(src, lengths)
         out, final, weights = model.decoder(model.embed_target(tgt_in), state, memory)
@@ -105,7 +106,7 @@ def test_outputs_and_final_state_match():
 
 def test_used_in_training_mode_only_and_draws_masks_only_there():
     model = _model("general", 0.5)
-    model.set_fast_paths(STEPWISE)
+    apply_kernels(model, STEPWISE)
     src, lengths, tgt_in, tgt_out = _batch()
     before = torch.get_rng_state()
     loss, _ = model(src, lengths, tgt_in, tgt_out=tgt_out)

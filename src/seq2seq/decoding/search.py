@@ -2,23 +2,43 @@
 
 Both run on ``batch`` (greedy) or ``batch * beam`` (beam) rows at once and drop finished
 sentences from the work (greedy search in groups), so a batch costs about what its live
-sentences cost. They decode through a ``DecodingSession`` (one per call, or the caller's for
-many batches), which holds all per-call state. The beams of a sentence share its encoder
-memory (``Decoder.step``'s ``beams``), and the best continuations are ranked by
+sentences cost. They talk to a decoding session only (``models/interface.py``: encode, step,
+reorder; one per call, or the caller's for many batches), which holds all per-call state;
+the default is ``seq2seq.kernels.decoding_session(model)``. The beams of a sentence share its
+encoder memory (the step's ``beams``), and the best continuations are ranked by
 ``top_continuations``. Where the output layer rounds its scores (bf16 decoding on CPU), the
 few candidates are rescored in float32 (``rescore_candidates``), so that rounding does not
 reorder them.
+
+Attention weights cost memory only when asked for (``with_attention``); beam search then
+keeps each step's weights and each row's origin, and rebuilds the returned hypotheses'
+attention at the end. ``should_stop`` (a deadline, say) is asked once per step; when it says
+so, the search raises ``DecodingStopped``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
+from seq2seq.kernels import decoding_session
+from seq2seq.models.interface import DecodingSession
+
+
+class DecodingStopped(Exception):
+    """``should_stop`` returned True: the search stopped after ``steps`` steps, with no result."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"decoding stopped by the caller after {steps} steps")
+        self.steps = steps
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, step: int) -> None:
+    if should_stop is not None and should_stop():
+        raise DecodingStopped(step)
 
 
 @dataclass
@@ -142,23 +162,27 @@ def rescore_candidates(session: DecodingSession, log_probs: Tensor, log_norm: Te
 
 
 @torch.inference_mode()
-def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int, eos: int,
-                  max_lengths: Tensor, banned: Sequence[int] = (), return_attention: bool = False,
-                  session: DecodingSession | None = None) -> list[Hypothesis]:
+def greedy_search(model: nn.Module, src: Tensor, src_lengths: Tensor, *, bos: int, eos: int,
+                  max_lengths: Tensor, banned: Sequence[int] = (), with_attention: bool = False,
+                  session: DecodingSession | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[Hypothesis]:
     """Pick the most probable token at each step.
 
     Finished sentences leave the batch in groups (an eighth of the rows at a time), since
     copying the encoder memory at every step costs more than a few idle rows.
 
     Args:
+        model: the model to decode with (in eval mode); only its default session reads it.
         src: (batch, src_len) ids; src_lengths: (batch,); max_lengths: (batch,) step limits.
-        session: the decoding session to use (default: one for this call).
+        with_attention: fill each Hypothesis's attention.
+        session: the decoding session to use (default: ``decoding_session(model)``).
+        should_stop: asked before each step; True raises ``DecodingStopped``.
 
     Returns:
         one Hypothesis per sentence, in batch order; score is the summed log-probability.
     """
     batch, device = src.size(0), src.device
-    session = session or DecodingSession(model, int(src_lengths.sum()))  # target ~ source
+    session = session or decoding_session(model, int(src_lengths.sum()))  # target ~ source
     memory, state = session.encode(src, src_lengths)
     limits = max_lengths.to(device)
     steps = int(limits.max())
@@ -167,10 +191,10 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
     prev = torch.full((batch, 1), bos, dtype=torch.long, device=device)
     tokens = torch.full((batch, steps), eos, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
-    attention = (torch.zeros(batch, steps, src.size(1), device=device)
-                 if return_attention else None)
+    attention = torch.zeros(batch, steps, src.size(1), device=device) if with_attention else None
     rescored = RESCORED_GREEDY if session.rounds_scores else 1
     for step in range(steps):
+        _check_stop(should_stop, step)
         at_limit = step + 1 >= limits[active]
         log_probs, log_norm, state, weights = _step_log_probs(
             session, prev, state, memory, banned, at_limit, eos)
@@ -194,23 +218,44 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, bos: int,
         if int(done.sum()) * 8 >= done.numel():  # compact: drop the finished rows
             keep = (~done).nonzero().squeeze(1)
             active, best, done = active[keep], best[keep], done[keep]
-            state, memory = state.select(keep), memory.select(keep)
+            state, memory = session.reorder_state(state, keep), session.reorder_memory(memory, keep)
         prev = best.unsqueeze(1)
     lengths = (tokens == eos).int().argmax(1).tolist()  # every sentence has ended
     token_lists, score_list = tokens.tolist(), scores.tolist()
-    return [
-        Hypothesis(token_lists[i][:lengths[i]], score_list[i],
-                   attention[i, :lengths[i] + 1].cpu() if attention is not None
-                   and weights is not None else None)
-        for i in range(batch)
-    ]
+    keep_attention = attention is not None and weights is not None
+    return [Hypothesis(token_lists[i][:lengths[i]], score_list[i],
+                       attention[i, :lengths[i] + 1].cpu() if keep_attention else None)
+            for i in range(batch)]
+
+
+class _AttentionTrail:
+    """Beam search's attention, kept as each step's weights and each row's origin instead of
+    every row's whole history copied at every step; ``rebuild`` follows a hypothesis back."""
+
+    def __init__(self) -> None:
+        self.weights: list[Tensor] = []  # step t: (rows_t, src_len)
+        self.origins: list[Tensor] = []  # step t + 1's rows: (rows_t+1,) rows of step t
+
+    def rebuild(self, ends: list[tuple[int, int]]) -> list[Tensor]:
+        """(step, row) where each hypothesis ended -> its (step + 1, src_len) weights on CPU."""
+        steps = torch.tensor([s for s, _ in ends])
+        row = torch.tensor([r for _, r in ends], device=self.weights[0].device)
+        out = self.weights[0].new_zeros(len(ends), int(steps.max()) + 1, self.weights[0].size(1))
+        for t in range(int(steps.max()), -1, -1):
+            on = (steps >= t).nonzero().squeeze(1).to(row.device)  # hypotheses that reach step t
+            out[on, t] = self.weights[t][row[on]]
+            if t > 0:
+                row[on] = self.origins[t - 1][row[on]]
+        out = out.cpu()
+        return [out[i, :s + 1] for i, s in enumerate(steps.tolist())]
 
 
 @torch.inference_mode()
-def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, bos: int,
+def beam_search(model: nn.Module, src: Tensor, src_lengths: Tensor, *, beam: int, bos: int,
                 eos: int, max_lengths: Tensor, alpha: float = 1.0, n_best: int = 1,
-                banned: Sequence[int] = (), return_attention: bool = False,
-                session: DecodingSession | None = None) -> list[list[Hypothesis]]:
+                banned: Sequence[int] = (), with_attention: bool = False,
+                session: DecodingSession | None = None,
+                should_stop: Callable[[], bool] | None = None) -> list[list[Hypothesis]]:
     """Beam search over ``batch * beam`` rows, in the manner of fairseq.
 
     Each step ranks the ``2 * beam`` best continuations of each sentence: those ending in eos
@@ -218,14 +263,14 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
     ``alpha``), and the best ``beam`` that do not end go on. A sentence is done once it has
     ``beam`` finished hypotheses, and leaves the batch.
 
-    ``session``: as for ``greedy_search``.
+    ``model``, ``with_attention``, ``session``, ``should_stop``: as for ``greedy_search``.
 
     Returns:
         for each sentence, in batch order, its ``n_best`` hypotheses sorted by score.
     """
     batch, k = src.size(0), beam
     device = src.device
-    session = session or DecodingSession(model, beam * int(src_lengths.sum()))
+    session = session or decoding_session(model, beam * int(src_lengths.sum()))
     memory, state = session.encode(src, src_lengths)
     active = torch.arange(batch, device=device)
     limits = max_lengths.to(device)
@@ -233,23 +278,22 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
     # The first step decodes one row per sentence (all beams would start identical); its
     # best k continuations become the beams. From then on rows are sentences * k.
     history = torch.full((batch, 1), bos, dtype=torch.long, device=device)
-    attn_history: Tensor | None = None  # (rows, steps, src_len)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    trail = _AttentionTrail() if with_attention else None
+    finished: list[list[tuple[Hypothesis, int, int]]] = [[] for _ in range(batch)]  # (h, step, row)
     best_finished = torch.full((batch,), float("-inf"))  # best normalised finished score
     n_finished = torch.zeros(batch, dtype=torch.long)
     rescore = session.rounds_scores
 
     for step in range(int(limits.max())):
+        _check_stop(should_stop, step)
         at_limit = step + 1 >= limits[active]  # (live,)
         group = scores.size(1)  # rows per sentence: 1 at the first step, then k
         row_at_limit = at_limit.repeat_interleave(group)
         log_probs, log_norm, state, weights = _step_log_probs(
             session, history[:, -1:], state, memory, banned, row_at_limit, eos, group)
         vocab = log_probs.size(1)
-        if return_attention and weights is not None:
-            step_attn = weights.unsqueeze(1).float()
-            attn_history = step_attn if attn_history is None else torch.cat(
-                [attn_history, step_attn], 1)
+        if trail is not None and weights is not None:
+            trail.weights.append(weights.float())
         live = scores.size(0)
         cand_scores, cand_index = top_continuations(  # (live, <= 2k) of the group * vocab ways on
             log_probs, scores.view(-1), group, min(2 * k, group * vocab))
@@ -276,9 +320,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
             end_scores = (cand_scores[ends] / length_penalty(step + 1, alpha)).tolist()
             for i, row, score in zip(ends.nonzero()[:, 0].tolist(), end_rows, end_scores):
                 sentence = int(active[i])
-                finished[sentence].append(Hypothesis(
-                    history[row, 1:].tolist(), score,
-                    attn_history[row].cpu() if attn_history is not None else None))
+                finished[sentence].append((Hypothesis(history[row, 1:].tolist(), score), step, row))
                 n_finished[sentence] += 1
                 best_finished[sentence] = max(float(best_finished[sentence]), score)
 
@@ -302,11 +344,22 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, *, beam: int, 
         keep = (~done).nonzero().squeeze(1)
         rows = next_rows[keep].reshape(-1)
         history = torch.cat([history[rows], next_tokens[keep].reshape(-1, 1)], dim=1)
-        if attn_history is not None:
-            attn_history = attn_history[rows]
-        state = state.select(rows)
+        if trail is not None:
+            trail.origins.append(rows)
+        state = session.reorder_state(state, rows)
         if len(keep) < live:  # memory holds each sentence once: copy it only on exits
-            memory = memory.select(keep)
+            memory = session.reorder_memory(memory, keep)
         scores, active = next_scores[keep], active[keep]
+    return _best_hypotheses(finished, n_best, trail)
 
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
+
+def _best_hypotheses(finished: list[list[tuple[Hypothesis, int, int]]], n_best: int,
+                     trail: _AttentionTrail | None) -> list[list[Hypothesis]]:
+    """Each sentence's ``n_best`` finished hypotheses, best first, with their attention
+    rebuilt from ``trail`` where it was kept."""
+    chosen = [sorted(ends, key=lambda end: end[0].score, reverse=True)[:n_best] for ends in finished]
+    if trail is not None and trail.weights:
+        flat = [end for ends in chosen for end in ends]
+        for (hypothesis, _, _), weights in zip(flat, trail.rebuild([(s, r) for _, s, r in flat])):
+            hypothesis.attention = weights
+    return [[hypothesis for hypothesis, _, _ in ends] for ends in chosen]

@@ -2,8 +2,8 @@
 
 PyTorch fuses the LSTM's training on CPU (oneDNN) but not the GRU's: autograd records each
 time step's gate arithmetic and computes each step's weight gradient as a small matrix
-product (batch rows) that it then adds up. ``GRU`` keeps ``nn.GRU``'s parameters and
-results and, in training mode with ``FastPaths.fused_gru``, changes how they are computed:
+product (batch rows) that it then adds up. ``FusedGRU``, the twin of ``nn.GRU``, keeps its
+parameters and results and, in training mode on the CPU, changes how they are computed:
 
 - the input projections of all steps are one matrix product before the loop, and their
   gradients one product after it;
@@ -13,8 +13,10 @@ results and, in training mode with ``FastPaths.fused_gru``, changes how they are
 - padding is handled with masks (a sequence's state freezes after its last position), so
   padded batches need no packing.
 
-Otherwise it is ``nn.GRU`` (``run_padded``). Decoding one token at a time runs ``step`` from
-a table of input projections (``input_table``, see ``model.DecodingSession``).
+Otherwise it is ``nn.GRU``. ``FusedEncoder``, the twin of the ``Encoder``, runs a padded
+batch through it with masks instead of packing it. Decoding one token at a time runs
+``gru_step`` from a table of input projections (``gru_input_table``, see
+``session.FastRNNSession``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from seq2seq.kernels.ops import cpu_linear, dropout, tanh_
-from seq2seq.kernels.policy import REFERENCE, FastPaths
+from seq2seq.kernels.policy import Twin
+from seq2seq.models.rnn.encoder import Encoder, State, run_padded
 
 
 def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
@@ -141,29 +144,6 @@ class _GRULayerFunction(torch.autograd.Function):
         return grad_gi, dh, grad_w, grad_b, None
 
 
-def run_padded(rnn: nn.RNNBase, inputs: Tensor, lengths: Tensor | None,
-               hx: Tensor | tuple[Tensor, Tensor] | None = None):
-    """Run a batch-first ``nn.RNN``/``nn.GRU``/``nn.LSTM`` over a padded batch, packing it
-    when something is padded so that padding never reaches the RNN.
-
-    Args:
-        inputs: (batch, steps, input_size); lengths: (batch,) each >= 1, or None.
-
-    Returns:
-        outputs (batch, steps, directions * hidden), zeros at padded positions, and the
-        final state as the RNN returns it.
-    """
-    steps = inputs.size(1)
-    if lengths is None or not bool((lengths < steps).any()):
-        return rnn(inputs, hx)
-    packed = nn.utils.rnn.pack_padded_sequence(inputs, lengths.cpu(), batch_first=True,
-                                               enforce_sorted=False)
-    packed_out, state = rnn(packed, hx)
-    outputs, _ = nn.utils.rnn.pad_packed_sequence(packed_out, batch_first=True,
-                                                  total_length=steps)
-    return outputs, state
-
-
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:
     """(T, B) time index that reverses each sequence within its length, padding in place."""
     t = torch.arange(steps, device=lengths.device).unsqueeze(1)  # (T, 1)
@@ -171,14 +151,21 @@ def reverse_index(lengths: Tensor, steps: int) -> Tensor:
     return torch.where(t <= last, last - t, t)
 
 
-class GRU(nn.GRU):
-    """``nn.GRU`` (batch first) with a fused training path; same parameters and results.
+class FusedGRU(Twin, nn.GRU):
+    """The twin of a batch-first ``nn.GRU``: same parameters and results, with a fused
+    training path on the CPU for whole sequences (``forward`` of more than one step, and
+    ``forward_padded``)."""
 
-    ``forward_padded`` takes a padded batch and its lengths (no packing needed); outside
-    training or without ``paths.fused_gru`` it calls ``nn.GRU`` through ``run_padded``.
-    """
+    plain = nn.GRU
 
-    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
+    @property
+    def fused(self) -> bool:
+        return self.training and self.on_cpu and self.batch_first
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):  # noqa: A002 (nn.GRU's name)
+        if self.fused and isinstance(input, Tensor) and input.size(1) > 1:
+            return self.forward_padded(input, None, hx)
+        return super().forward(input, hx)
 
     def forward_padded(self, inputs: Tensor, lengths: Tensor | None = None,
                        hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -194,9 +181,7 @@ class GRU(nn.GRU):
             h_n: (layers * directions, batch, hidden), each sequence's state after its last
                 real position.
         """
-        if not self.batch_first:
-            raise ValueError("GRU.forward_padded needs batch_first=True")
-        if not (self.training and self.paths.fused_gru):
+        if not self.fused:
             return run_padded(self, inputs, lengths, hx)
         batch, steps, device = inputs.size(0), inputs.size(1), inputs.device
         directions = 2 if self.bidirectional else 1
@@ -215,7 +200,8 @@ class GRU(nn.GRU):
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
-                layer_input = dropout(layer_input, self.dropout, self.training, self.paths.fast_dropout)
+                layer_input = dropout(layer_input, self.dropout, self.training,
+                                      self.cpu_policy.fast_dropout)
             weights = [self._weights(layer, d) for d in range(directions)]
             gi = [F.linear(layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
             if directions == 2:  # the backward direction reads each sequence reversed
@@ -236,31 +222,46 @@ class GRU(nn.GRU):
             outputs = outputs * mask.unsqueeze(-1)
         return outputs.transpose(0, 1), torch.cat(finals, 0)
 
-    def input_table(self, embedding: Tensor) -> Tensor:
-        """(vocab, 3 * hidden): the first layer's input projection (with bias) of every
-        embedding row, for decoding one token at a time (a row lookup instead of a matrix
-        product). Inputs beyond the embedding (input feeding) are not included."""
-        w_ih = self.weight_ih_l0[:, :embedding.size(1)]
-        return torch.addmm(self.bias_ih_l0, embedding, w_ih.t())
-
-    def step(self, gates: Tensor, hx: Tensor) -> Tensor:
-        """One step of a one-layer, one-direction GRU from its input projection.
-
-        Args:
-            gates: (batch, 3 * hidden) ``W_ih x + b_ih``.
-            hx: (1, batch, hidden).
-
-        Returns:
-            (1, batch, hidden), the new state (also the output).
-        """
-        h = hx[0].contiguous()
-        linear = cpu_linear if self.paths.onednn_step else F.linear
-        gh = linear(h, self.weight_hh_l0, self.bias_hh_l0)
-        rz, n = gh.new_empty(h.size(0), 2 * self.hidden_size), torch.empty_like(h)
-        return gru_cell(gates, gh, h, rz, n).unsqueeze(0)
-
     def _weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(w_ih, w_hh, b_ih, b_hh) of one layer and direction."""
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         return (getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix),
                 getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix))
+
+
+class FusedEncoder(Twin, Encoder):
+    """The twin of an ``Encoder`` whose RNN is a ``FusedGRU``: in training on the CPU the
+    padded batch goes through the fused GRU with masks, not packed."""
+
+    plain = Encoder
+
+    def run_rnn(self, inputs: Tensor, lengths: Tensor) -> tuple[Tensor, State]:
+        if isinstance(self.rnn, FusedGRU) and self.on_cpu:
+            return self.rnn.forward_padded(inputs, lengths)
+        return super().run_rnn(inputs, lengths)
+
+
+def gru_input_table(rnn: nn.GRU, embedding: Tensor) -> Tensor:
+    """(vocab, 3 * hidden): the first layer's input projection (with bias) of every
+    (vocab, embed) embedding row, for decoding one token at a time (a row lookup instead of
+    a matrix product). Inputs beyond the embedding (input feeding) are not included."""
+    w_ih = rnn.weight_ih_l0[:, :embedding.size(1)]
+    return torch.addmm(rnn.bias_ih_l0, embedding, w_ih.t())
+
+
+def gru_step(rnn: nn.GRU, gates: Tensor, hx: Tensor, onednn: bool) -> Tensor:
+    """One step of a one-layer, one-direction GRU from its input projection.
+
+    Args:
+        gates: (batch, 3 * hidden) ``W_ih x + b_ih``.
+        hx: (1, batch, hidden).
+        onednn: the recurrent product through oneDNN (``cpu_linear``).
+
+    Returns:
+        (1, batch, hidden), the new state (also the output).
+    """
+    h = hx[0].contiguous()
+    linear = cpu_linear if onednn else F.linear
+    gh = linear(h, rnn.weight_hh_l0, rnn.bias_hh_l0)
+    rz, n = gh.new_empty(h.size(0), 2 * rnn.hidden_size), torch.empty_like(h)
+    return gru_cell(gates, gh, h, rz, n).unsqueeze(0)

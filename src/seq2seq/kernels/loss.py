@@ -1,5 +1,5 @@
 """The training loss's fast path (``FastPaths.fused_loss``): output layer and label-smoothed
-cross-entropy in one pass.
+cross-entropy in one pass (``FusedOutputLoss``, the twin of the model's ``OutputLoss``).
 
 ``nn.Linear`` followed by ``nn.CrossEntropyLoss`` stores the (tokens, vocabulary) scores,
 their log-softmax and, in the backward pass, a gradient of the same size, each a separate
@@ -17,8 +17,11 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from seq2seq.kernels.policy import Twin
+from seq2seq.models.rnn.model import OutputLoss
 
 ROWS_PER_CHUNK = 2048  # bounds the live scores to 2048 x vocabulary floats per chunk
 LOG2_E = 1.4426950408889634
@@ -167,3 +170,19 @@ def output_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _OutputCrossEntropy.apply(hidden, weight, bias, targets, ignore_index,
                                      float(label_smoothing), needs_grad, matmul_dtype)
+
+
+class FusedOutputLoss(Twin, OutputLoss):
+    """The twin of ``OutputLoss``: ``output_cross_entropy`` of the output layer's weight and
+    bias (an ``nn.Linear``), on any device; on a CPU in bf16 (``FastPaths.bf16_output``) with
+    its products in bf16 (a GPU's bf16 is autocast's)."""
+
+    plain = OutputLoss
+
+    def forward(self, outputs: Tensor, generator: nn.Module, targets: Tensor,
+                label_smoothing: float = 0.0) -> Tensor:
+        """outputs: (batch, tgt_len, output_size), targets: (batch, tgt_len) -> the loss sum."""
+        dtype = torch.bfloat16 if self.on_cpu and self.cpu_policy.bf16_output else None
+        return output_cross_entropy(outputs.reshape(-1, outputs.size(-1)), generator.weight,
+                                    generator.bias, targets.reshape(-1), self.pad_id,
+                                    label_smoothing, dtype)

@@ -1,9 +1,10 @@
-"""Kernels of the fast paths that ``fastpath.FastPaths`` turns on, and process-wide tuning.
+"""Small kernels of the fast paths that ``policy.FastPaths`` turns on, and process-wide tuning.
 
 - ``tanh_``: ``tanh(x) = 2 sigmoid(2x) - 1``, within 2e-7 of ``torch.tanh`` in float32, since
-  PyTorch's CPU sigmoid is much faster than its tanh.
+  PyTorch's CPU sigmoid is much faster than its tanh; ``FastTanh`` is the twin of ``nn.Tanh``.
 - ``dropout_scale``: a dropout mask from 64-bit random words, each used as four 16-bit
-  uniforms, instead of one Bernoulli draw per element.
+  uniforms, instead of one Bernoulli draw per element; ``FastDropout`` is the twin of
+  ``nn.Dropout``.
 - ``cpu_linear``: a float32 product through oneDNN rather than MKL, for decoding.
 - ``keep_freed_memory``: glibc keeps freed memory for reuse. It changes the whole process, so
   only the ``seq2seq`` command calls it; an application calls it itself if it wants it.
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.kernels.policy import REFERENCE, FastPaths, onednn_linear
+from seq2seq.kernels.policy import Twin, onednn_linear
 
 
 def tanh_(x: Tensor) -> Tensor:
@@ -42,9 +43,13 @@ class _Tanh(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(grad, y)
 
 
-def tanh(x: Tensor, fast: bool) -> Tensor:
-    """``torch.tanh``, or with ``fast`` ``tanh_`` on a copy, with tanh's gradient."""
-    return _Tanh.apply(x) if fast else torch.tanh(x)
+class FastTanh(Twin, nn.Tanh):
+    """``nn.Tanh`` through ``tanh_`` (on a copy, with tanh's gradient) on the CPU."""
+
+    plain = nn.Tanh
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Tanh.apply(x) if self.on_cpu else torch.tanh(x)
 
 
 def dropout(x: Tensor, p: float, training: bool, fast: bool) -> Tensor:
@@ -69,13 +74,13 @@ def dropout_scale(shape: tuple[int, ...] | torch.Size, p: float,
     return keep.to(dtype).mul_(1.0 / (1.0 - p))
 
 
-class Dropout(nn.Dropout):
-    """``nn.Dropout``, with ``dropout_scale``'s masks where ``paths.fast_dropout``."""
+class FastDropout(Twin, nn.Dropout):
+    """``nn.Dropout`` with ``dropout_scale``'s masks on the CPU."""
 
-    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
+    plain = nn.Dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training, self.paths.fast_dropout)
+        return dropout(x, self.p, self.training, self.on_cpu)
 
 
 def precision_autocast(precision: str, device_type: str) -> torch.autocast:

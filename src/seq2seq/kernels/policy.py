@@ -1,17 +1,19 @@
-"""Which fast paths a model runs: one policy, decided when the model is built or loaded.
+"""Which fast paths a model runs (``FastPaths``), decided for the device it is on, and the
+``Twin`` base of the fused modules that carry them out.
 
-Every part of the model core has a plain PyTorch path. ``reference`` runs only those:
-``nn.GRU``, the decoder's step loop, ``F.linear`` and ``F.cross_entropy``, ``F.dropout``,
-``torch.tanh``. ``fast`` (the default, ``train.kernels``) adds the paths of ``FastPaths``
-where they apply. The training paths run in training mode (``model.train()``), the decoding
-ones inside a ``model.DecodingSession``. Each gives the reference's results to rounding
-(tests/test_fastpath.py); what each gains is measured in benchmarks/RESULTS.md.
+The model (``seq2seq.models``) is plain PyTorch: ``nn.GRU``, the decoder's step loop,
+``F.linear`` and ``F.cross_entropy``, ``nn.Dropout``, ``nn.Tanh``. That is ``reference``.
+``fast`` (the default, ``train.kernels``) swaps modules for twins where ``FastPaths`` says
+so (``seq2seq.kernels.apply``) and decodes through ``session.FastRNNSession``. The training
+paths run in training mode (``model.train()``). Each gives the reference's results to
+rounding (tests/test_fastpath.py); what each gains is measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,7 +43,56 @@ class FastPaths:
         return "fast paths: " + (", ".join(on) if on else "none (plain PyTorch)")
 
 
+    def decodes_fast(self) -> bool:
+        """Whether decoding has a path of its own (``session.FastRNNSession``)."""
+        return (self.onednn_step or self.onednn_output or self.input_tables
+                or self.combined_values or self.bf16_output)
+
+
 REFERENCE = FastPaths()
+
+
+class Twin:
+    """The base of a fused twin of a plain module, as ``torch.ao.quantization``'s int8
+    ``Linear`` is of ``nn.Linear`` but with the same weights.
+
+    ``install`` turns a plain module into its twin by changing its class (as
+    ``torch.nn.utils.parametrize`` does), so its parameters, buffers, hooks and ``state_dict``
+    stay the same objects (an optimizer made before keeps training them); ``uninstall``
+    turns it back. A twin subclasses its plain class (``plain``) and overrides only public
+    methods of it. Its fused paths are CPU kernels: it runs them while its module is on the
+    CPU (``on_cpu``), decided again whenever the module moves (``_apply``: ``.to()``,
+    ``.cuda()``, ``.cpu()``), and elsewhere is the plain module (cuDNN on CUDA).
+
+    ``cpu_policy``: the paths of the model's layout on a CPU, which the twin reads its
+    options from (``fast_dropout``, ``bf16_output``).
+    """
+
+    plain: ClassVar[type[nn.Module]]
+    cpu_policy: FastPaths
+    device_type: str
+
+    @classmethod
+    def install(cls, module: nn.Module, cpu_policy: FastPaths, device_type: str) -> None:
+        if type(module) is not cls.plain:
+            raise TypeError(f"{cls.__name__} is the twin of {cls.plain.__name__}, "
+                            f"not of {type(module).__name__}")
+        module.__class__ = cls
+        module.cpu_policy, module.device_type = cpu_policy, device_type  # type: ignore[attr-defined]
+
+    def uninstall(self) -> None:
+        del self.cpu_policy, self.device_type
+        self.__class__ = self.plain
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        # where fn sends a tensor of this device is where the module went
+        self.device_type = fn(torch.empty(0, device=self.device_type)).device.type
+        return result
 
 
 def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,

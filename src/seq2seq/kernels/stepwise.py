@@ -1,10 +1,10 @@
-"""The step-wise decoder's training path (``FastPaths.stepwise``): all target steps in one
-autograd Function.
+"""The step-wise decoder's training path (``FastPaths.stepwise``): ``StepwiseDecoder``, the
+twin of the ``Decoder``, runs all target steps in one autograd Function.
 
 With input feeding each step's input holds the previous step's attentional vector, so the
 decoder runs one step at a time. Autograd then records about a hundred small operations per
 step and computes every weight gradient as T small matrix products (batch rows) that it adds
-up. ``run_stepwise`` computes the same results as ``Decoder``'s step loop for a one-layer GRU
+up. ``StepwiseDecoder.forward`` computes the same results as ``Decoder``'s step loop for a one-layer GRU
 decoder with input feeding and Bahdanau or Luong attention (float32 or float64, on CPU where
 it was measured), with a hand-written backward:
 
@@ -25,12 +25,34 @@ from torch.nn import functional as F
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
 from seq2seq.kernels.ops import dropout_scale, tanh_
+from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
+from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
 
 
-def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_keys: Tensor,
-                 values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Teacher-forced steps of ``decoder``, a one-layer GRU decoder with input feeding.
+class StepwiseDecoder(Twin, Decoder):
+    """The twin of a one-layer GRU ``Decoder`` with input feeding (``FastPaths.stepwise``):
+    in training on the CPU, ``forward`` runs all steps in one autograd Function; otherwise
+    it is the ``Decoder``. It reads its own layers' weights in the layout ``decoder.py``
+    states (RNN input ``[embedding; fed vector]``, ``combine.weight`` ``[W_h | W_c]``)."""
+
+    plain = Decoder
+
+    def forward(self, inputs: Tensor, state: DecoderState,
+                memory: Memory) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """``Decoder.forward``: (batch, tgt_len, embed) inputs -> (batch, tgt_len, output)
+        attentional vectors, the final state, (batch, tgt_len, src_len) weights in the
+        inputs' dtype."""
+        if not (self.training and self.on_cpu):
+            return super().forward(inputs, state, memory)
+        outputs, hidden, weights = run_stepwise(self, inputs, state.hidden, state.feed,
+                                                memory.proj_keys, memory.outputs, memory.mask)
+        return outputs, DecoderState(hidden, outputs[:, -1]), weights
+
+
+def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed: Tensor,
+                 proj_keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher-forced steps of ``decoder`` in one autograd Function.
 
     Args:
         inputs: (batch, tgt_len, embed) embedded previous tokens.
@@ -51,8 +73,8 @@ def run_stepwise(decoder, inputs: Tensor, hidden: Tensor, feed: Tensor, proj_key
     keep = None  # the query's dropout scale, one mask for all steps
     if decoder.training and decoder.dropout.p > 0:
         shape, p = (inputs.size(1), inputs.size(0), decoder.hidden_size), decoder.dropout.p
-        keep = (dropout_scale(shape, p, inputs.dtype, inputs.device) if decoder.paths.fast_dropout
-                else F.dropout(inputs.new_ones(shape), p))
+        keep = (dropout_scale(shape, p, inputs.dtype, inputs.device)
+                if decoder.cpu_policy.fast_dropout else F.dropout(inputs.new_ones(shape), p))
     w_query = energy = None  # Luong: the keys are all there is
     if isinstance(attention, BahdanauAttention):
         w_query, energy = attention.query_layer.weight, attention.energy_layer.weight.view(-1)

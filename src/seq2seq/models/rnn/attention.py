@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from seq2seq.kernels.ops import tanh
-from seq2seq.kernels.policy import REFERENCE, FastPaths
-
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     """Softmax over source positions in float32 (or float64), with exactly zero weight on padding.
@@ -32,13 +29,12 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
 class BahdanauAttention(nn.Module):
     """Additive attention: score(q, k) = v^T tanh(W_q q + W_k k)."""
 
-    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
-
     def __init__(self, query_size: int, key_size: int, attention_size: int) -> None:
         super().__init__()
         self.key_layer = nn.Linear(key_size, attention_size, bias=False)
         self.query_layer = nn.Linear(query_size, attention_size, bias=False)
         self.energy_layer = nn.Linear(attention_size, 1, bias=False)
+        self.activation = nn.Tanh()
 
     def project_keys(self, keys: Tensor) -> Tensor:
         """(batch, src_len, key_size) -> (batch, src_len, attention_size)."""
@@ -58,7 +54,7 @@ class BahdanauAttention(nn.Module):
             context: (batch, tgt_len, key_size) and weights: (batch, tgt_len, src_len).
         """
         proj_query = self.query_layer(query)  # (batch, tgt_len, attention_size)
-        energy = tanh(proj_query.unsqueeze(2) + proj_keys.unsqueeze(1), self.paths.fast_tanh)
+        energy = self.activation(proj_query.unsqueeze(2) + proj_keys.unsqueeze(1))
         scores = self.energy_layer(energy).squeeze(-1)  # (batch, tgt_len, src_len)
         weights = masked_softmax(scores, mask)
         return torch.bmm(weights.to(values.dtype), values), weights

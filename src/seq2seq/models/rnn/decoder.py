@@ -4,12 +4,15 @@ Each step runs the RNN, attends from its new state to the encoder outputs (Luong
 JoeyNMT does the same for Bahdanau scores) and combines state and context into an
 attentional vector ``tanh(W [h; c])``, which the model's output layer turns into scores.
 
-With input feeding, that vector is also part of the next step's input, so the steps must run
-one at a time (``step``; in training with ``FastPaths.stepwise``, inside one autograd
-Function: ``stepwise.py``). Without it the RNN does not depend on attention, and the whole
-target sequence goes through the fused RNN kernel in one call, followed by one batched
-attention. ``forward`` runs teacher-forced steps; decoding runs ``step`` (through
-``model.DecodingSession``).
+With input feeding, that vector is also part of the next step's input (the RNN reads
+``[embedding; vector]``), so the steps run one at a time (``step``). Without it the RNN does
+not depend on attention, and the whole target sequence goes through the RNN in one call,
+followed by one batched attention. ``forward`` runs teacher-forced steps; decoding runs
+``step`` (through a decoding session, ``models/interface.py``).
+
+Layouts that fused twins (``seq2seq.kernels``) rely on, part of this module's contract:
+``combine.weight`` is ``[W_h | W_c]`` (state columns first), and the RNN's first-layer input
+is ``[embedding; fed vector]``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from seq2seq.kernels import stepwise
-from seq2seq.kernels.gru import GRU
-from seq2seq.kernels.ops import Dropout, tanh
-from seq2seq.kernels.policy import REFERENCE, FastPaths
 from seq2seq.models.rnn.attention import make_attention
 from seq2seq.models.rnn.encoder import State, make_rnn
 
@@ -35,23 +33,17 @@ class Memory:
     outputs: (batch, src_len, key_size) encoder outputs (the attention values).
     proj_keys: (batch, src_len, *) keys already projected by the attention, or None.
     mask: (batch, src_len) bool, True at real source positions.
-    combined_values: (batch, src_len, output_size) the encoder outputs times the context half
-        of the combine layer, or None. Set for decoding (``Decoder.combine_values``): the context
-        enters ``tanh(W [h; c])`` only through ``W_c c = sum_s weight_s (W_c value_s)``, so
-        with this each step skips the context half of the combine product.
     """
 
     outputs: Tensor
     proj_keys: Tensor | None
     mask: Tensor
-    combined_values: Tensor | None = None
 
     def select(self, index: Tensor) -> Memory:
-        """Pick batch rows (beam search expands and prunes with this)."""
-        def pick(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.index_select(0, index)
-        return Memory(self.outputs.index_select(0, index), pick(self.proj_keys),
-                      self.mask.index_select(0, index), pick(self.combined_values))
+        """Pick batch rows (index: (rows,) long; search drops finished sentences with this)."""
+        proj_keys = None if self.proj_keys is None else self.proj_keys.index_select(0, index)
+        return Memory(self.outputs.index_select(0, index), proj_keys,
+                      self.mask.index_select(0, index))
 
 
 @dataclass
@@ -63,6 +55,7 @@ class DecoderState:
     feed: Tensor | None
 
     def select(self, index: Tensor) -> DecoderState:
+        """Pick rows (index: (rows,) long, e.g. each beam's origin)."""
         if isinstance(self.hidden, tuple):
             hidden: State = tuple(h.index_select(1, index) for h in self.hidden)  # type: ignore[assignment]
         else:
@@ -73,8 +66,6 @@ class DecoderState:
 
 class Decoder(nn.Module):
     """RNN decoder producing one attentional vector per target step."""
-
-    paths: FastPaths = REFERENCE  # set by Seq2Seq.set_fast_paths
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, output_size: int,
                  encoder_output_size: int, encoder_state_size: int, num_layers: int = 1,
@@ -90,24 +81,20 @@ class Decoder(nn.Module):
                                          attention_size or hidden_size)
         rnn_input = input_size + (output_size if self.input_feeding else 0)
         self.rnn = make_rnn(cell, rnn_input, hidden_size, num_layers, dropout)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         # The bridge maps the encoder's final state to every decoder layer's initial state.
         self.bridge = nn.Linear(encoder_state_size, num_layers * hidden_size)
         self.cell_bridge = (nn.Linear(encoder_state_size, num_layers * hidden_size)
                             if cell == "lstm" else None)
         context_size = encoder_output_size if attention is not None else 0
         self.combine = nn.Linear(hidden_size + context_size, output_size)
+        self.activation = nn.Tanh()
 
     def prepare(self, encoder_outputs: Tensor, mask: Tensor) -> Memory:
         """Project the attention keys once per batch, before the step loop."""
         if self.attention is None:
             return Memory(encoder_outputs, None, mask)
         return Memory(encoder_outputs, self.attention.project_keys(encoder_outputs), mask)
-
-    def combine_values(self, memory: Memory) -> Memory:
-        """``memory`` with ``combined_values``, for decoding (``FastPaths.combined_values``)."""
-        combined = F.linear(memory.outputs, self.combine.weight[:, self.hidden_size:])
-        return Memory(memory.outputs, memory.proj_keys, memory.mask, combined)
 
     def init_state(self, encoder_final: State) -> DecoderState:
         """encoder_final: (batch, encoder_state_size), or (h, c) of those for an LSTM."""
@@ -145,60 +132,60 @@ class Decoder(nn.Module):
             state: the state after the last step.
             weights: (batch, tgt_len, src_len) float32 attention weights, or None.
         """
-        if self.input_feeding and self.training and self.paths.stepwise:
-            outputs, hidden, weights = stepwise.run_stepwise(
-                self, inputs, state.hidden, state.feed, memory.proj_keys, memory.outputs,
-                memory.mask)
-            return outputs, DecoderState(hidden, outputs[:, -1]), weights
         if self.input_feeding:  # one step at a time
             steps = []
             for t in range(inputs.size(1)):
                 out, state, weight = self.step(inputs[:, t:t + 1], state, memory)
                 steps.append((out, weight))
             return torch.cat([o for o, _ in steps], 1), state, torch.cat([w for _, w in steps], 1)
-        if isinstance(self.rnn, GRU):  # all steps in one fused call
-            rnn_out, hidden = self.rnn.forward_padded(inputs, hx=state.hidden)
-        else:
-            rnn_out, hidden = self.rnn(inputs, state.hidden)
-        outputs, weights = self._attend(rnn_out, memory)
+        rnn_out, hidden = self.rnn(inputs, state.hidden)  # all steps in one call
+        outputs, weights = self.attend(rnn_out, memory)
         return outputs, DecoderState(hidden, None), weights
 
-    def step(self, inputs: Tensor | None, state: DecoderState, memory: Memory, beams: int = 1,
-             input_gates: Tensor | None = None) -> tuple[Tensor, DecoderState, Tensor | None]:
+    def step(self, inputs: Tensor, state: DecoderState, memory: Memory,
+             beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
         """``forward`` for one step of ``rows = sentences * beams`` rows, a sentence's beams
         adjacent while ``memory`` holds each sentence once (never copied per beam).
-        ``inputs``: (rows, 1, input_size); or, for a one-layer GRU, ``input_gates``: (rows,
-        1, 3 * hidden) their input projection, from ``GRU.input_table``."""
-        if input_gates is not None:
-            gates = input_gates[:, 0]
-            if self.input_feeding:  # the fed-back part of the input projection
-                embed_size = self.rnn.input_size - self.output_size
-                gates = torch.addmm(gates, state.feed, self.rnn.weight_ih_l0[:, embed_size:].t())
-            hidden = self.rnn.step(gates, state.hidden)
-            rnn_out = hidden.transpose(0, 1)
-        else:
-            if self.input_feeding:
-                inputs = torch.cat([inputs, state.feed.unsqueeze(1)], dim=-1)
-            rnn_out, hidden = self.rnn(inputs, state.hidden)  # (rows, 1, hidden)
-        out, weights = self._attend(rnn_out, memory, beams)
-        return out, DecoderState(hidden, out[:, 0] if self.input_feeding else None), weights
 
-    def _attend(self, rnn_out: Tensor, memory: Memory,
-                beams: int = 1) -> tuple[Tensor, Tensor | None]:
-        """(batch, steps, hidden) -> attentional vectors (batch, steps, output_size), weights.
-        With ``beams`` > 1 the beams of a sentence attend as that sentence's steps."""
+        Args:
+            inputs: (rows, 1, input_size) embedded previous tokens or vectors.
+
+        Returns:
+            outputs (rows, 1, output_size), the new state, weights (rows, 1, src_len) or None.
+        """
+        rnn_out, hidden = self.run_rnn(inputs, state)
+        out, weights = self.attend(rnn_out, memory, beams)
+        return out, self.next_state(hidden, out), weights
+
+    def run_rnn(self, inputs: Tensor, state: DecoderState) -> tuple[Tensor, State]:
+        """One step's RNN: (rows, 1, input_size) -> output (rows, 1, hidden) and the new
+        hidden state. With input feeding the RNN reads ``[inputs; state.feed]``."""
+        if self.input_feeding:
+            inputs = torch.cat([inputs, state.feed.unsqueeze(1)], dim=-1)
+        return self.rnn(inputs, state.hidden)
+
+    def next_state(self, hidden: State, out: Tensor) -> DecoderState:
+        """The state after a step: the RNN's ``hidden`` and (input feeding) ``out``'s last
+        (rows, output_size) attentional vector."""
+        return DecoderState(hidden, out[:, -1] if self.input_feeding else None)
+
+    def attend(self, rnn_out: Tensor, memory: Memory,
+               beams: int = 1) -> tuple[Tensor, Tensor | None]:
+        """(batch, steps, hidden) -> attentional vectors (batch, steps, output_size), weights
+        (batch, steps, src_len) or None. With ``beams`` > 1 the beams of a sentence attend as
+        that sentence's steps."""
         query = self.dropout(rnn_out)
-        fast = self.paths.fast_tanh
         if self.attention is None:
-            return tanh(self.combine(query), fast), None
+            return self.activation(self.combine(query)), None
+        context, weights = self.context(query, memory, memory.outputs, beams)
+        return self.activation(self.combine(torch.cat([query, context], dim=-1))), weights
+
+    def context(self, query: Tensor, memory: Memory, values: Tensor,
+                beams: int = 1) -> tuple[Tensor, Tensor]:
+        """Attention of (rows, steps, hidden) queries over ``memory``'s keys, averaging
+        ``values`` (sentences, src_len, n): contexts (rows, steps, n), weights (rows, steps,
+        src_len); ``rows = sentences * beams``."""
         grouped = query.reshape(-1, beams * query.size(1), query.size(2))
-        combined = memory.combined_values
-        values = memory.outputs if combined is None else combined
         context, weights = self.attention(grouped, memory.proj_keys, values, memory.mask)
-        context = context.view(query.size(0), query.size(1), -1)
-        weights = weights.view(query.size(0), query.size(1), -1)
-        if combined is None:
-            return tanh(self.combine(torch.cat([query, context], dim=-1)), fast), weights
-        # ``context`` is W_c c already: add the state half W_h h + b
-        state_half = F.linear(query, self.combine.weight[:, :self.hidden_size], self.combine.bias)
-        return tanh(state_half.add_(context), fast), weights
+        return (context.view(query.size(0), query.size(1), -1),
+                weights.view(query.size(0), query.size(1), -1))

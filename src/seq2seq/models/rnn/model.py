@@ -1,10 +1,10 @@
-"""The encoder-decoder model that both faces of the library use, and one decoding call's state.
+"""The encoder-decoder model that both faces of the library use.
 
 Sources and targets are either token ids (translation: embeddings in, vocabulary scores out)
 or real vectors (the NumPy ``EncoderDecoderRNN``: vectors in, class scores or values out).
-``Seq2Seq`` holds parameters and its fast-path policy (``fastpath.FastPaths``, decided by
-``set_fast_paths``); what a decoding call computes from the weights and reuses lives in that
-call's ``DecodingSession``, so threads and a server's requests can share one model.
+``Seq2Seq`` holds parameters only, in plain PyTorch; what a decoding call computes and reuses
+lives in that call's session (``session.RNNSession``), so threads and a server's requests can
+share one model. Fused twins of its modules are applied from outside (``seq2seq.kernels.apply``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from seq2seq.config import ModelConfig
-from seq2seq.kernels.loss import output_cross_entropy, reduced_precision_scores
-from seq2seq.kernels.ops import Dropout, cpu_linear
-from seq2seq.kernels.policy import REFERENCE, FastPaths, resolve
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
 from seq2seq.models.rnn.encoder import Encoder
 
@@ -26,10 +23,8 @@ class Seq2Seq(nn.Module):
 
     Give ``src_vocab`` for token sources or ``src_features`` for vector sources, and
     ``tgt_vocab`` for token targets or ``tgt_features`` for vector targets. It is built with
-    the ``fast`` paths of a CPU in float32: see ``set_fast_paths``.
+    plain PyTorch modules only; ``seq2seq.kernels.apply`` swaps in fused twins.
     """
-
-    paths: FastPaths = REFERENCE
 
     def __init__(self, config: ModelConfig, *, src_vocab: int = 0, tgt_vocab: int = 0,
                  src_features: int = 0, tgt_features: int = 0, pad_id: int = 0,
@@ -60,8 +55,9 @@ class Seq2Seq(nn.Module):
             attention=config.attention, attention_size=config.attention_size,
             input_feeding=config.input_feeding, dropout=config.dropout,
         )
-        self.embed_dropout = Dropout(config.dropout)
+        self.embed_dropout = nn.Dropout(config.dropout)
         self.generator = nn.Linear(output_size, tgt_vocab or tgt_features)
+        self.loss = OutputLoss(pad_id)
         if tie:
             self.generator.weight = self.tgt_embed.weight
         if rnn_init not in ("pytorch", "orthogonal"):
@@ -69,19 +65,6 @@ class Seq2Seq(nn.Module):
         if rnn_init == "orthogonal":  # for vector inputs: see orthogonal_init
             for rnn in (self.encoder.rnn, self.decoder.rnn):
                 orthogonal_init(rnn)
-        self.set_fast_paths()
-
-    def set_fast_paths(self, kernels: str | FastPaths = "fast", device: torch.device | str = "cpu",
-                       precision: str = "fp32") -> FastPaths:
-        """Decide the fast paths for running on ``device`` in ``precision`` (``kernels``:
-        'fast', 'reference' or the paths themselves; see ``fastpath.resolve``), give them to
-        every module that has some, and return them. Call after moving or quantizing."""
-        paths = (kernels if isinstance(kernels, FastPaths)
-                 else resolve(kernels, torch.device(device).type, precision, self))
-        for module in self.modules():
-            if hasattr(module, "paths"):  # Seq2Seq, Decoder, GRU, BahdanauAttention, Dropout
-                module.paths = paths
-        return paths
 
     # -- encoder side -------------------------------------------------------------------
     def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, DecoderState]:
@@ -127,8 +110,8 @@ class Seq2Seq(nn.Module):
             tgt_out: (batch, tgt_len) token ids to predict (pad where nothing is), for
                 token targets only. Given, the first result is their summed
                 label-smoothed cross-entropy instead of the scores (as nanoGPT's
-                ``forward(idx, targets)``; with ``FastPaths.fused_loss`` the output layer
-                and the loss run fused, with ``bf16_output`` their products in bf16).
+                ``forward(idx, targets)``), computed by ``self.loss`` from the output
+                layer's inputs.
             label_smoothing: with ``tgt_out``, as in ``nn.CrossEntropyLoss``.
 
         Returns:
@@ -138,23 +121,15 @@ class Seq2Seq(nn.Module):
         if tgt_out is not None and self.tgt_embed is None:
             raise ValueError("tgt_out is for token targets; compute a vector loss from the scores")
         memory, state = self.encode(src, src_lengths)
-        if sampling_ratio <= 0.0 and tgt_out is not None and self.paths.fused_loss:
-            outputs, _, weights = self.decoder(self.embed_target(tgt_in), state, memory)
-            dtype = torch.bfloat16 if self.paths.bf16_output else None
-            loss = output_cross_entropy(outputs.reshape(-1, outputs.size(-1)),
-                                        self.generator.weight, self.generator.bias,
-                                        tgt_out.reshape(-1), self.pad_id, label_smoothing, dtype)
-            return loss, weights
-        if sampling_ratio <= 0.0:
-            scores, _, weights = self.decode(tgt_in, state, memory)
-        else:
+        if sampling_ratio > 0.0:
             scores, weights = self._sample(tgt_in, state, memory, sampling_ratio)
-        if tgt_out is not None:  # in float32 at least, as the fused loss
-            flat = scores.reshape(-1, scores.size(-1))
-            return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)),
-                                   tgt_out.reshape(-1), ignore_index=self.pad_id,
-                                   reduction="sum", label_smoothing=label_smoothing), weights
-        return scores, weights
+            if tgt_out is None:
+                return scores, weights
+            return cross_entropy(scores, tgt_out, self.pad_id, label_smoothing), weights
+        outputs, _, weights = self.decoder(self.embed_target(tgt_in), state, memory)
+        if tgt_out is None:
+            return self.generator(outputs), weights
+        return self.loss(outputs, self.generator, tgt_out, label_smoothing), weights
 
     def _sample(self, tgt_in: Tensor, state: DecoderState, memory: Memory,
                 ratio: float) -> tuple[Tensor, Tensor | None]:
@@ -221,82 +196,29 @@ class Seq2Seq(nn.Module):
         return flops
 
 
-class DecodingSession:
-    """One decoding call's state, made by the search (or ``Translator.hypotheses``, for all
-    its batches) and dropped with it: what the decoding fast paths compute from the weights
-    and reuse over the steps, and the last step's outputs for ``exact_logits``. The model
-    must be in eval mode, its weights unchanged while a session is in use. Each call decodes
-    with its own session, so threads may share one model.
-    """
+def cross_entropy(scores: Tensor, targets: Tensor, pad_id: int, label_smoothing: float) -> Tensor:
+    """Summed label-smoothed cross-entropy of (..., vocab) ``scores`` against (...) ``targets``
+    (``pad_id`` adds nothing), in float32 at least."""
+    flat = scores.reshape(-1, scores.size(-1))
+    return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)),
+                           targets.reshape(-1), ignore_index=pad_id, reduction="sum",
+                           label_smoothing=label_smoothing)
 
-    def __init__(self, model: Seq2Seq, expected_rows: int = 0) -> None:
-        """``expected_rows``: about how many rows x steps the call will decode (source tokens
-        x beam), so that a table that pays for itself is made at the first step."""
-        if model.training:  # dropout would apply to some steps' paths and not to others
-            raise ValueError("decode with the model in eval mode (model.eval())")
-        self.model, self.paths = model, model.paths
-        self.rounds_scores = model.paths.bf16_output  # so exact_logits has work to do
-        self.rows = expected_rows  # rows x steps decoded, plus those expected
-        self.gru_input: Tensor | None = None  # (vocab, 3 * hidden), see _input_gates
-        self.reduced_weight: Tensor | None = None  # the output layer's weight in bf16
-        self.outputs: Tensor | None = None  # (rows, output_size) the last step's, in bf16
 
-    def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, DecoderState]:
-        """``Seq2Seq.encode``, with the memory prepared for decoding."""
-        memory, state = self.model.encode(src, src_lengths)
-        if self.paths.combined_values:
-            memory = self.model.decoder.combine_values(memory)
-        return memory, state
+class OutputLoss(nn.Module):
+    """The training loss: the output layer, then ``cross_entropy``. A module of its own (no
+    parameters) so that a fused twin can compute both in one pass
+    (``seq2seq.kernels.loss.FusedOutputLoss``)."""
 
-    def step(self, prev: Tensor, state: DecoderState, memory: Memory,
-             beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
-        """(rows, 1) previous tokens (or (rows, 1, tgt_features) vectors) of ``rows =
-        sentences * beams`` -> (rows, 1, tgt_vocab) float32 scores, the new state, (rows,
-        1, src_len) attention weights or None (``Decoder.step``)."""
-        gates = self._input_gates(prev)
-        inputs = self.model.embed_target(prev) if gates is None else None
-        outputs, state, weights = self.model.decoder.step(inputs, state, memory, beams, gates)
-        return self._generate(outputs), state, weights
+    def __init__(self, pad_id: int) -> None:
+        super().__init__()
+        self.pad_id = pad_id
 
-    def _input_gates(self, prev: Tensor) -> Tensor | None:
-        """(rows, 1, 3 * hidden) the GRU input projection of ``prev``, read from a table of
-        every token's, or None. The table costs as much as projecting ``vocab`` rows, so it
-        is made once the rows expected and decoded reach that."""
-        if not self.paths.input_tables:
-            return None
-        if self.gru_input is None:
-            self.rows += prev.size(0)
-            embedding = self.model.tgt_embed.weight
-            if self.rows < embedding.size(0):
-                return None
-            self.gru_input = self.model.decoder.rnn.input_table(embedding)
-        return F.embedding(prev, self.gru_input)
-
-    def _generate(self, outputs: Tensor) -> Tensor:
-        """The output layer, through oneDNN or in bf16 where the paths say so."""
-        generator = self.model.generator
-        flat = outputs.reshape(-1, outputs.size(-1))
-        if self.paths.bf16_output:
-            if self.reduced_weight is None:
-                self.reduced_weight = generator.weight.detach().to(torch.bfloat16)
-            self.outputs = flat
-            return reduced_precision_scores(outputs, self.reduced_weight, generator.bias)
-        if self.paths.onednn_output:
-            return cpu_linear(flat, generator.weight, generator.bias).view(*outputs.shape[:-1], -1)
-        return generator(outputs)
-
-    def exact_logits(self, rows: Tensor, tokens: Tensor) -> Tensor | None:
-        """Float32 ``outputs[rows] . weight[tokens] + bias[tokens]`` for (row, token) pairs of
-        the last step (int tensors of one shape), where ``step`` rounded the scores (bf16:
-        8 significant bits, enough to reorder close candidates; ``search`` rescores its few
-        candidates with this); else None, the step's scores being exact already."""
-        if not self.rounds_scores:
-            return None
-        generator = self.model.generator
-        logits = (self.outputs[rows].float() * F.embedding(tokens, generator.weight)).sum(-1)
-        if generator.bias is not None:
-            logits = logits + generator.bias[tokens]
-        return logits
+    def forward(self, outputs: Tensor, generator: nn.Module, targets: Tensor,
+                label_smoothing: float = 0.0) -> Tensor:
+        """outputs: (batch, tgt_len, output_size), targets: (batch, tgt_len) -> the float32
+        loss sum."""
+        return cross_entropy(generator(outputs), targets, self.pad_id, label_smoothing)
 
 
 def orthogonal_init(rnn: nn.RNNBase) -> None:
