@@ -182,3 +182,37 @@ def test_data_paths_are_relative_to_data_dir_else_the_current_folder(tmp_path, m
     config = Config.load(path)
     resolve_data_paths(config, tmp_path / "data")
     assert config.data.train_src == str((tmp_path / "data" / "train.en").resolve())
+
+
+@pytest.mark.parametrize("assignment, pattern", [
+    ("train.seed=4611686018427387904",
+     r"train\.seed must be <= 4294967295 \(2\*\*32 - 1, the range the random generators take\), "
+     r"got 4611686018427387904"),
+    ("train.seed=4294967296", r"train\.seed must be <= 4294967295"),
+    ("train.seed=-1", r"train\.seed must be >= 0"),
+    ("data.vocab_size=1099511627776", r"data\.vocab_size must be <= 2147483647 \(2\*\*31 - 1"),
+])
+def test_numbers_past_what_the_libraries_take_are_refused_naming_the_key(tmp_path, assignment, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        Config().override([assignment])
+    key, value = assignment.split("=")
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=pattern):
+        Config.load(write(tmp_path, f"{section}: {{{name}: {value}}}\n"))
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """train.seed=2**32 - 1 passes validation and really seeds every generator: one step trains."""
+    from conftest import write_reversal
+
+    from seq2seq import cli
+
+    data = write_reversal(tmp_path / "data", {"train": 40, "valid": 4})
+    config = write(tmp_path, "data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, "
+                             "valid_tgt: valid.tgt, tokenizer: char}\n"
+                             "model: {embed_size: 8, hidden_size: 8}\n"
+                             "train: {epochs: 1, batch_tokens: 200, device: cpu, max_steps: 2, "
+                             "seed: 4294967295, threads: 1}\n")
+    assert cli.main(["train", "--config", str(config), "--data-dir", str(data), "--model-dir",
+                     str(tmp_path / "model")]) == 0
+    assert (tmp_path / "model" / "last.safetensors").is_file()

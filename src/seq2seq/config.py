@@ -34,6 +34,11 @@ MAX_BEAM = 1000
 MAX_LINE_CHARS = 100_000_000
 MAX_LEN_RATIO = 100.0
 MAX_THREADS = 4096
+# The random generators' range: torch seeds every micro-batch with seed * 1_000_003 + its index,
+# which must stay within 64 bits, and NumPy's legacy seeds are 32-bit.
+MAX_SEED = 2**32 - 1
+# sentencepiece reads its vocabulary size as a 32-bit int (and a bigger one fails inside it).
+MAX_VOCAB = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -93,6 +98,7 @@ class DataConfig:
                               f"{quote(self.long_pairs)}")
         _positive("data.max_len", self.max_len)
         _positive("data.vocab_size", self.vocab_size)
+        _at_most("data.vocab_size", self.vocab_size, MAX_VOCAB, "2**31 - 1, the most a tokenizer takes")
         _positive("data.max_line_chars", self.max_line_chars)
         _at_most("data.max_line_chars", self.max_line_chars, MAX_LINE_CHARS)
         _positive("data.max_lines", self.max_lines)
@@ -168,6 +174,7 @@ class TrainConfig:
                      "threads", "max_minutes", "min_lr", "clip_grad", "checkpoint_delay_s"):
             _non_negative(f"train.{name}", getattr(self, name))
         _at_most("train.threads", self.threads, MAX_THREADS)
+        _at_most("train.seed", self.seed, MAX_SEED, "2**32 - 1, the range the random generators take")
         _positive("train.lr", self.lr)
         check_device(self.device, "train.device")
         if self.min_lr > self.lr:
@@ -357,9 +364,9 @@ def _non_negative(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be >= 0, got {value}")
 
 
-def _at_most(name: str, value: float, limit: float) -> None:
+def _at_most(name: str, value: float, limit: float, why: str = "") -> None:
     if not value <= limit:
-        raise ConfigError(f"{name} must be <= {limit}, got {value}")
+        raise ConfigError(f"{name} must be <= {limit}{f' ({why})' if why else ''}, got {value}")
 
 
 def _representable(name: str, value: Any) -> None:
