@@ -362,3 +362,71 @@ def test_bad_prediction_requests_raise():
         rnn.predict(np.full((5, 3), np.nan), length=2)
     with pytest.raises(ValueError, match=r"Y_pred has shape \(2, 4\) but Y_true has \(3, 4\)"):
         rnn.loss_function(np.zeros((2, 4)), np.zeros((3, 4)))
+
+
+# -- a failed training keeps the last good weights; save never writes broken ones ------------------
+def _weights(rnn: EncoderDecoderRNN) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in rnn.model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_training_keeps_the_weights_from_before_and_save_refuses_nan(tmp_path):
+    X, Y = reversal_data(64, seed=1)
+    rnn = EncoderDecoderRNN(VOCAB, 16, VOCAB, loss="cross_entropy", seed=0, device="cpu")
+    rnn.train(X, Y, epochs=2, learning_rate=0.01, verbose=False)
+    rnn.save(tmp_path / "good")
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()}
+    before, prediction = _weights(rnn), rnn.predict(X[0])
+    with pytest.raises(FloatingPointError, match=r"training diverged: .* in epoch 0; the model keeps "
+                                                 r"its last good weights, those from before this call"):
+        rnn.train(X, Y, epochs=5, learning_rate=1e38, batch_size=16, verbose=False)  # Adam: NaN at once
+    assert _same(_weights(rnn), before)
+    assert all(np.array_equal(a, b) for a, b in zip(rnn.predict(X[0]), prediction))
+    rnn.save(tmp_path / "kept")  # the kept weights are finite: saved as they are
+    assert _same(_weights(EncoderDecoderRNN.load(tmp_path / "kept", device="cpu")), before)
+
+    with torch.no_grad():
+        next(rnn.model.parameters()).view(-1)[0] = float("nan")
+    first = next(name for name, _ in rnn.model.named_parameters())
+    with pytest.raises(ValueError, match=rf"the weight {first} holds NaN or infinite values .*not saved"):
+        rnn.save(tmp_path / "good")
+    with pytest.raises(ValueError, match="holds NaN"):
+        rnn.save(tmp_path / "new")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()} == saved
+    assert not (tmp_path / "new").exists()
+    loaded = EncoderDecoderRNN.load(tmp_path / "good", device="cpu")
+    assert _same(_weights(loaded), before)
+
+
+def test_a_training_that_diverges_later_keeps_the_weights_of_its_last_good_epoch():
+    """The weights go bad after epoch 1 (a callback poisons one, as a diverging step would);
+    epoch 2's loss is NaN, and the model is back at its weights after epoch 1."""
+    X, Y = reversal_data(64, seed=2)
+    rnn = EncoderDecoderRNN(VOCAB, 16, VOCAB, loss="cross_entropy", seed=0, device="cpu")
+    after: list[dict[str, torch.Tensor]] = []
+
+    def poison_after_epoch_1() -> None:
+        after.append(_weights(rnn))
+        if len(after) == 3:  # called before training, after epoch 0, after epoch 1
+            with torch.no_grad():
+                next(rnn.model.parameters()).fill_(float("inf"))
+
+    with pytest.raises(FloatingPointError, match=r"in epoch 2; .*those after epoch 1") as failure:
+        rnn.train(X, Y, epochs=5, learning_rate=0.01, periodic_callback=poison_after_epoch_1,
+                  callback_every=1, verbose=False)
+    assert _same(_weights(rnn), after[2]) and len(failure.value.history) == 2
+    assert all(np.isfinite(step).all() for step in rnn.predict(X[0]))
+
+
+def test_predict_length_is_bounded_with_an_error_naming_it():
+    rnn = untrained()
+    with pytest.raises(ValueError, match=r"length must be at most 100,000 output steps \(MAX_LENGTH\), "
+                                         r"got 1,000,000,000"):
+        rnn.predict(np.zeros((5, 3)), length=10**9)
+    with pytest.raises(ValueError, match=r"length=100,000 for 20,000 sequence\(s\) asks for 8,000,000,000 "
+                                         r"output values, more than the 1,073,741,824"):
+        rnn.predict_batch(np.zeros((20_000, 2, 3)), length=100_000)
+    assert len(rnn.predict(np.zeros((5, 3)), length=simple.MAX_LENGTH // 1000)) == 100

@@ -30,8 +30,10 @@ from tqdm import tqdm
 from seq2seq import files
 from seq2seq.config import CELLS, MAX_LAYERS, ModelConfig, normalize_attention, quote
 from seq2seq.device import resolve_device
+from seq2seq.kernels import apply as apply_kernels
+from seq2seq.kernels import decoding_session
 from seq2seq.models import checkpoint
-from seq2seq.models.rnn.model import DecodingSession, Seq2Seq
+from seq2seq.models.rnn.model import Seq2Seq
 from seq2seq.training.schedule import make_adam
 from seq2seq.vectors import arrays
 
@@ -47,6 +49,8 @@ SETTINGS_KEYS = ("format", "input_size", "hidden_size", "output_size", "apply_so
 SMALL_MODEL_THREADS = 1
 SMALL_MODEL_HIDDEN = 256
 PREDICT_CHUNK = 1024  # sequences per decoding batch in predict_batch
+MAX_LENGTH = 100_000  # output steps that predict and predict_batch decode at most
+MAX_OUTPUT_VALUES = 1 << 30  # values (4 bytes each) one predict_batch call returns at most
 
 
 class EncoderDecoderRNN:
@@ -98,7 +102,7 @@ class EncoderDecoderRNN:
             self.model = Seq2Seq(config, src_features=self.input_size, tgt_features=self.output_size,
                                  vector_feedback="onehot" if loss == "cross_entropy" else "identity",
                                  rnn_init="orthogonal")
-        self.model.to(self.device)
+        apply_kernels(self.model, "fast", self.device)  # the policy for the device; moves re-decide
 
     # -- training -----------------------------------------------------------------------
     def train(self, X: Any, Y: Any, epochs: int, learning_rate: float, decay_rate: float = 0.0,
@@ -125,6 +129,13 @@ class EncoderDecoderRNN:
 
         Returns:
             the mean training loss of each epoch.
+
+        Raises:
+            FloatingPointError: when the loss (or a weight) becomes NaN or infinite, as with a
+                learning rate that diverges. The model keeps its last good weights, those after
+                the last epoch whose loss and weights were finite (or from before the call),
+                restored in memory; the error's ``history`` holds those epochs' losses. The
+                optimizer's state lives only for one call, so it needs no restoring.
         """
         _check_training(epochs, learning_rate, decay_rate, periodic_callback, batch_size, optimizer,
                         callback_every)
@@ -133,16 +144,22 @@ class EncoderDecoderRNN:
         if len(src) != len(targets):
             raise ValueError(f"X has {len(src)} sequences but Y has {len(targets)}: "
                              "expected one target sequence per input sequence")
-        self.target_length = targets.shape[1]
+        trained_length, self.target_length = self.target_length, targets.shape[1]
         train_seed = None if self._rng is None else int(self._rng.integers(2**62))
         with _random_scope(train_seed, self.device), _threads_for(self, batch_size):
             rng = self._rng if self._rng is not None else np.random.default_rng(
                 int(torch.randint(2**62, ()).item()))  # follows torch.manual_seed
             opt = _make_optimizer(self.model, optimizer, learning_rate)
-            history = _fit(self, src, lengths, targets, opt, rng, epochs, batch_size,
-                           lambda epoch: learning_rate / (1.0 + decay_rate * epoch),
-                           periodic_callback, callback_every, verbose)
-        self.model.eval()
+            try:
+                history = _fit(self, src, lengths, targets, opt, rng, epochs, batch_size,
+                               lambda epoch: learning_rate / (1.0 + decay_rate * epoch),
+                               periodic_callback, callback_every, verbose)
+            except FloatingPointError as error:
+                if not getattr(error, "epochs_kept", 0):  # back to the weights from before this call
+                    self.target_length = trained_length
+                raise
+            finally:
+                self.model.eval()
         return history
 
     # -- prediction ---------------------------------------------------------------------
@@ -153,7 +170,8 @@ class EncoderDecoderRNN:
         Args:
             x: one sequence: ``(T,)`` when input_size is 1, ``(T, input_size)``,
                 ``(T, input_size, 1)`` or a list of T column vectors.
-            length: output steps; defaults to the target length seen in training.
+            length: output steps, at most ``MAX_LENGTH`` (100,000); defaults to the target
+                length seen in training.
             return_attention: also return the attention weights.
 
         Returns:
@@ -187,6 +205,15 @@ class EncoderDecoderRNN:
                 raise ValueError("the model has not been trained yet: give the output length with length=")
             length = self.target_length
         arrays.check_positive_int("length", length)
+        if length > MAX_LENGTH:
+            raise ValueError(f"length must be at most {MAX_LENGTH:,} output steps (MAX_LENGTH), got "
+                             f"{length:,}: each step runs the decoder once, so a huge length would run "
+                             f"for hours")
+        values = len(src) * length * (self.output_size + (src.shape[1] if return_attention else 0))
+        if values > MAX_OUTPUT_VALUES:
+            raise ValueError(f"length={length:,} for {len(src):,} sequence(s) asks for {values:,} output "
+                             f"values, more than the {MAX_OUTPUT_VALUES:,} (MAX_OUTPUT_VALUES) one call "
+                             f"returns: predict fewer sequences at a time, or fewer steps")
         if return_attention and self.model.decoder.attention is None:
             raise ValueError("return_attention needs a model built with attention='bahdanau' or 'luong'")
         self.model.eval()
@@ -227,8 +254,16 @@ class EncoderDecoderRNN:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``settings.json`` and ``model.safetensors`` into the directory ``path``, each
-        atomically (a crash never leaves a half-written file under the real name)."""
+        atomically (a crash never leaves a half-written file under the real name).
+
+        Weights that are NaN or infinite are refused (a ``ValueError`` naming one) before
+        anything is written: a good model saved there earlier stays as it was."""
         folder = Path(path)
+        bad = next((name for name, value in self.model.state_dict().items()
+                    if value.is_floating_point() and not bool(value.isfinite().all())), None)
+        if bad is not None:
+            raise ValueError(f"the weight {bad} holds NaN or infinite values (training diverged?): "
+                             f"not saved, {folder} is left as it was")
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is a file: save() writes a directory "
                              f"({SETTINGS_FILE} and {WEIGHTS_FILE})")
@@ -286,6 +321,8 @@ def _fit(rnn: EncoderDecoderRNN, src: np.ndarray, lengths: np.ndarray, targets: 
     # Teacher forcing: step t is fed target t-1; the first step a zero vector.
     tgt_in = torch.cat([torch.zeros_like(target_t[:, :1]), target_t[:, :-1]], dim=1)
     history: list[float] = []
+    # the last good weights (and buffers): from before training, then after each finite epoch
+    good = {name: value.detach().clone() for name, value in model.state_dict().items()}
     if periodic_callback is not None:
         periodic_callback()
     bar = tqdm(range(epochs), desc="train", unit="epoch", file=sys.stderr, disable=not verbose,
@@ -307,9 +344,19 @@ def _fit(rnn: EncoderDecoderRNN, src: np.ndarray, lengths: np.ndarray, targets: 
             opt.step()
             total += loss.detach() * len(rows)
         epoch_loss = float(total) / len(src)
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"training diverged: the loss is {epoch_loss} in epoch "
-                                     f"{epoch}; try a smaller learning_rate")
+        weights_finite = bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+        if not math.isfinite(epoch_loss) or not weights_finite:
+            bar.close()
+            model.load_state_dict(good)
+            kept = f"those after epoch {epoch - 1}" if epoch else "those from before this call"
+            what = f"the loss is {epoch_loss}" if not math.isfinite(epoch_loss) else "a weight is not finite"
+            error = FloatingPointError(f"training diverged: {what} in epoch {epoch}; the model keeps its "
+                                       f"last good weights, {kept}; try a smaller learning_rate")
+            error.history, error.epochs_kept = history, epoch  # type: ignore[attr-defined]
+            raise error
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                good[name].copy_(value)
         history.append(epoch_loss)
         bar.set_postfix(loss=f"{epoch_loss:.4g}", refresh=False)
         if periodic_callback is not None and (epoch + 1) % callback_every == 0:
@@ -437,7 +484,7 @@ def _decode_steps(model: Seq2Seq, src: Tensor, lengths: Tensor, steps: int, appl
     """src: (batch, T, input_size) -> outputs (batch, steps, output_size), weights (batch, steps, T)
     or None. Encodes once, then feeds each prediction back: its one-hot argmax for ``classes``,
     else the output itself (the softmax too)."""
-    session = DecodingSession(model)  # this call's decoding state
+    session = decoding_session(model)  # this call's decoding state
     memory, state = session.encode(src, lengths)
     prev = src.new_zeros(src.size(0), 1, model.generator.out_features)
     outputs, weights = [], []
