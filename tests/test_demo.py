@@ -1,8 +1,10 @@
 """The demo: a first command that trains, scores, draws and leaves a model ready to use."""
 
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +88,35 @@ def test_demo_unknown_task_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="dates, reversal, copy, progression"):
         run_demo(task="sorting", output_dir=tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_second_demo_into_a_folder_where_one_runs_is_refused_and_deletes_nothing(tmp_path):
+    """Two real processes: the first holds the folder's lock (its marker) and is training; the
+    second, into the same folder, once deleted the first's model files before locking anything.
+    Now it stops at once with an error naming the first, and every file of the first stays."""
+    out = tmp_path / "demo"
+    first = subprocess.Popen([sys.executable, "-m", "seq2seq", "demo", "--task", "copy", "--output-dir",
+                              str(out), "--max-seconds", "120"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        held = f"pid {first.pid} on {socket.gethostname()}"
+        # it holds the lock, has written its data and config, and has begun to train
+        model = out / "model"
+        while not ((out / MARKER).is_file() and held in (out / MARKER).read_text()
+                   and (model / "config.yaml").is_file() and (model / "tokenizer.json").is_file()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first demo ended or hung"
+            time.sleep(0.02)
+        files = {p: (p.stat().st_ino, p.read_bytes()) for p in out.rglob("*")
+                 if p.is_file() and p.parent.name != "prepared" and not p.name.startswith(".")}
+        second = seq2seq("demo", "--task", "dates", "--output-dir", str(out), "--max-seconds", "5")
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert (f"seq2seq: error: --output-dir {out} is in use: {held} is running `seq2seq demo` in it"
+                in second.stderr)
+        assert first.poll() is None, "the first demo was disturbed"
+        for path, (inode, data) in files.items():
+            if path.suffix not in (".jsonl", ".safetensors"):  # what the running demo rewrites
+                assert (path.stat().st_ino, path.read_bytes()) == (inode, data), path
+    finally:
+        first.kill()
+        first.wait(30)
