@@ -12,6 +12,8 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -375,14 +377,37 @@ def test_translate_command_refuses_a_line_over_max_input_len_tokens(trained_mode
     (b"a b\n\xff\xfe\n", "<stdin>:2: invalid UTF-8"),
     (b"a b\n" + b"c" * 100_001 + b"\n", "<stdin>:2: line of 100001 characters exceeds"),
     (b"a b\n" + "€".encode() * 100_001, "<stdin>:2: line of 100001 characters exceeds"),
-    (b"a b\n" + b"c" * 1_000_000, "<stdin>:2: line longer than the limit of 100000"),  # not all read
-], ids=["invalid-utf8", "long-ascii", "long-multibyte", "huge"])
+    (b"a b\n" + b"c" * 1_000_000, "<stdin>:2: line of 1000000 characters exceeds the limit of 100000"),
+    (b"a b\n" + b"c" * 10_000_000, "<stdin>:2: line of more than 66"),  # counted up to 16x the bound
+    (gzip.compress(b"a b\n\xff\n"), "<stdin>:2: invalid UTF-8"),  # gunzipped as a file is
+    (b"\x1f\x8b\x08\x00garbage", "<stdin>:1: corrupt or truncated gzip file"),
+], ids=["invalid-utf8", "long-ascii", "long-multibyte", "huge", "endless", "gzip-invalid-utf8", "bad-gzip"])
 def test_translate_command_on_bad_stdin(trained_model_dir, monkeypatch, capsys, data, message):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     capsys.readouterr()
     assert cli.main(["translate", "--model-dir", str(trained_model_dir), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"seq2seq: error: {message}") and "Traceback" not in err
+
+
+def test_gzip_on_stdin_reads_as_the_same_file_given_by_name(trained_model_dir, tmp_path):
+    """``gzip -c f | seq2seq translate`` (a real pipe) gives what ``--input f.gz``, ``--input
+    /dev/stdin`` and the plain text on stdin give; before, stdin refused it as invalid UTF-8."""
+    from conftest import run_cli
+
+    text = "".join(f"{' '.join('abcdef'[(i + j) % 6] for j in range(1 + i % 5))}\n" for i in range(40))
+    (tmp_path / "in.txt").write_text(text)
+    (tmp_path / "in.txt.gz").write_bytes(gzip.compress(text.encode()))
+    common = ("translate", "--model-dir", trained_model_dir, "--device", "cpu", "--beam", "1")
+    plain = run_cli(*common, input=text.encode())
+    assert plain.returncode == 0 and len(plain.stdout.splitlines()) == 40, plain.stderr
+    command = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "seq2seq", *common))
+    piped = subprocess.run(f"gzip -c {shlex.quote(str(tmp_path / 'in.txt'))} | {command}", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout == plain.stdout, piped.stderr
+    for flags in (["--input", tmp_path / "in.txt.gz"], ["--input", "/dev/stdin"]):
+        done = run_cli(*common, *flags, input=gzip.compress(text.encode()))
+        assert done.returncode == 0 and done.stdout == plain.stdout, done.stderr
 
 
 def test_translate_command_in_a_child_process_reads_bom_crlf_nul(trained_model_dir):

@@ -271,29 +271,13 @@ def run_translate(args: argparse.Namespace) -> int:
 
 
 def _read_stdin(max_line_chars: int, max_lines: int = 100_000_000) -> list[str]:
+    """The lines of stdin, read as a file is (``data.text.iter_stream_lines``): gzip recognised,
+    UTF-8 checked, a leading BOM dropped, ``max_line_chars`` and ``max_lines`` held."""
+    from seq2seq.data.text import iter_stream_lines
+
     if sys.stdin is None:
         raise ConfigError("standard input is closed: give --input FILE")
-    lines = []
-    limit = 4 * max_line_chars + 6  # bytes: as read_lines, memory stays bounded on a huge line
-    for number, raw in enumerate(iter(lambda: sys.stdin.buffer.readline(limit), b""), start=1):
-        if number > max_lines:
-            raise DataError(f"<stdin>: more than {max_lines} lines (data.max_lines)")
-        if len(raw) == limit and not raw.endswith(b"\n"):
-            raise DataError(f"<stdin>:{number}: line longer than the limit of {max_line_chars} "
-                            f"characters (data.max_line_chars)")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"<stdin>:{number}: invalid UTF-8 ({error.reason})") from None
-        if number == 1 and line == "\ufeff":
-            break  # stdin of just a BOM is empty
-        lines.append(line.removeprefix("\ufeff") if number == 1 else line)
-    lines = [line.removesuffix("\n").removesuffix("\r") for line in lines]
-    for number, line in enumerate(lines, start=1):
-        if len(line) > max_line_chars:
-            raise DataError(f"<stdin>:{number}: line of {len(line)} characters exceeds the limit "
-                            f"of {max_line_chars} (data.max_line_chars)")
-    return lines
+    return list(iter_stream_lines(sys.stdin.buffer, "<stdin>", max_line_chars, max_lines))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

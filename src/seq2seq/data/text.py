@@ -33,6 +33,14 @@ def read_lines(path: str | Path, max_line_chars: int = 100_000,
     return list(_iter_lines(Path(path), max_line_chars, max_lines))
 
 
+def iter_stream_lines(stream: BinaryIO, name: str = "<stdin>", max_line_chars: int = 100_000,
+                      max_lines: int | None = None) -> Iterator[str]:
+    """``iter_lines`` for an open binary stream (standard input), named ``name`` in errors: gzip
+    is recognised by its magic bytes as in a file, so ``gzip -c f | seq2seq translate`` reads
+    as ``--input /dev/stdin`` does. The stream is read once and not closed."""
+    return _iter_lines(Path(name), max_line_chars, max_lines, stream=stream)
+
+
 class _Replayed(io.RawIOBase):
     """``stream`` with ``head``, the bytes already read from its start, given back first.
 
@@ -53,10 +61,12 @@ class _Replayed(io.RawIOBase):
         return self._stream.readinto(buffer)
 
 
-def _open_sniffed(path: Path, stack: contextlib.ExitStack) -> tuple[BinaryIO, bool]:
-    """``path`` opened once, as a binary stream of its text: gunzipped when it starts with gzip's
-    magic bytes (or is named ``.gz``). Works on pipes, which can be read only once."""
-    raw = stack.enter_context(path.open("rb", buffering=0))
+def _open_sniffed(path: Path, stack: contextlib.ExitStack,
+                  stream: BinaryIO | None = None) -> tuple[BinaryIO, bool]:
+    """``path`` opened once (or ``stream``, already open, read as ``path``), as a binary stream
+    of its text: gunzipped when it starts with gzip's magic bytes (or is named ``.gz``). Works
+    on pipes, which can be read only once."""
+    raw = stream if stream is not None else stack.enter_context(path.open("rb", buffering=0))
     head = b""
     while len(head) < len(GZIP_MAGIC) and (more := raw.read(len(GZIP_MAGIC) - len(head))):
         head += more
@@ -66,14 +76,15 @@ def _open_sniffed(path: Path, stack: contextlib.ExitStack) -> tuple[BinaryIO, bo
     return stream, False
 
 
-def _iter_lines(path: Path, max_line_chars: int, max_lines: int | None = None) -> Iterator[str]:
+def _iter_lines(path: Path, max_line_chars: int, max_lines: int | None = None,
+                stream: BinaryIO | None = None) -> Iterator[str]:
     # A line of N characters has at most 4N bytes in UTF-8 (+3 for a BOM, +2 for "\r\n"): reading
     # that much at a time keeps memory bounded however long a broken file's lines are.
     limit = 4 * max_line_chars + 6
     number = 0
     with contextlib.ExitStack() as stack:
         try:
-            handle, zipped = _open_sniffed(path, stack)
+            handle, zipped = _open_sniffed(path, stack, stream)
         except FileNotFoundError:
             raise DataError(f"{path}: no such file") from None
         except OSError as error:
