@@ -19,7 +19,7 @@ from seq2seq.kernels import apply as apply_kernels
 from seq2seq.kernels import decoding_session, policy
 from seq2seq.kernels.gru import FusedGRU
 from seq2seq.kernels.ops import dropout_scale
-from seq2seq.kernels.policy import REFERENCE, FastPaths, private_ops, resolve
+from seq2seq.kernels.policy import REFERENCE, FastPaths, Twin, private_ops, resolve
 from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB, PAD, BOS, EOS = 17, 0, 1, 2
@@ -272,3 +272,111 @@ def test_translator_load_takes_the_kernels(trained_model_dir):
     assert fast.fused_gru and fast.onednn_output == ("onednn_linear" in private_ops())
     with pytest.raises(ConfigError, match="train.kernels must be 'fast' or 'reference'"):
         Translator.load(trained_model_dir, device="cpu", kernels="turbo")
+
+
+def _twins(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if isinstance(m, Twin)}
+
+
+def test_twins_keep_the_models_parameters_and_reference_swaps_them_back():
+    model = make_model(torch.float32, **STEPWISE)
+    state, parameters = model.state_dict(), list(model.parameters())
+    apply_kernels(model, "fast")
+    assert _twins(model) == {"FusedGRU", "FusedEncoder", "StepwiseDecoder", "FusedOutputLoss",
+                             "FastDropout", "FastTanh"}
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    assert model.state_dict().keys() == state.keys()
+    assert apply_kernels(model, "reference") == REFERENCE == policy(model)
+    assert not _twins(model) and type(model.decoder.rnn) is torch.nn.GRU
+
+
+def test_moving_the_model_decides_the_policy_again():
+    """Off the CPU (here the meta device, as a GPU would be) the twins are the plain modules
+    and the policy has no CPU kernel; back on the CPU both return."""
+    model = make_model(torch.float32, **STEPWISE)
+    cpu = apply_kernels(model, "fast")
+    batch = make_batch()
+    assert cpu.fused_gru and cpu.stepwise and cpu.fast_tanh
+    model.to("meta")
+    assert policy(model) == resolve("fast", "meta", "fp32", model)
+    assert not (policy(model).fused_gru or policy(model).onednn_output)
+    assert all(not m.on_cpu for m in model.modules() if isinstance(m, Twin))
+    model.to_empty(device="cpu")
+    assert policy(model) == cpu
+    nn_init = make_model(torch.float32, **STEPWISE)
+    model.load_state_dict(nn_init.state_dict())
+    _, _, nodes, _ = training_step(model, cpu, batch)
+    assert {"_GRULayerFunctionBackward", "_StepwiseGRUFunctionBackward"} <= nodes
+    # what a twin does where its module is not on a CPU (meta runs no kernel): the plain path
+    twins = [m for m in model.modules() if isinstance(m, Twin)]
+    for twin in twins:
+        twin.device_type = "cuda"
+    ref_loss, _, _, _ = training_step(nn_init, "reference", batch)
+    model.train().zero_grad()
+    torch.manual_seed(5)
+    loss, _ = model(*batch[:3], tgt_out=batch[3], label_smoothing=0.1)
+    nodes = autograd_nodes(loss)
+    assert not nodes & {"_GRULayerFunctionBackward", "_StepwiseGRUFunctionBackward", "_TanhBackward"}
+    torch.testing.assert_close(loss, ref_loss)
+
+
+def cuda_test(test):
+    """A test that runs on a CUDA GPU (``-m gpu``), skipped with its reason elsewhere."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs a CUDA GPU")(test))
+
+
+@cuda_test
+@pytest.mark.parametrize("layout", [STEPWISE, GENERAL,
+                                    dict(cell="lstm", attention="bahdanau", input_feeding=True)])
+def test_cuda_runs_cudnn_and_matches_the_cpu_reference(layout):
+    """On CUDA the policy is cuDNN and the plain step loop (no CPU kernel), and a training
+    step gives the CPU reference's loss and gradients (float64: cuDNN's float32 RNNs may
+    round through TF32)."""
+    model = make_model(torch.float64, **layout)
+    batch = make_batch()
+    ref_loss, ref_grads, _, _ = training_step(model, "reference", batch)
+    paths = apply_kernels(model, "fast", "cuda")
+    assert not (paths.fused_gru or paths.stepwise or paths.fast_tanh or paths.onednn_output)
+    assert all(not m.on_cpu for m in model.modules() if isinstance(m, Twin))
+    model.train().zero_grad()
+    src, lengths, tgt_in, tgt_out = (t.cuda() for t in batch)
+    loss, _ = model(src, lengths, tgt_in, tgt_out=tgt_out, label_smoothing=0.1)
+    loss.backward()
+    nodes = autograd_nodes(loss)
+    assert "_GRULayerFunctionBackward" not in nodes and "_StepwiseGRUFunctionBackward" not in nodes
+    assert any("Cudnn" in node or "CUDNN" in node.upper() for node in nodes), sorted(nodes)
+    torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-10, atol=1e-10)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), ref_grads[name], rtol=1e-8, atol=1e-10,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+@cuda_test
+def test_cuda_training_learns_in_fp32_and_bf16_and_decodes_as_the_cpu():
+    from seq2seq.kernels.ops import precision_autocast
+
+    batch = make_batch()
+    for precision in ("fp32", "bf16"):
+        model = make_model(torch.float32, seed=4, **STEPWISE)
+        apply_kernels(model, "fast", "cuda", precision)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+        src, lengths, tgt_in, tgt_out = (t.cuda() for t in batch)
+        losses = []
+        for _ in range(30):
+            optimizer.zero_grad()
+            with precision_autocast(precision, "cuda"):
+                loss, _ = model.train()(src, lengths, tgt_in, tgt_out=tgt_out)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < 0.5 * losses[0], (precision, losses)
+    model.eval()  # the fp32-then-bf16 model, decoded in float32 on both devices
+    limits = max_output_lengths(batch[1], 2.0)
+    cuda = (greedy_search(model, src, lengths, bos=BOS, eos=EOS, max_lengths=limits),
+            beam_search(model, src, lengths, beam=3, bos=BOS, eos=EOS, max_lengths=limits))
+    apply_kernels(model, "fast", "cpu")
+    cpu = (greedy_search(model, batch[0], batch[1], bos=BOS, eos=EOS, max_lengths=limits),
+           beam_search(model, batch[0], batch[1], beam=3, bos=BOS, eos=EOS, max_lengths=limits))
+    assert [h.tokens for h in cuda[0]] == [h.tokens for h in cpu[0]]
+    assert [h[0].tokens for h in cuda[1]] == [h[0].tokens for h in cpu[1]]
