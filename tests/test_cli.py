@@ -11,12 +11,16 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import long_line, run_cli
 
 from seq2seq import cli
+from seq2seq.config import packaged_configs
+from seq2seq.models.checkpoint import CheckpointError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIGNATURE = re.compile(r"nrefs:1\|case:(mixed|lc)\|eff:no\|tok:13a\|smooth:exp\|version:\d+\.\d+\.\d+")
@@ -191,11 +195,109 @@ def test_evaluate_different_line_counts_name_both_files(trained_model_dir, rever
                    "--ref", refs], r"valid\.src has 200 lines", r"refs\.txt has 1")
 
 
-def test_version_is_the_package_version(capsys):
+def test_version_is_the_installed_distributions_version():
+    """`--version` prints what pip installed (the distribution's metadata), not merely the
+    string it reads: a stale install, or a version bumped in one place only, fails here."""
+    from importlib.metadata import version
+
     import seq2seq
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--version"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"seq2seq {seq2seq.__version__}"
+    printed = subprocess.run([sys.executable, "-m", "seq2seq", "--version"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout.strip()
+    assert printed == f"seq2seq {version('seq2seq-rnn')}"
     assert re.fullmatch(r"\d+\.\d+\.\d+", seq2seq.__version__)
+
+
+# -- a fast command line, and errors that keep the traceback of a bug ---------------------------
+_NO_TORCH = """
+import sys
+from seq2seq import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as done:  # --help
+    code = done.code
+print("torch loaded" if "torch" in sys.modules else "no torch", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv, printed", [
+    (["--help"], "usage: seq2seq"), (["translate", "--help"], "--model-dir"),
+    (["configs"], "multi30k_en_de "), (["configs", "multi30k_en_de"], "model:"),
+])
+def test_help_and_configs_load_no_torch(argv, printed):
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr
+    assert printed in done.stdout  # it did its work: the help, the list, a config
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, "configs", "nope"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stderr.splitlines() == ["seq2seq: error: no packaged config 'nope'; the configs are: "
+                                        + ", ".join(packaged_configs()), "no torch 1"]
+
+
+def test_an_error_of_the_project_is_one_line_and_debug_shows_its_traceback(tmp_path, capsys):
+    argv = ["translate", "--model-dir", str(tmp_path)]
+    fails(capsys, argv, "not a model directory")
+    for debug in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(CheckpointError, match="not a model directory"):
+            cli.main(debug)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    def buggy(args):
+        raise ValueError("a bug, not a bad input")
+
+    monkeypatch.setitem(cli.COMMANDS, "configs", buggy)
+    with pytest.raises(ValueError, match="a bug, not a bad input"):
+        cli.main(["configs"])
+    assert "seq2seq: error" not in capsys.readouterr().err
+    done = subprocess.run([sys.executable, "-c", "import sys; from seq2seq import cli; "
+                           "cli.COMMANDS['configs'] = lambda a: [][1]; sys.exit(cli.main(['configs']))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "IndexError" in done.stderr
+
+
+# -- translate streams --------------------------------------------------------------------------
+def test_translate_streams_an_endless_pipe(trained_model_dir):
+    """``yes "a b c" | seq2seq translate``, through real pipes: translations come out, in
+    chunks, while the input is still being written (it never ends)."""
+    from seq2seq.decoding.translator import CHUNK_LINES
+
+    yes = subprocess.Popen(["yes", "a b c"], stdout=subprocess.PIPE)
+    translate = subprocess.Popen(
+        [sys.executable, "-m", "seq2seq", "translate", "--model-dir", str(trained_model_dir),
+         "--device", "cpu", "--beam", "1"], stdin=yes.stdout, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL)
+    yes.stdout.close()  # translate holds the only reading end
+    watchdog = threading.Timer(240, translate.kill)  # a translate that waits for the end hangs here
+    watchdog.start()
+    try:
+        lines = [translate.stdout.readline() for _ in range(3 * CHUNK_LINES)]
+        assert lines == [b"c b a\n"] * len(lines)
+        assert yes.poll() is None and translate.poll() is None  # the input goes on
+    finally:
+        watchdog.cancel()
+        translate.kill()
+        yes.kill()
+        translate.wait(timeout=60)
+        yes.wait(timeout=60)
+
+
+def test_translate_output_file_appears_whole_or_not_at_all(trained_model_dir, tmp_path, capsys):
+    """A bad line after the first chunks: the output file keeps its old content, and no
+    temporary file is left, though several chunks were translated before it."""
+    from seq2seq.decoding.translator import CHUNK_LINES
+
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    bad_line = 2 * CHUNK_LINES + 5
+    source.write_bytes(b"a b c\n" * (bad_line - 1) + b"a \xff b\n" + b"d e\n" * 10)
+    target.write_text("old\n")
+    fails(capsys, ["translate", "--model-dir", trained_model_dir, "--beam", "1", "--input", source,
+                   "--output", target], rf"in\.txt:{bad_line}: invalid UTF-8")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+    source.write_bytes(b"a b c\n" * (bad_line - 1) + b"d e\n")
+    assert cli.main(["translate", "--model-dir", str(trained_model_dir), "--beam", "1",
+                     "--input", str(source), "--output", str(target)]) == 0
+    assert target.read_text() == "c b a\n" * (bad_line - 1) + "e d\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]

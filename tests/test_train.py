@@ -120,7 +120,6 @@ def test_bf16_on_cpu_runs_the_output_layer_in_bf16_without_autocast(corpus, tmp_
     autocast, so the step-wise decoder's fused path runs (it refuses autocast)."""
     from seq2seq.kernels import loss as loss_module
     from seq2seq.kernels import stepwise
-    from seq2seq.models.rnn import model as model_module
 
     seen, fused_steps = [], []
     real_loss, real_stepwise = loss_module.output_cross_entropy, stepwise.run_stepwise
@@ -134,7 +133,7 @@ def test_bf16_on_cpu_runs_the_output_layer_in_bf16_without_autocast(corpus, tmp_
         fused_steps.append(1)
         return real_stepwise(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "output_cross_entropy", spy_loss)
+    monkeypatch.setattr(loss_module, "output_cross_entropy", spy_loss)
     monkeypatch.setattr(stepwise, "run_stepwise", spy_stepwise)
     train(corpus, tmp_path / "run", "--set", "train.max_steps=3", "--set",
           "train.precision=bf16")

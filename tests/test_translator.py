@@ -194,3 +194,32 @@ def test_bf16_decoding_agrees_with_fp32_and_bad_precision_is_refused(trained_mod
         assert bf16.translate(sentences, beam=beam) == translator.translate(sentences, beam=beam)
     with pytest.raises(ValueError, match="train.precision"):
         Translator.load(trained_model_dir, precision="fp16")
+
+
+def test_hypothesis_chunks_read_lazily_and_keep_the_order(translator, monkeypatch):
+    sentences = SENTENCES * 3
+    pulled = []
+
+    def source():
+        for sentence in sentences:
+            pulled.append(sentence)
+            yield sentence
+
+    chunks = translator.hypothesis_chunks(source(), beam=2, chunk_lines=7)
+    first = next(chunks)
+    assert len(first) == 7 and len(pulled) == 7  # nothing read beyond the chunk
+    rest = list(chunks)
+    assert [len(c) for c in rest] == [7] * (len(sentences) // 7 - 1) + [len(sentences) % 7]
+    whole = translator.hypotheses(sentences, beam=2)
+    assert [[h.tokens for h in hyps] for c in [first, *rest] for hyps in c] == \
+        [[h.tokens for h in hyps] for hyps in whole]
+    monkeypatch.setattr(translator.config.decode, "max_input_len", 5)
+    with pytest.raises(ValueError, match=r"^input:10: 7 tokens, more than decode.max_input_len=5"):
+        list(translator.hypothesis_chunks(["a"] * 9 + ["a b c d e f g"], chunk_lines=4))
+
+
+def test_load_draws_nothing_from_the_random_stream(trained_model_dir):
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    Translator.load(trained_model_dir, device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -2,8 +2,13 @@
 data.
 
 Each command imports its modules when it runs (the function-level imports below), so that
-parsing the arguments (``--help``, a wrong flag) loads none of the heavy ones: the server
-(fastapi), the plots (matplotlib), the downloads (pooch).
+parsing the arguments (``--help``, a wrong flag) and the light commands (``configs``, ``data``)
+load none of the heavy ones: torch, the server (fastapi), the plots (matplotlib). The module
+level imports only torch-free modules; ``tests/test_cli.py`` checks it.
+
+Errors: the project's own (``OWN_ERRORS``: a bad input, setting, file or state, which the
+message explains) print one line and exit 1; any other exception is a bug and keeps its
+traceback. ``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -14,23 +19,33 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from seq2seq import __version__
 from seq2seq.config import Config, ConfigError, check_device
 from seq2seq.data.text import DataError
-from seq2seq.files import atomic_write_text, check_output
+from seq2seq.files import atomic_write_text, atomic_writer, check_output
 from seq2seq.model_dir import CONFIG_FILE, LAST
-from seq2seq.models.checkpoint import CheckpointError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+LIGHT_COMMANDS = ("configs", "data")  # they load no torch
+# The project's errors, by module. A module that a command did not import raised none of its
+# errors, so matching an error imports nothing (a light command never loads torch).
+OWN_ERRORS = {
+    "seq2seq.config": ("ConfigError",), "seq2seq.files": ("FileError",),
+    "seq2seq.data.text": ("DataError",), "seq2seq.models.checkpoint": ("CheckpointError",),
+    "seq2seq.training.setup": ("TrainingError",), "seq2seq.training.distributed": ("DistributedError",),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seq2seq", description="RNN encoder-decoder models with attention.")
     parser.add_argument("--version", action="version", version=f"seq2seq {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error, not only its message")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train a small attention model on a generated task")
@@ -103,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("corpus", choices=("multi30k",), help="multi30k: Multi30k task 1, en/de/fr")
     data.add_argument("--output", type=Path, required=True, help="folder to put the files in")
     data.add_argument("--base-url", help="a mirror of the files (default: the corpus's GitHub source)")
+    for command in commands.choices.values():  # after the command too: `seq2seq train --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error, not only its message")
     return parser
 
 
@@ -127,36 +145,46 @@ def _serve_limits(parser: argparse.ArgumentParser) -> None:
     from seq2seq.serving.settings import ServeConfig, flag
 
     for field in fields(ServeConfig):
-        parser.add_argument(flag(field.name), type=type(field.default), metavar="N",
+        parser.add_argument(flag(field.name), type=type(field.default),
+                            metavar="N" if field.type != "str" else "NAMES",
                             help=f"{field.metadata['help']} (default: {field.default})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from seq2seq.kernels.ops import keep_freed_memory
-    from seq2seq.training.distributed import DistributedError
-    from seq2seq.training.loop import TrainingError, TrainingInterrupted
+    if args.command not in LIGHT_COMMANDS:
+        from seq2seq.kernels.ops import keep_freed_memory
 
-    keep_freed_memory()  # process-wide, so the command does it, not the library: see ops.py
-
+        keep_freed_memory()  # process-wide, so the command does it, not the library: see ops.py
     try:
         return COMMANDS[args.command](args) or 0
-    except TrainingInterrupted as error:
-        print(f"seq2seq: {error}", file=sys.stderr)
-        return error.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("seq2seq: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, DataError, CheckpointError, TrainingError, DistributedError, ValueError) as error:
-        print(f"seq2seq: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
     except BrokenPipeError:  # `seq2seq translate ... | head -1`: the reader has had enough
         _silence_stdout()
         return EXIT_ERROR
-    except OSError as error:  # disk full, read-only folder, missing file ...
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"seq2seq: error: {error.strerror or error}{where}", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, own_errors()):
+            # a TrainingInterrupted exits 130 after Ctrl-C, 143 after SIGTERM, and is no error
+            code = getattr(error, "exit_code", EXIT_ERROR)
+            print(f"seq2seq: {'' if code != EXIT_ERROR else 'error: '}{error}", file=sys.stderr)
+            return code
+        if isinstance(error, OSError):  # disk full, read-only folder, missing file ...
+            where = f" ({error.filename})" if error.filename else ""
+            print(f"seq2seq: error: {error.strerror or error}{where}", file=sys.stderr)
+            return EXIT_ERROR
+        raise  # a bug: its traceback
+
+
+def own_errors() -> tuple[type[Exception], ...]:
+    """The classes of ``OWN_ERRORS`` whose modules are loaded (the others cannot have raised)."""
+    return tuple(getattr(sys.modules[module], name) for module, names in OWN_ERRORS.items()
+                 if module in sys.modules for name in names)
 
 
 def _silence_stdout() -> None:
@@ -188,7 +216,6 @@ def _apply_flags(config: Config, flags: list[tuple[str, str, Any]]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from seq2seq.decoding.translator import Translator
     from seq2seq.training.loop import train
     from seq2seq.training.setup import refuse_own_config
 
@@ -208,8 +235,7 @@ def run_train(args: argparse.Namespace) -> int:
     data_dir = args.data_dir
     if data_dir is None and args.config is None:
         data_dir = Path("/")  # a resumed run's saved paths are absolute
-    train(config, args.model_dir, data_dir=data_dir, resume=resume, overwrite=args.overwrite,
-          translator=Translator)
+    train(config, args.model_dir, data_dir=data_dir, resume=resume, overwrite=args.overwrite)
     return 0
 
 
@@ -240,44 +266,57 @@ def _load(args: argparse.Namespace):
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from seq2seq.data.text import read_lines
+    """Lines in, translations out, a chunk at a time (``Translator.hypothesis_chunks``): each
+    chunk is written and flushed before the next is read, so memory stays flat on an endless
+    pipe. An --output file appears whole when all is done (``files.atomic_writer``)."""
+    from seq2seq.data.text import iter_lines
 
     if args.output is not None:
         check_output(args.output)  # a read-only or impossible target, refused before the work
     translator = _load(args)
     stdout = _stdout() if args.output is None else None
-    data = translator.config.data
+    max_line_chars = translator.config.data.max_line_chars
     if args.input is not None:
-        lines = read_lines(args.input, data.max_line_chars, data.max_lines)
+        lines, source = iter_lines(args.input, max_line_chars), str(args.input)
     else:
-        lines = _read_stdin(data.max_line_chars, data.max_lines)
-    source = str(args.input) if args.input is not None else "<stdin>"
-    beam, n_best = translator.config.decode.beam, translator.config.decode.n_best
-    if n_best > 1:
-        results = translator.hypotheses(lines, beam=beam, n_best=n_best, source=source)
-        out = [
-            "\t".join(f"{translator.tgt_tok.decode(h.tokens)}\t{h.score:.4f}" for h in hyps)
-            for hyps in results
-        ]
-    else:
-        out = translator.translate(lines, beam=beam, source=source)
-    text = "".join(line + "\n" for line in out)
-    if stdout is None:
-        atomic_write_text(args.output, text)
-    else:
-        stdout.write(text)
-        stdout.flush()
+        lines, source = _stdin_lines(max_line_chars), "<stdin>"
+    decode, n_best = translator.tgt_tok.decode, translator.config.decode.n_best
+    chunks = translator.hypothesis_chunks(lines, beam=translator.config.decode.beam, n_best=n_best,
+                                          source=source)
+    with _text_output(args.output, stdout) as write:
+        for results in chunks:
+            if n_best > 1:
+                rows = ["\t".join(f"{decode(h.tokens)}\t{h.score:.4f}" for h in hyps) for hyps in results]
+            else:
+                rows = [decode(hyps[0].tokens) for hyps in results]
+            write("".join(row + "\n" for row in rows))
     return 0
 
 
-def _read_stdin(max_line_chars: int, max_lines: int = 100_000_000) -> list[str]:
-    """The lines of stdin, read as a file is (``data.text.iter_stream_lines``): gzip recognised,
-    UTF-8 checked, a leading BOM dropped, ``max_line_chars`` and ``max_lines`` held."""
+@contextlib.contextmanager
+def _text_output(path: Path | None, stdout: TextIO | None) -> Iterator[Callable[[str], None]]:
+    """``write(text)``: into ``path`` atomically (a temporary file renamed when the block ends
+    without an error), or to ``stdout`` at once, flushed."""
+    if path is None:
+        def write(text: str) -> None:
+            stdout.write(text)
+            stdout.flush()
+
+        yield write
+        return
+    with atomic_writer(path) as write_bytes:
+        yield lambda text: write_bytes(text.encode("utf-8"))
+
+
+def _stdin_lines(max_line_chars: int) -> Iterator[str]:
+    """The lines of stdin, one at a time, read as a file is (``data.text.iter_stream_lines``):
+    gzip recognised, UTF-8 checked, a leading BOM dropped, ``max_line_chars`` held; memory stays
+    bounded on a huge line and on endless input."""
     from seq2seq.data.text import iter_stream_lines
 
     if sys.stdin is None:
         raise ConfigError("standard input is closed: give --input FILE")
-    return list(iter_stream_lines(sys.stdin.buffer, "<stdin>", max_line_chars, max_lines))
+    yield from iter_stream_lines(sys.stdin.buffer, "<stdin>", max_line_chars)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

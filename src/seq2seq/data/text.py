@@ -33,6 +33,13 @@ def read_lines(path: str | Path, max_line_chars: int = 100_000,
     return list(_iter_lines(Path(path), max_line_chars, max_lines))
 
 
+def iter_lines(path: str | Path, max_line_chars: int = 100_000,
+               max_lines: int | None = None) -> Iterator[str]:
+    """``read_lines`` one line at a time, with the same checks: memory stays flat however many
+    lines a file or an endless pipe has (``max_lines``: None for no limit)."""
+    return _iter_lines(Path(path), max_line_chars, max_lines)
+
+
 def iter_stream_lines(stream: BinaryIO, name: str = "<stdin>", max_line_chars: int = 100_000,
                       max_lines: int | None = None) -> Iterator[str]:
     """``iter_lines`` for an open binary stream (standard input), named ``name`` in errors: gzip

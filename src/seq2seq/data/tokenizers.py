@@ -24,7 +24,8 @@ from typing import Any
 
 import sentencepiece as spm
 
-from seq2seq.config import TOKENIZERS, DataConfig, quote
+from seq2seq.config import TOKENIZERS, ConfigError, DataConfig, quote
+from seq2seq.data.text import DataError
 from seq2seq.files import atomic_write_bytes, atomic_write_json, read_regular_file
 from seq2seq.model_dir import TOKENIZER_FILE
 
@@ -108,7 +109,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: Path, name: str) -> Tokenizer:
-        """Read what ``save`` wrote; a missing or tampered file is a ValueError naming it."""
+        """Read what ``save`` wrote; a missing or tampered file is a DataError naming it."""
         path = Path(directory) / f"{name}.vocab.json"
         spec = _read_json(path)
         kind = _field(spec, "kind", path, lambda v: v in TOKENIZERS, f"one of {TOKENIZERS}")
@@ -125,12 +126,12 @@ class Tokenizer:
         try:
             tokenizer = cls(kind, lowercase, model_proto=read_regular_file(model_path))
         except FileNotFoundError:
-            raise ValueError(f"{model_path}: no such file (named by {path})") from None
+            raise DataError(f"{model_path}: no such file (named by {path})") from None
         except (RuntimeError, OSError, ValueError) as error:
-            raise ValueError(f"{model_path}: not a sentencepiece model (named by {path}): "
+            raise DataError(f"{model_path}: not a sentencepiece model (named by {path}): "
                              f"{error}") from None
         if tokenizer.tokens[:len(SPECIALS)] != list(SPECIALS) or len(tokenizer) != size:
-            raise ValueError(f"{model_path}: does not match {path} (field 'size' {size}, model has "
+            raise DataError(f"{model_path}: does not match {path} (field 'size' {size}, model has "
                              f"{len(tokenizer)} pieces starting {tokenizer.tokens[:4]})")
         return tokenizer
 
@@ -139,21 +140,21 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise DataError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from None
+        raise DataError(f"{path}: not valid JSON: {error}") from None
     except RecursionError:
-        raise ValueError(f"{path}: not valid JSON: nested too deeply") from None
+        raise DataError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
 def _field(spec: dict, key: str, path: Path, check: Callable[[Any], Any], expected: str) -> Any:
     if key not in spec:
-        raise ValueError(f"{path}: field {key!r} is missing")
+        raise DataError(f"{path}: field {key!r} is missing")
     if not check(spec[key]):
-        raise ValueError(f"{path}: field {key!r} must be {expected}, got {quote(spec[key])}")
+        raise DataError(f"{path}: field {key!r} must be {expected}, got {quote(spec[key])}")
     return spec[key]
 
 
@@ -225,7 +226,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str, sampl
     texts = iter(texts)
     first = next(texts, None)
     if first is None:
-        raise ValueError(f"cannot train a {side} tokenizer: the training text has no non-empty line")
+        raise DataError(f"cannot train a {side} tokenizer: the training text has no non-empty line")
     spm.set_random_generator_seed(SPM_SEED)
     model = io.BytesIO()
     try:
@@ -239,7 +240,7 @@ def _train_sentencepiece(texts: Iterable[str], vocab_size: int, side: str, sampl
     except RuntimeError as error:
         needed = re.search(r"required_chars\. \d+ vs (\d+)", str(error))
         if needed:
-            raise ValueError(f"data.vocab_size={vocab_size} is too small for the {side} text: its "
+            raise ConfigError(f"data.vocab_size={vocab_size} is too small for the {side} text: its "
                              f"characters and the specials need at least {needed.group(1)}") from None
-        raise ValueError(f"sentencepiece could not train the {side} tokenizer: {error}") from None
+        raise DataError(f"sentencepiece could not train the {side} tokenizer: {error}") from None
     return model.getvalue()

@@ -6,7 +6,7 @@ input order. ``decode_ids`` is the one decoding function of the package: the ``T
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,11 +15,17 @@ from seq2seq.config import DecodeConfig
 from seq2seq.data.batches import collate
 from seq2seq.data.text import DataError
 from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from seq2seq.decoding.search import Hypothesis, beam_search, greedy_search, max_output_lengths
+from seq2seq.decoding.search import (
+    DecodingStopped,
+    Hypothesis,
+    beam_search,
+    greedy_search,
+    max_output_lengths,
+)
+from seq2seq.kernels import decoding_session
 from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import CONFIG_FILE
 from seq2seq.models.checkpoint import CheckpointError
-from seq2seq.models.rnn.model import DecodingSession
 
 
 def encode_source(sentence: str, tokenizer: Tokenizer, max_input_len: int, long_pairs: str = "skip",
@@ -45,7 +51,8 @@ def encode_source(sentence: str, tokenizer: Tokenizer, max_input_len: int, long_
 
 def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeConfig,
                device: torch.device, precision: str = "fp32", return_attention: bool = False,
-               source: str = "input") -> list[list[Hypothesis]]:
+               source: str = "input", first_line: int = 1,
+               should_stop: Callable[[], bool] | None = None) -> list[list[Hypothesis]]:
     """The ``settings.n_best`` best hypotheses of each source, best first, in input order.
 
     ``src_ids``: token ids ending in eos (``encode_source``). ``settings``: a checked decode
@@ -53,7 +60,10 @@ def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeC
     search decodes ``2 * batch_size // beam`` sentences at once, so about twice as many rows),
     max_len_ratio, length_penalty, ban_unk. ``precision``: the model's ``train.precision``
     (autocast, see ``ops.precision_autocast``). The model must be in eval mode on ``device``.
-    ``source`` names the sentences in errors (``source:line``).
+    ``source`` names the sentences in errors (``source:line``, the first being ``first_line``).
+    ``should_stop``: asked before each batch and each search step; when it returns True,
+    ``search.DecodingStopped`` is raised (the server's batches whose requests all timed out or
+    hung up).
 
     Sentences are decoded in batches of similar length. A sentence with no tokens (eos alone) is
     not decoded: its hypotheses are empty, with score 0, as Sockeye does; what a model makes of
@@ -70,24 +80,27 @@ def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeC
                           for _ in range(n_best)]
     order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1), key=lambda i: len(src_ids[i]))
     expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
-    session = DecodingSession(model, expected_rows)  # this call's, for all its batches
+    session = decoding_session(model, expected_rows)  # this call's, for all its batches
     with torch.inference_mode(), precision_autocast(precision, device.type):
         for start in range(0, len(order), batch_size):
+            if should_stop is not None and should_stop():
+                raise DecodingStopped(0)
             indices = order[start:start + batch_size]
             batch = collate(indices, src_ids).to(device)
             limits = max_output_lengths(batch.src_lengths, settings.max_len_ratio)
             if beam == 1:
                 found = [[h] for h in greedy_search(
                     model, batch.src, batch.src_lengths, bos=BOS_ID, eos=EOS_ID, max_lengths=limits,
-                    banned=banned, return_attention=return_attention, session=session)]
+                    banned=banned, with_attention=return_attention, session=session,
+                    should_stop=should_stop)]
             else:
                 found = beam_search(
                     model, batch.src, batch.src_lengths, beam=beam, bos=BOS_ID, eos=EOS_ID,
                     max_lengths=limits, alpha=settings.length_penalty, n_best=n_best, banned=banned,
-                    return_attention=return_attention, session=session)
+                    with_attention=return_attention, session=session, should_stop=should_stop)
             for index, hyps in zip(indices, found):
                 if not hyps or any(math.isnan(h.score) for h in hyps):  # NaN: none could win
-                    raise CheckpointError(f"{source}:{index + 1}: the model's scores are not finite "
+                    raise CheckpointError(f"{source}:{first_line + index}: the model's scores are not finite "
                                           f"(NaN or infinite weights or activations)")
                 results[index] = hyps
     return results

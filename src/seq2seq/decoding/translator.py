@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,13 @@ from seq2seq.decoding.decode import decode_ids, encode_source
 from seq2seq.decoding.scores import score_translations
 from seq2seq.decoding.search import Hypothesis
 from seq2seq.device import resolve_device
+from seq2seq.kernels import apply as kernels_apply
 from seq2seq.model_dir import BEST, CONFIG_FILE, LAST
 from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model
 from seq2seq.models.rnn.model import Seq2Seq
+
+CHUNK_LINES = 1000  # sentences per chunk of hypothesis_chunks: sorted by length within each
 
 
 class Translator:
@@ -90,8 +94,8 @@ class Translator:
         config.validate()
         if config.decode.quantize and translator.device.type == "cpu":
             translator.model = _quantized(translator.model)
-        translator.model.set_fast_paths(config.train.kernels, translator.device,
-                                        config.train.precision)
+        kernels_apply(translator.model, config.train.kernels, translator.device,
+                      config.train.precision)
         return translator
 
     # -- translation -----------------------------------------------------------------------
@@ -120,14 +124,32 @@ class Translator:
         return self.decode_ids(src_ids, beam=beam, n_best=n_best, batch_size=batch_size,
                                return_attention=return_attention, source=source)
 
+    def hypothesis_chunks(self, sentences: Iterable[str], beam: int | None = None, n_best: int = 1,
+                          batch_size: int | None = None, source: str = "input",
+                          chunk_lines: int = CHUNK_LINES) -> Iterator[list[list[Hypothesis]]]:
+        """``hypotheses`` of ``sentences`` taken ``chunk_lines`` at a time: each chunk is read,
+        decoded (in batches of similar length) and given back in input order before the next
+        is read, so memory stays flat however many sentences come (an endless pipe)."""
+        if isinstance(sentences, str | bytes):
+            raise TypeError("hypothesis_chunks() takes sentences, not one string")
+        settings = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
+        sentences, first = iter(sentences), 1
+        while chunk := list(itertools.islice(sentences, chunk_lines)):
+            src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(chunk, start=first)]
+            yield decode_ids(self.model, src_ids, settings, self.device, self.config.train.precision,
+                             source=source, first_line=first)
+            first += len(chunk)
+
     def decode_ids(self, src_ids: Sequence[list[int]], beam: int | None = None, n_best: int = 1,
                    batch_size: int | None = None, return_attention: bool = False,
-                   source: str = "input") -> list[list[Hypothesis]]:
+                   source: str = "input",
+                   should_stop: Callable[[], bool] | None = None) -> list[list[Hypothesis]]:
         """``hypotheses`` of sentences already encoded by ``encode_source`` (ids ending in eos),
-        for a caller that needed the ids first (the server checks their length per request)."""
+        for a caller that needed the ids first (the server checks their length per request).
+        ``should_stop``: see ``decode.decode_ids`` (the server's deadlines)."""
         settings = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
         return decode_ids(self.model, src_ids, settings, self.device, self.config.train.precision,
-                          return_attention=return_attention, source=source)
+                          return_attention=return_attention, source=source, should_stop=should_stop)
 
     def encode_source(self, sentence: str, where: str = "input") -> list[int]:
         """Source ids with eos, at most ``decode.max_input_len`` tokens before it: a longer

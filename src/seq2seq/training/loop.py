@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from seq2seq import kernels
 from seq2seq.config import Config, TrainConfig, decode_settings
 from seq2seq.data.batches import Batch, collate, make_batches
 from seq2seq.data.tokenizers import PAD_ID
@@ -220,7 +221,7 @@ class _Run:
         torch.manual_seed(t.seed)
         self.model = build_model(self.config.model, len(self.data.src_tok), len(self.data.tgt_tok),
                                  PAD_ID).to(self.device)
-        self.model.set_fast_paths(self.t.kernels, self.device, self.t.precision)
+        paths = kernels.apply(self.model, self.t.kernels, self.device, self.t.precision)
         self.optimizer = make_adam(self.model.parameters(), t.lr)
         self.schedule = Schedule.from_config(t)
         self.state = TrainState(world_size=dist.world_size, accumulate=t.accumulate)
@@ -237,7 +238,7 @@ class _Run:
         if dist.is_main:
             group = dist.world_size * t.accumulate
             log(f"model: {self.model.num_parameters():,} parameters; {len(self.data.train.src):,} "
-                f"training pairs; device {self.device} ({self.model.paths.describe()}); "
+                f"training pairs; device {self.device} ({paths.describe()}); "
                 f"{dist.world_size} process(es) x {t.accumulate} "
                 f"accumulation = effective batch of {group} x {t.batch_tokens} target tokens")
 
