@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+
 from seq2seq.cli import main
 from seq2seq.serving.results import page_html, sentence_result
 
@@ -29,7 +31,7 @@ def test_attention_html_writes_the_page_with_one_result_inside(tmp_path, trained
     assert len(result["attention"]) == len(result["target_tokens"])
     alignment = translator.attention(text)
     assert result["target_tokens"] == alignment.target_pieces
-    assert [[round(float(w), 4) for w in row] for row in alignment.weights] == result["attention"]
+    assert np.round(alignment.weights.astype(np.float64), 4).tolist() == result["attention"]
 
 
 def test_attention_needs_an_output(trained_model_dir, capsys):

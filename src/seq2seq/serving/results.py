@@ -7,10 +7,15 @@ works offline. ``seq2seq serve`` sends it at ``GET /``, where it calls the API;
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
+import re
 from importlib import resources
 from typing import Any
+
+import numpy as np
 
 from seq2seq.decoding.search import Hypothesis
 from seq2seq.decoding.translator import Translator
@@ -29,6 +34,24 @@ def page_html(static: dict[str, Any] | None = None) -> str:
     filled = html.replace(_STATIC_SLOT, _STATIC_SLOT.replace(">null<", f">{data}<"))
     assert filled != html, f"{PAGE_FILE} lacks its static-result slot"
     return filled
+
+
+def content_security_policy(html: str) -> str:
+    """A Content-Security-Policy that lets ``html``'s inline scripts and styles run, by their
+    SHA-256, and nothing else: no other script or style, no frames (``frame-ancestors``), no
+    forms, no plugins; ``fetch`` to the same origin only. JSON data blocks (``<script
+    type="application/json">``) are not run, so they need no hash."""
+    scripts = [body for attributes, body in re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
+               if "type=" not in attributes or "javascript" in attributes]
+    styles = re.findall(r"<style[^>]*>(.*?)</style>", html, re.S)
+
+    def hashes(bodies: list[str]) -> str:
+        digests = (base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode() for b in bodies)
+        return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+    return (f"default-src 'none'; script-src {hashes(scripts)}; style-src {hashes(styles)}; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
 
 
 def attention_page(translator: Translator, text: str, beam: int = 1, model: str = "") -> str:
@@ -61,11 +84,12 @@ def sentence_result(translator: Translator, text: str, hypotheses: list[Hypothes
     if attention:
         if best.attention is None:
             raise ValueError("this model has no attention (model.attention is none)")
-        weights = best.attention.float()[: len(tgt_pieces), : len(src_pieces)]
-        result["attention"] = [[round(float(w), 4) for w in row] for row in weights.tolist()]
+        weights = best.attention.float()[: len(tgt_pieces), : len(src_pieces)].numpy()
+        result["attention"] = np.round(weights.astype(np.float64), 4).tolist()  # in C, not per weight
     return result
 
 
 def json_score(value: float) -> float | None:
-    """JSON has no inf or NaN: such a score is null."""
-    return round(float(value), 4) if math.isfinite(value) else None
+    """The score as computed (not rounded: a client may compare scores closely); JSON has no
+    inf or NaN, so such a score is null."""
+    return float(value) if math.isfinite(value) else None

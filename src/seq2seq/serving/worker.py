@@ -23,16 +23,25 @@ A sentence's result does not depend on its batch-mates: the model masks padding 
 
 The queue is bounded (``max_queue`` sentences): a request that would overflow it is refused
 with ``QueueFull`` at once, so a caller sees back-pressure rather than a growing wait.
+
+A job has a deadline (its request's timeout) and can be cancelled (its client hung up). Dead
+jobs are dropped from the queue, and a batch whose jobs are all dead stops at its next
+decoding step (``decode_ids``'s ``should_stop``), so a hostile or abandoned request frees the
+worker within a step. Batches that return attention are cut to ``max_attention_cells``
+padded cells (sentences x longest output limit x longest source), so their memory follows
+what was asked for, not ``max_batch``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from seq2seq.decoding.search import Hypothesis
 from seq2seq.decoding.translator import Translator
@@ -45,7 +54,7 @@ class QueueFull(Exception):
 
 
 class WorkerStopped(Exception):
-    """The worker was stopped before it decoded a request's sentences."""
+    """The worker was stopped (or died) before it decoded a request's sentences."""
 
 
 @dataclass(frozen=True)
@@ -61,19 +70,26 @@ class Job:
     """One request's sentences and, once ``on_done`` is called, their hypotheses or an error.
 
     ``sources``: each sentence's ids, eos included (``Translator.encode_source``).
-    ``cancelled``: set by ``DecodingWorker.cancel``; such a job gets no results and no call.
+    ``deadline``: ``time.monotonic()`` past which nobody waits for the results.
+    ``cancelled``: set by ``DecodingWorker.cancel``; such a job gets no results and no call,
+    and neither does one past its deadline.
     """
 
     def __init__(self, sources: Sequence[list[int]], options: DecodeOptions,
-                 on_done: Callable[[Job], None]) -> None:
+                 on_done: Callable[[Job], None], timeout: float | None = None) -> None:
         self.sources = list(sources)
         self.options = options
         self.results: list[list[Hypothesis]] = [[] for _ in self.sources]
         self.error: BaseException | None = None
         self.arrival = time.monotonic()
+        self.deadline = math.inf if timeout is None else self.arrival + timeout
         self.cancelled = False
         self._remaining = len(self.sources)
         self._on_done = on_done
+
+    def dead(self, now: float | None = None) -> bool:
+        """Cancelled, or past its deadline: its results would reach nobody."""
+        return self.cancelled or (time.monotonic() if now is None else now) >= self.deadline
 
 
 class DecodingWorker:
@@ -82,15 +98,22 @@ class DecodingWorker:
     ``max_batch``: sentences per ``decode_ids`` call (also its ``batch_size``);
     ``max_wait_ms``: how long the worker waits for one more sentence before it decodes those
     that wait (a batch starts at once when the expected number wait);
-    ``max_queue``: sentences waiting, across requests, before ``submit`` raises ``QueueFull``.
+    ``max_queue``: sentences waiting, across requests, before ``submit`` raises ``QueueFull``;
+    ``max_attention_cells``: the padded attention cells of one batch that returns attention
+    (one sentence at least).
     """
 
     def __init__(self, translator: Translator, max_batch: int = 64, max_wait_ms: float = 5.0,
-                 max_queue: int = 2000, name: str = "model") -> None:
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
+                 max_queue: int = 2000, name: str = "model",
+                 max_attention_cells: int = 1_000_000) -> None:
+        if max_batch < 1 or max_queue < 1 or max_attention_cells < 1:
+            raise ValueError("max_batch, max_queue and max_attention_cells must be >= 1")
+        if not 0 <= max_wait_ms <= 60_000:  # inf and NaN too: Condition.wait refuses inf
+            raise ValueError(f"max_wait_ms must be between 0 and 60000, got {max_wait_ms}")
         self.translator = translator
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self.max_attention_cells = max_attention_cells
+        self.name = name
         self._pending: deque[tuple[Job, int]] = deque()  # (job, sentence index), oldest first
         self._lock = threading.Condition()
         self._stopping = False
@@ -100,7 +123,13 @@ class DecodingWorker:
         self._expected = max_batch  # sentences to wait for: those queued when the last batch
         # ended plus those it decoded, at most max_batch; before a first batch, max_batch
         self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
-        self.batches = 0  # decoding calls made; read by tests and the load benchmark
+        self.error: BaseException | None = None  # what ended the thread, if not stop()
+        self.batches = 0  # decoding calls made
+        self.stopped_batches = 0  # batches stopped because all their requests were gone
+        self.batches_after_wait = 0  # batches started because a wait ran out, not full
+        self.decoding = False  # a batch is being decoded
+        self.sentences = 0  # sentences decoded
+        self.largest_batch = (0, 0)  # (sentences, requests) of the batch with most requests
 
     def start(self) -> DecodingWorker:
         self._thread.start()
@@ -115,23 +144,37 @@ class DecodingWorker:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The thread runs (started, not stopped, not dead of an error)."""
+        return self._thread.is_alive() and self.error is None
+
+    @property
     def queued(self) -> int:
         """Sentences waiting to be decoded."""
         with self._lock:
             return len(self._pending)
 
+    def stats(self) -> dict[str, Any]:
+        """Counts for /health and the tests: batches, sentences, the largest batch."""
+        sentences, requests = self.largest_batch
+        return {"alive": self.alive, "decoding": self.decoding, "queued": self.queued,
+                "batches": self.batches, "batches_after_wait": self.batches_after_wait,
+                "stopped_batches": self.stopped_batches, "sentences": self.sentences,
+                "largest_batch": {"sentences": sentences, "requests": requests}}
+
     def submit(self, sources: Sequence[list[int]], options: DecodeOptions,
-               on_done: Callable[[Job], None]) -> Job:
+               on_done: Callable[[Job], None], timeout: float | None = None) -> Job:
         """Queue sentences (their ids, ``Translator.encode_source``'s); ``on_done(job)`` is
         called from the worker thread when all are decoded (``job.results``) or decoding failed
-        (``job.error``)."""
-        job = Job(sources, options, on_done)
+        (``job.error``), unless the job died first (``cancel``, or ``timeout`` seconds passed)."""
+        job = Job(sources, options, on_done, timeout)
         if not job.sources:
             on_done(job)
             return job
         with self._lock:
-            if self._stopping:
-                raise WorkerStopped("the server is shutting down")
+            if self._stopping or self.error is not None:
+                raise WorkerStopped("the server is shutting down" if self.error is None
+                                    else f"the decoding worker stopped: {self.error}")
             if len(self._pending) + len(job.sources) > self.max_queue:
                 raise QueueFull(f"the queue holds {len(self._pending)} sentences; with these "
                                 f"{len(job.sources)} it would pass its limit of {self.max_queue}")
@@ -143,8 +186,8 @@ class DecodingWorker:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drop the job's sentences that are still queued (a timed-out request's); those in the
-        batch being decoded finish, and their results are dropped."""
+        """Drop the job's sentences that are still queued (a timed-out or abandoned request's);
+        a batch being decoded stops at its next step if no live job is left in it."""
         with self._lock:
             job.cancelled = True
             self._drop(job)
@@ -155,25 +198,43 @@ class DecodingWorker:
 
     # -- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if not batch:
-                return
-            start = time.monotonic()
-            self._decode(batch)
+        try:
+            while True:
+                batch = self._take()
+                if not batch:
+                    return
+                start = time.monotonic()
+                self.decoding = True
+                try:
+                    self._decode(batch)
+                finally:
+                    self.decoding = False
+                with self._lock:
+                    self._free_since = time.monotonic()
+                    self._last_took = self._free_since - start
+                    self._expected = min(self.max_batch, len(self._pending) + len(batch))
+        except BaseException as error:  # a fault of the worker itself: fail what waits, say so
+            log.error("decoding worker %r stopped: %s", self.name, error, exc_info=error)
             with self._lock:
-                self._free_since = time.monotonic()
-                self._last_took = self._free_since - start
-                self._expected = min(self.max_batch, len(self._pending) + len(batch))
+                self.error = error
+                waiting = list(dict.fromkeys(job for job, _ in self._pending))
+                self._pending.clear()
+            for job in waiting:
+                job.error = WorkerStopped(f"the decoding worker stopped: {error}")
+                self._call(job)
 
     def _take(self) -> list[tuple[Job, int]]:
         """The next batch: waits for a first sentence, then for batch-mates (see the module's
         docstring) until the expected number wait with its options; empty when stopping with
-        nothing queued."""
+        nothing queued. Dead jobs are dropped first."""
         with self._lock:
             while True:
                 while not self._pending and not self._stopping:
                     self._lock.wait()
+                now = time.monotonic()
+                if any(job.dead(now) for job, _ in self._pending):
+                    self._pending = deque(item for item in self._pending if not item[0].dead(now))
+                    continue
                 if not self._pending:
                     return []
                 oldest = self._pending[0][0]
@@ -181,34 +242,69 @@ class DecodingWorker:
                 lull = max(self._last_arrival, self._free_since) + self.max_wait
                 limit = (max(oldest.arrival, self._free_since)
                          + max(self.max_wait, self._last_took))
-                left = min(lull, limit) - time.monotonic()
-                if same >= self._expected or left <= 0 or self._stopping:
+                left = min(lull, limit, min(job.deadline for job, _ in self._pending)) - now
+                if same >= self._expected or self._stopping:
+                    break
+                if left <= 0:
+                    self.batches_after_wait += 1
                     break
                 self._lock.wait(left)
             batch: list[tuple[Job, int]] = []
             rest: deque[tuple[Job, int]] = deque()
+            longest_source = longest_output = 0
             for item in self._pending:
-                if item[0].options == oldest.options and len(batch) < self.max_batch:
+                job, i = item
+                fits = job.options == oldest.options and len(batch) < self.max_batch
+                if fits and job.options.attention and batch:  # padded cells within the budget
+                    source = max(longest_source, len(job.sources[i]))
+                    output = max(longest_output, self._output_limit(job.sources[i]))
+                    fits = (len(batch) + 1) * source * output <= self.max_attention_cells
+                if fits:
                     batch.append(item)
+                    longest_source = max(longest_source, len(job.sources[i]))
+                    longest_output = max(longest_output, self._output_limit(job.sources[i]))
                 else:
                     rest.append(item)
             self._pending = rest
             return batch
 
+    def _output_limit(self, source: list[int]) -> int:
+        """The most steps a sentence may decode (``search.max_output_lengths``, eos included)."""
+        return math.ceil(len(source) * self.translator.config.decode.max_len_ratio) + 5
+
     def _decode(self, batch: list[tuple[Job, int]]) -> None:
         options = batch[0][0].options
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+
+        stopped = False
+
+        def should_stop() -> bool:  # checked by the search at each step
+            nonlocal stopped
+            now = time.monotonic()
+            stopped = all(job.dead(now) for job in jobs)
+            return stopped
+
         failure: Exception | None = None
+        found: list[list[Hypothesis]] = []
         try:
             found = self.translator.decode_ids(
                 [job.sources[i] for job, i in batch], beam=options.beam, n_best=options.n_best,
-                batch_size=self.max_batch, return_attention=options.attention)
+                batch_size=self.max_batch, return_attention=options.attention,
+                should_stop=should_stop)
         except Exception as error:  # handed to each request, which reports it
             failure = error
         self.batches += 1
+        self.sentences += len(batch)
+        if len(jobs) > self.largest_batch[1]:
+            self.largest_batch = (len(batch), len(jobs))
         finished: list[Job] = []
-        with self._lock:  # against cancel(): a cancelled job is neither filled nor called
+        with self._lock:  # against cancel(): a dead job is neither filled nor called
+            now = time.monotonic()
+            if all(job.dead(now) for job in jobs):  # stopped, or finished for nobody
+                self.stopped_batches += stopped
+                return
             for n, (job, i) in enumerate(batch):
-                if job.cancelled:
+                if job.dead(now):
                     continue
                 job._remaining -= 1
                 if failure is None:
@@ -220,7 +316,11 @@ class DecodingWorker:
                     self._drop(job)  # its other queued sentences would be decoded for nothing
                     finished.append(job)
         for job in finished:
-            try:
-                job._on_done(job)
-            except Exception:  # a callback's fault must not end the worker
-                log.exception("decoding worker: a request's callback failed")
+            self._call(job)
+
+    @staticmethod
+    def _call(job: Job) -> None:
+        try:
+            job._on_done(job)
+        except Exception:  # a callback's fault must not end the worker
+            log.exception("decoding worker: a request's callback failed")
