@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import hashlib
 import itertools
 import json
@@ -87,33 +88,46 @@ def binarize(config: Config, output: str | Path, workers: int | None = None, *, 
     if output.exists() and not output.is_dir():
         raise DataError(f"{given}: exists and is not a folder; choose another --output")
     created = not output.exists()
+    lock: FileLock | None = None
     try:
-        output.mkdir(parents=True, exist_ok=True)
+        if created:
+            output.mkdir(parents=True)
         lock = _lock(output, given)
     except OSError as error:
-        raise DataError(f"cannot write the prepared corpus {given}: {error.strerror or error}") from None
+        if created or error.errno not in (errno.EROFS, errno.EACCES):
+            raise DataError(f"cannot write the prepared corpus {given}: {error.strerror or error}") from None
+        unlocked = f"{error.strerror} ({error.filename})"  # a folder we may read, not write: use it as it is
     manifest = None
     try:
-        manifest = _prepare_locked(data, output, workers, rebuild, tokenizers_from, chunk_pairs, log)
+        manifest = _prepare_locked(data, output, workers, rebuild, tokenizers_from, chunk_pairs, log,
+                                   unlocked="" if lock is not None else unlocked)
         return manifest
     finally:
         if created and manifest is None:  # a failed first preparation leaves no folder behind
             with contextlib.suppress(OSError):
                 (output / LOCK_FILE).unlink()
                 output.rmdir()
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _prepare_locked(data: DataConfig, output: Path, workers: int, rebuild: bool,
-                    tokenizers_from: Path | None, chunk_pairs: int,
-                    log: Callable[[str], None]) -> dict[str, Any]:
-    """``binarize`` into ``output``, a folder whose lock this process holds."""
+                    tokenizers_from: Path | None, chunk_pairs: int, log: Callable[[str], None],
+                    unlocked: str = "") -> dict[str, Any]:
+    """``binarize`` into ``output``, a folder whose lock this process holds; or, where the lock
+    cannot be made (``unlocked`` says why: a read-only folder), one that is only read: used when
+    it fits, refused otherwise, never written."""
     folder, copies = None, {}
     try:
         manifest = read_manifest(output)
+        readable_twice = all(_is_regular(path) for path in fmt.source_paths(data).values())
+        if unlocked and (manifest is None or not readable_twice or mismatch(manifest, data)
+                         or fmt.tokenizer_mismatch(manifest, output)):
+            raise DataError(f"cannot write the prepared corpus {output}: {unlocked}; it is used only "
+                            f"when it fits the config, and it does not")
         if manifest is None:
             _refuse_foreign(output, set(), f"exists and is not a prepared corpus (no {MANIFEST})")
-        if not all(_is_regular(path) for path in fmt.source_paths(data).values()):
+        if not readable_twice:
             folder = _partial_folder(output)
             data, copies = _spool(data, folder / SPOOL_DIR)
         if manifest is not None:

@@ -130,7 +130,10 @@ def remove_owned_files(model_dir: Path) -> None:
 def record_run_files(model_dir: Path) -> None:
     """Add the names a training run writes (``model_dir.RUN_FILES``) to ``written.json``, before
     the run writes any of them."""
-    names = sorted(set(_read_record(model_dir)) | set(RUN_FILES))
+    recorded = _read_record(model_dir)
+    if set(RUN_FILES) <= set(recorded):  # a resumed run: nothing to add (its folder may be read-only)
+        return
+    names = sorted(set(recorded) | set(RUN_FILES))
     replace_file(model_dir / RECORD_FILE, (json.dumps({"format": RECORD_FORMAT, "files": names},
                                                       indent=1) + "\n").encode())
 
