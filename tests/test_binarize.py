@@ -235,16 +235,49 @@ def test_a_killed_preparation_leaves_nothing_that_looks_prepared(tmp_path):
     assert read_manifest(out)["pairs"] > 0 and not list(tmp_path.glob(".prepared.partial-*"))
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing workers (spawn) among the children of process ``pid``."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
+    workers = []
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+        except OSError:
+            continue
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers in /proc (Linux)")
 def test_a_worker_that_dies_ends_the_preparation_with_an_error_not_a_hang(tmp_path):
-    """A real failure of the worker processes: a script read from stdin cannot be imported by
-    spawned workers, so each dies as it starts (as one killed by the OOM killer would)."""
-    src, tgt = _corpus(tmp_path / "data", 2000)
+    """A real death: an encoding worker killed (SIGKILL, as the OOM killer does) as soon as it
+    exists, before it can have encoded any of the 200 chunks; the preparation ends with an
+    error naming the cause, and leaves nothing behind."""
+    src, tgt = _corpus(tmp_path / "data", 40_000)
     script = _PREPARE.replace("workers=1", "workers=2")
     out = tmp_path / "prepared"
-    result = subprocess.run([sys.executable, "-", str(src), str(tgt), str(out)], input=script,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    assert "DataError: an encoding worker process stopped" in result.stderr.splitlines()[-1]
+    process = subprocess.Popen([sys.executable, "-c", script, str(src), str(tgt), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.monotonic() + 120
+    try:
+        while killed is None and process.poll() is None and time.monotonic() < deadline:
+            workers = _spawned_workers(process.pid)
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = workers[0]
+            time.sleep(0.002)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert killed is not None, "no encoding worker was seen: " + err[-2000:]
+    assert process.returncode == 1, err[-2000:]
+    assert "DataError: an encoding worker process stopped" in err.strip().splitlines()[-1]
     assert not out.exists() and not list(tmp_path.glob(".prepared*"))
 
 
@@ -475,3 +508,19 @@ def test_a_second_preparation_into_a_locked_folder_is_refused_before_it_deletes_
         with pytest.raises(DataError, match=rf"{out} is in use: pid {os.getpid()} on .* is preparing it"):
             binarize(_config(src, tgt, max_len=30), out, workers=1, log=_quiet)
     assert _arrays(out) == before and stale.is_dir()
+
+
+def test_a_prepare_lock_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path):
+    src, tgt = _corpus(tmp_path / "data", 200)
+    out = tmp_path / "prepared"
+    binarize(_config(src, tgt), out, workers=1, log=_quiet)
+    victim = tmp_path / "someones.txt"
+    victim.write_text("precious\n")
+    assert not (out / "prepare.lock").exists()  # made in the folder that the new one replaced
+    (out / "prepare.lock").symlink_to(victim)
+    before = _arrays(out)
+    with pytest.raises(DataError, match=r"prepare\.lock: the lock file is a symbolic link.*nothing was "
+                                        r"changed"):
+        binarize(_config(src, tgt, max_len=30), out, workers=1, log=_quiet)
+    assert victim.read_text() == "precious\n" and _arrays(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "prepared", "someones.txt"]

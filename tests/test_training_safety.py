@@ -210,3 +210,24 @@ def test_overwrite_deletes_only_files_a_training_wrote(corpus, tmp_path, capsys)
                          "--set", "train.seed=5")) == 0
     assert (model_dir / "best.safetensors").read_bytes() != best
     assert (model_dir / "notes.txt").read_text() == "notes"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "someone's file"])
+def test_a_lock_file_that_is_not_a_small_regular_file_is_refused_untouched(corpus, tmp_path, capsys, kind):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    lock = model_dir / "train.lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "folder":
+        lock.mkdir()
+    else:
+        lock.write_text("a user's long notes\n" * 100)
+    assert cli.main(args(corpus, model_dir, "--set", "train.max_steps=1")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    what = {"fifo": "not a regular file (a FIFO)", "folder": "not a regular file (a folder)",
+            "someone's file": "2000 bytes, more than a lock file's note"}[kind]
+    assert f"seq2seq: error: {lock}: the lock file is {what}" in err and "Traceback" not in err
+    assert sorted(p.name for p in model_dir.iterdir()) == ["train.lock"]
+    if kind == "someone's file":
+        assert lock.read_text() == "a user's long notes\n" * 100

@@ -210,11 +210,11 @@ def plain_name(name: Any, source: str | Path, what: str = "file name") -> str:
     """``name`` when it is a plain file name: a non-empty string without a path separator or
     NUL, and not ``.`` or ``..``. A name read from a manifest, config or checkpoint is data: it
     may come from anyone, and ``../x`` or ``/etc/x`` must not reach outside its folder.
-    Otherwise a ``ValueError`` naming the name and ``source``, the file that gave it."""
+    Otherwise a ``FileError`` naming the name and ``source``, the file that gave it."""
     if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
             or (os.altsep is not None and os.altsep in name)):
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise ValueError(f"{source}: {what} {shown} is not a plain file name (no folder, no "
+        raise FileError(f"{source}: {what} {shown} is not a plain file name (no folder, no "
                          f"'..', not empty); refused")
     return name
 
@@ -225,18 +225,18 @@ def read_named_file(directory: str | Path, name: Any, source: str | Path,
     ``source`` (a manifest, a config): a plain name (``plain_name``), opened without following
     a symlink (``O_NOFOLLOW``) or blocking, read only when a regular file of at most ``limit``
     bytes. A name pointing at ``/dev/zero`` through a link, or at a FIFO, is refused at once.
-    Raises ``FileNotFoundError`` naming the path, or a ``ValueError`` naming it and ``source``.
+    Raises ``FileNotFoundError`` naming the path, or a ``FileError`` naming it and ``source``.
     """
     path = Path(directory) / plain_name(name, source)
     fd = open_regular_nofollow(path, source)
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         if info.st_size > limit:
-            raise ValueError(f"{path} (named by {source}): {info.st_size} bytes, more than the "
+            raise FileError(f"{path} (named by {source}): {info.st_size} bytes, more than the "
                              f"{limit} that a file of this kind may have")
         data = handle.read(limit + 1)
     if len(data) > limit:  # it grew while being read
-        raise ValueError(f"{path} (named by {source}): more than the {limit} bytes that a file of "
+        raise FileError(f"{path} (named by {source}): more than the {limit} bytes that a file of "
                          f"this kind may have")
     return data
 
@@ -247,14 +247,14 @@ def open_regular_nofollow(path: str | Path, source: str | Path | None = None) ->
     ``O_NOFOLLOW`` refuses a symlink as the last part of the path, ``O_NONBLOCK`` keeps a FIFO
     from blocking the open, and ``fstat`` on the open file (not the path, which could change in
     between) refuses anything but a regular file. ``FileNotFoundError`` naming ``path``, or a
-    ``ValueError`` naming it (and ``source``, the file that named it) and what it is.
+    ``FileError`` naming it (and ``source``, the file that named it) and what it is.
     """
     named = f" (named by {source})" if source is not None else ""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise ValueError(f"{path}{named}: a symbolic link; files named by data are read only "
+            raise FileError(f"{path}{named}: a symbolic link; files named by data are read only "
                              f"from regular files, not through links") from None
         raise _naming(error, Path(path)) from None
     try:
@@ -264,7 +264,7 @@ def open_regular_nofollow(path: str | Path, source: str | Path | None = None) ->
         raise _naming(error, Path(path)) from None
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise ValueError(f"{path}{named}: not a regular file ({file_kind(info.st_mode)}); files "
+        raise FileError(f"{path}{named}: not a regular file ({file_kind(info.st_mode)}); files "
                          f"named by data are read only from regular files")
     return fd
 
@@ -346,6 +346,9 @@ def _open_lock_file(path: Path) -> int:
         if error.errno == errno.ELOOP:
             raise FileError(f"{path}: the lock file is a symbolic link; it is not followed: remove "
                             f"the link") from None
+        if error.errno == errno.EISDIR:
+            raise FileError(f"{path}: the lock file is not a regular file (a folder); it is left "
+                            f"untouched: remove it") from None
         if error.errno not in (errno.EACCES, errno.EROFS):
             raise _naming(error, path) from None
         try:  # a read-only lock file can still be locked (its note is not written)

@@ -6,9 +6,14 @@ temporary file), after hashing them for the manifest: first to check every line 
 reader's checks, with file and line), count the pairs and draw a reproducible sample for the
 tokenizers; then to encode chunks of pairs in worker processes, in order, appending the ids
 to the arrays that ``corpus.py`` describes.
-Everything is written into a temporary folder beside the output and renamed into place when
-complete: a killed or failed preparation leaves nothing that looks prepared, and the next one
-removes what it left.
+Everything is written into a temporary folder beside the output (``.NAME.partial-XXXXXXXX``)
+and renamed into place when complete: a killed or failed preparation leaves nothing that looks
+prepared, and the next one removes what it left. Before anything is deleted or written, the
+output folder's ``prepare.lock`` is taken (``files.FileLock``): a second preparation of it is
+refused. A rebuild replaces the whole folder, so one holding files that ``prepare`` did not
+write is refused, naming one. An output that is a symlink is followed: the folder it points to
+is built, beside itself, and the link stays. Worker processes die with their parent
+(``PR_SET_PDEATHSIG``).
 
 Training calls ``binarize`` from ``training.setup``, which coordinates the ranks of a run.
 """
