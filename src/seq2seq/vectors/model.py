@@ -322,7 +322,9 @@ def _fit(rnn: EncoderDecoderRNN, src: np.ndarray, lengths: np.ndarray, targets: 
     tgt_in = torch.cat([torch.zeros_like(target_t[:, :1]), target_t[:, :-1]], dim=1)
     history: list[float] = []
     # the last good weights (and buffers): from before training, then after each finite epoch
-    good = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    live = list(model.state_dict(keep_vars=True).values())
+    good = [value.detach().clone() for value in live]
+    params = list(model.parameters())
     if periodic_callback is not None:
         periodic_callback()
     bar = tqdm(range(epochs), desc="train", unit="epoch", file=sys.stderr, disable=not verbose,
@@ -344,10 +346,13 @@ def _fit(rnn: EncoderDecoderRNN, src: np.ndarray, lengths: np.ndarray, targets: 
             opt.step()
             total += loss.detach() * len(rows)
         epoch_loss = float(total) / len(src)
-        weights_finite = bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+        with torch.no_grad():  # a float64 sum is finite exactly when every float32 value is
+            weights_finite = bool(torch.stack([p.sum(dtype=torch.float64) for p in params]).isfinite().all())
         if not math.isfinite(epoch_loss) or not weights_finite:
             bar.close()
-            model.load_state_dict(good)
+            with torch.no_grad():
+                for value, kept in zip(live, good):
+                    value.copy_(kept)
             kept = f"those after epoch {epoch - 1}" if epoch else "those from before this call"
             what = f"the loss is {epoch_loss}" if not math.isfinite(epoch_loss) else "a weight is not finite"
             error = FloatingPointError(f"training diverged: {what} in epoch {epoch}; the model keeps its "
@@ -355,8 +360,8 @@ def _fit(rnn: EncoderDecoderRNN, src: np.ndarray, lengths: np.ndarray, targets: 
             error.history, error.epochs_kept = history, epoch  # type: ignore[attr-defined]
             raise error
         with torch.no_grad():
-            for name, value in model.state_dict().items():
-                good[name].copy_(value)
+            for value, kept in zip(live, good):
+                kept.copy_(value)
         history.append(epoch_loss)
         bar.set_postfix(loss=f"{epoch_loss:.4g}", refresh=False)
         if periodic_callback is not None and (epoch + 1) % callback_every == 0:
