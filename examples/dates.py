@@ -9,6 +9,7 @@ from pathlib import Path
 from seq2seq.data.tasks import make_task, write_task
 from seq2seq.decoding.translator import Translator
 from seq2seq.demo import demo_config
+from seq2seq.training.loop import train_translator
 
 work = Path("dates-example")
 
@@ -26,7 +27,7 @@ for key, name in files.items():
 if (work / "model" / "best.safetensors").is_file():
     translator = Translator.load(work / "model")
 else:
-    translator = Translator.train(config, work / "model", data_dir=work / "data")
+    translator = train_translator(config, work / "model", data_dir=work / "data")
 
 test = data.test[1_000:]
 predictions = translator.translate([source for source, _ in test], beam=1)
