@@ -113,14 +113,14 @@ def test_the_config_in_the_model_directory_is_never_written_over(corpus, tmp_pat
 
 
 def test_a_model_too_big_for_memory_is_refused_before_allocating(corpus, tmp_path, capsys):
-    start = time.monotonic()
+    # No clock: the message is the size check's, made on a skeleton before any weight exists
+    # (an allocation would fail inside torch with another error).
     code = cli.main(args(corpus, tmp_path / "model", "--set", "model.embed_size=999999999999"))
     err = capsys.readouterr().err
     assert code == cli.EXIT_ERROR and "Traceback" not in err
     assert "seq2seq: error: the model section describes" in err and "GiB to train with Adam" in err
     assert "lower model.embed_size" in err
     assert not (tmp_path / "model" / "last.safetensors").exists()
-    assert time.monotonic() - start < 60
 
 
 def test_empty_validation_files_are_a_clear_error(corpus, tmp_path, capsys):
