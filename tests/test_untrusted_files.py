@@ -331,9 +331,9 @@ def test_tokenizer_file_names_in_a_manifest_cannot_write_outside_the_model_folde
     with a folder in it (``../x``) is refused, naming it and the manifest, and nothing is written."""
     import hashlib
 
-    from seq2seq.training.setup import training_corpus
     from seq2seq.data.text import DataError
     from seq2seq.training.distributed import Distributed
+    from seq2seq.training.setup import training_corpus
 
     config = _prepared_run(tmp_path)
     shared = tmp_path / "shared"
@@ -354,9 +354,9 @@ def test_tokenizer_file_names_in_a_manifest_cannot_write_outside_the_model_folde
 def test_tokenizer_files_that_are_links_or_fifos_are_refused_at_once(tmp_path, kind):
     """A tokenizer file of a prepared folder that is a link to /dev/zero, a FIFO or any link:
     prepare and train refuse it within seconds, naming it, and the model folder gets nothing."""
-    from seq2seq.training.setup import training_corpus
     from seq2seq.data.text import DataError
     from seq2seq.training.distributed import Distributed
+    from seq2seq.training.setup import training_corpus
 
     config = _prepared_run(tmp_path)
     shared = tmp_path / "shared"
@@ -386,3 +386,43 @@ def test_tokenizer_files_that_are_links_or_fifos_are_refused_at_once(tmp_path, k
     assert re.search(rf"^{re.escape(str(path))} \(named by .*manifest\.json, tokenizer_files\): {what}",
                      str(result[0])), str(result[0])
     assert list(model_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink to a good copy", "symlink to /dev/zero", "fifo"])
+def test_vocabularies_named_by_tokenizer_json_are_not_read_through_links(model_dir, tmp_path, capsys, marker,
+                                                                        kind):
+    """``tokenizer.json`` names the vocabularies: each is a name from data, read only as a regular
+    file in the model folder (O_NOFOLLOW), even a link to a good copy."""
+    vocab = model_dir / "src.vocab.json"
+    shutil.move(vocab, tmp_path / "copy.vocab.json")
+    if kind == "fifo":
+        os.mkfifo(vocab)
+    else:
+        vocab.symlink_to("/dev/zero" if kind == "symlink to /dev/zero" else tmp_path / "copy.vocab.json")
+    what = "not a regular file (a FIFO)" if kind == "fifo" else "a symbolic link"
+    assert_refused(model_dir, tmp_path, capsys, marker,
+                   f"src.vocab.json (named by {model_dir / 'tokenizer.json'}): {what}")
+
+
+def test_a_sentencepiece_model_name_is_a_plain_name_read_without_following_links(tmp_path):
+    from seq2seq.config import DataConfig
+    from seq2seq.data.text import DataError
+    from seq2seq.data.tokenizers import Tokenizer, train_tokenizers
+
+    lines = [f"w{i % 37} w{(i * 7) % 41} w{(i * 3) % 29}" for i in range(300)]
+    data = DataConfig(tokenizer="sentencepiece", vocab_size=60, joint_vocab=True)
+    train_tokenizers(data, lines, lines, tmp_path, log=lambda _message: None)
+    spec = json.loads((tmp_path / "joint.vocab.json").read_text())
+    model = tmp_path / spec["model"]
+    assert len(Tokenizer.load(tmp_path, "joint")) == spec["size"]
+    model.rename(tmp_path / "elsewhere.model")
+    model.symlink_to(tmp_path / "elsewhere.model")
+    named = rf"{re.escape(str(model))} \(named by .*joint\.vocab\.json\)"
+    with pytest.raises(DataError, match=f"{named}: a symbolic link"):
+        Tokenizer.load(tmp_path, "joint")
+    for bad, message in [("../elsewhere.model", "field 'model' must be a file name in the same folder"),
+                         ("/etc/passwd", "field 'model' must be a file name in the same folder"),
+                         ("..", r"joint\.vocab\.json: file name '\.\.' is not a plain file name")]:
+        (tmp_path / "joint.vocab.json").write_text(json.dumps({**spec, "model": bad}))
+        with pytest.raises(DataError, match=message):
+            Tokenizer.load(tmp_path, "joint")

@@ -26,7 +26,7 @@ import sentencepiece as spm
 
 from seq2seq.config import TOKENIZERS, ConfigError, DataConfig, quote
 from seq2seq.data.text import DataError
-from seq2seq.files import atomic_write_bytes, atomic_write_json, read_regular_file
+from seq2seq.files import FileError, atomic_write_bytes, atomic_write_json, read_named_file, read_regular_file
 from seq2seq.model_dir import TOKENIZER_FILE
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -111,7 +111,7 @@ class Tokenizer:
     def load(cls, directory: Path, name: str) -> Tokenizer:
         """Read what ``save`` wrote; a missing or tampered file is a DataError naming it."""
         path = Path(directory) / f"{name}.vocab.json"
-        spec = _read_json(path)
+        spec = _read_json(path, named_by=Path(directory) / TOKENIZER_FILE)  # a name from data
         kind = _field(spec, "kind", path, lambda v: v in TOKENIZERS, f"one of {TOKENIZERS}")
         lowercase = _field(spec, "lowercase", path, lambda v: isinstance(v, bool), "true or false")
         if kind != "sentencepiece":
@@ -124,9 +124,11 @@ class Tokenizer:
         size = _field(spec, "size", path, lambda v: type(v) is int, "an integer")
         model_path = path.parent / model
         try:
-            tokenizer = cls(kind, lowercase, model_proto=read_regular_file(model_path))
+            tokenizer = cls(kind, lowercase, model_proto=read_named_file(path.parent, model, path))
         except FileNotFoundError:
             raise DataError(f"{model_path}: no such file (named by {path})") from None
+        except FileError as error:  # a link, a FIFO, a device, too big: it says which
+            raise DataError(str(error)) from None
         except (RuntimeError, OSError, ValueError) as error:
             raise DataError(f"{model_path}: not a sentencepiece model (named by {path}): "
                              f"{error}") from None
@@ -136,9 +138,13 @@ class Tokenizer:
         return tokenizer
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, named_by: Path | None = None) -> dict:
+    """The JSON object in ``path``; a file named by data (``named_by``: the file that named it)
+    is read as ``files.read_named_file`` reads: a regular file, never through a link."""
     try:
-        value = json.loads(read_regular_file(path).decode("utf-8"))
+        data = (read_regular_file(path) if named_by is None
+                else read_named_file(path.parent, path.name, named_by))
+        value = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
