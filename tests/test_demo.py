@@ -120,3 +120,19 @@ def test_a_second_demo_into_a_folder_where_one_runs_is_refused_and_deletes_nothi
     finally:
         first.kill()
         first.wait(30)
+
+
+def test_a_demo_folder_from_before_the_record_of_written_files_is_run_again(tmp_path):
+    """An older demo left its marker and a model without ``written.json``: the marker says the
+    folder is the demo's, so its model is replaced; the user's file beside it stays."""
+    out = tmp_path / "demo"
+    (out / "model").mkdir(parents=True)
+    (out / MARKER).write_text("made by `seq2seq demo`; a new demo run may replace its contents\n")
+    (out / "model" / "config.yaml").write_text("# an older demo's\n")
+    (out / "model" / "best.safetensors").write_bytes(b"old weights")
+    (out / "notes.txt").write_text("mine")
+    result = run_demo("progression", out, max_seconds=2)
+    assert result.model_dir == out / "model"
+    assert (out / "model" / "best.safetensors").read_bytes() != b"old weights"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / MARKER).read_text().strip() == ""  # the lock, released

@@ -29,9 +29,10 @@ from seq2seq.config import Config, ConfigError
 from seq2seq.data.tasks import make_task, write_task
 from seq2seq.decoding.translator import Translator
 from seq2seq.files import FileError, FileLock, LockBusy
-from seq2seq.model_dir import METRICS_FILE
+from seq2seq.model_dir import METRICS_FILE, RECORD_FILE, trained_files
 from seq2seq.plot import plot_losses
 from seq2seq.training.loop import train
+from seq2seq.training.setup import record_run_files
 
 MARKER = ".seq2seq-demo"  # marks an output folder as the demo's own, and is its lock
 DATA_FILES = tuple(f"{split}.{side}" for split in ("train", "valid", "test") for side in ("src", "tgt"))
@@ -198,6 +199,9 @@ def _claim(out: Path) -> FileLock:
         for folder, names in ((out / "data", DATA_FILES), (out, PICTURES)):
             for name in names:
                 (folder / name).unlink(missing_ok=True)
+        model = out / "model"
+        if trained_files(model) and not os.path.lexists(model / RECORD_FILE):
+            record_run_files(model)  # a model an older demo trained here, before records: the demo's
     except BaseException:
         lock.release()
         raise

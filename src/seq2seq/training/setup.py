@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ def remove_owned_files(model_dir: Path) -> None:
         raise TrainingError(f"--overwrite: {model_dir / foreign[0]} was not written by a seq2seq training "
                             f"({why}); --overwrite deletes only those: move it away, or choose another "
                             f"--model-dir. Nothing was deleted")
+    folders = [name for name in present if stat.S_ISDIR(os.lstat(model_dir / name).st_mode)]
+    if folders:  # unlink would fail half-way, after deleting the others
+        raise TrainingError(f"--overwrite: {model_dir / folders[0]} is a folder, not a file a training "
+                            f"wrote; move it away. Nothing was deleted")
     for name in dict.fromkeys(present):
         (model_dir / name).unlink(missing_ok=True)
 
