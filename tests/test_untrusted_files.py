@@ -426,3 +426,34 @@ def test_a_sentencepiece_model_name_is_a_plain_name_read_without_following_links
         (tmp_path / "joint.vocab.json").write_text(json.dumps({**spec, "model": bad}))
         with pytest.raises(DataError, match=message):
             Tokenizer.load(tmp_path, "joint")
+
+
+def test_the_train_command_refuses_a_planted_tokenizer_name_in_one_line(tmp_path, capsys):
+    """``seq2seq train`` with ``data.prepared`` naming a folder whose manifest plants
+    ``../planted`` (read from beside the folder, written beside the model folder): exit 1, one
+    line naming the name and the manifest, nothing written outside the model folder."""
+    import hashlib
+
+    import yaml
+
+    config = _prepared_run(tmp_path)
+    shared = tmp_path / "shared"
+    body = b"export EVIL=1\n"
+    (tmp_path / "planted").write_bytes(body)  # what shared/../planted reads
+    digest = hashlib.sha256(body).hexdigest()
+    _edit_manifest(shared, lambda m: m["tokenizer_files"].update({"../planted": digest}))
+    settings = config.to_dict()
+    settings["model"].update(embed_size=8, hidden_size=8)
+    settings["train"].update(epochs=1, device="cpu", max_steps=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(settings))
+    model_dir = tmp_path / "runs" / "model"
+    def files() -> list[Path]:  # outside the model folder; prepare's lock is its own
+        return sorted(p for p in tmp_path.rglob("*") if "runs" not in p.parts and p.name != "prepare.lock")
+
+    before = files()
+    capsys.readouterr()
+    code = cli.main(["train", "--config", str(tmp_path / "cfg.yaml"), "--model-dir", str(model_dir)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(f"seq2seq: error: {shared / 'manifest.json'}: ") and "'../planted'" in err
+    assert files() == before and not (tmp_path / "runs" / "planted").exists()
