@@ -10,9 +10,9 @@ already there with the right checksum is kept (so a second run after an interrup
 only what is missing, and a local copy can be put in the folder by hand); one whose checksum
 differs is fetched again. requests streams each file into a temporary file beside the target
 (``.NAME.*.download``), hashed as it arrives, which is renamed into place only when complete
-and matching. The whole command has a deadline (``DEADLINE_S``) and each file a size cap
-(``MAX_FILE_BYTES``), so a server that trickles or sends without end cannot hold the command
-or fill the disk. A failed or interrupted (Ctrl-C) download removes its temporary file; one
+and matching. The whole command has a deadline (``DEADLINE_S``; a watchdog shuts the
+connection down when it passes) and each file a size cap (``MAX_FILE_BYTES``), so a server
+that trickles, stalls or sends without end cannot hold the command or fill the disk. A failed or interrupted (Ctrl-C) download removes its temporary file; one
 killed outright (SIGKILL, or SIGTERM, which Python does not catch by default) leaves it, and
 the next run into the folder removes it first.
 """
@@ -23,9 +23,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import tempfile
+import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,21 +127,19 @@ def _fetch(url: str, target: Path, digest: str, deadline: float, deadline_s: flo
             if declared.isdigit() and int(declared) > max_file_bytes:
                 raise DownloadError(f"{url}: {int(declared)} bytes (Content-Length), more than the "
                                     f"{max_file_bytes} a file of this corpus may have; not fetched")
-            raw = response.raw
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _late(url, deadline_s, received)
-                _set_read_timeout(raw, remaining)
-                chunk = raw.read1(_CHUNK)
-                if not chunk:
-                    break
-                received += len(chunk)
-                if received > max_file_bytes:
-                    raise DownloadError(f"{url}: more than the {max_file_bytes} bytes a file of this "
-                                        f"corpus may have; stopped, nothing kept")
-                sha256.update(chunk)
-                handle.write(chunk)
+            with _watchdog(response.raw, deadline) as late:
+                while chunk := response.raw.read1(_CHUNK):  # what has arrived, up to _CHUNK
+                    received += len(chunk)
+                    if received > max_file_bytes:
+                        raise DownloadError(f"{url}: more than the {max_file_bytes} bytes a file of "
+                                            f"this corpus may have; stopped, nothing kept")
+                    sha256.update(chunk)
+                    handle.write(chunk)
+                    if time.monotonic() > deadline:
+                        late.set()
+                        break
+            if late.is_set():
+                raise _late(url, deadline_s, received)
             handle.flush()
             os.fsync(handle.fileno())
         if sha256.hexdigest() != digest:
@@ -148,6 +149,8 @@ def _fetch(url: str, target: Path, digest: str, deadline: float, deadline_s: flo
     except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
         raise _late(url, deadline_s, received) from None
     except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
+        if time.monotonic() >= deadline:  # the watchdog cut the connection: a short read
+            raise _late(url, deadline_s, received) from None
         raise DownloadError(f"{url}: {_gist(error)}") from None
     except OSError as error:  # the socket's errors come as urllib3's; this one is the disk's
         raise DownloadError(f"{target}: cannot write: {error.strerror or error}") from None
@@ -169,12 +172,32 @@ def _get(url: str, deadline: float) -> Any:
         response.close()
 
 
-def _set_read_timeout(raw: Any, remaining: float) -> None:
-    """The socket's timeout set to what is left of the deadline, so a server that stops sending
-    cannot hold a read past it (requests sets one timeout for every read)."""
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    if sock is not None:
-        sock.settimeout(max(remaining, 0.001))
+@contextlib.contextmanager
+def _watchdog(raw: Any, deadline: float) -> Iterator[threading.Event]:
+    """Shut the response's connection down at ``deadline``, so that a read blocked on a server
+    that stopped sending returns then (requests' read timeout counts from each read's start, so a
+    server that sends a byte now and then never meets it). Yields an event set when it fired."""
+    fired = threading.Event()
+    try:  # a second socket object on a copy of the descriptor: shutdown() acts on the connection
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+    except (OSError, ValueError, AttributeError):  # no socket to watch (not expected)
+        yield fired
+        return
+
+    def cut() -> None:
+        fired.set()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+        timer.join()
+        sock.close()
 
 
 def _late(url: str, deadline_s: float, received: int) -> DownloadError:
