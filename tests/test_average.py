@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 from seq2seq.models.checkpoint import MODEL_PREFIX, CheckpointError, read_checkpoint
@@ -70,3 +71,31 @@ def test_checkpoints_with_different_model_settings_are_refused(tmp_path):
     keep_checkpoint(tmp_path, _model(1), step=2, keep=5, meta={"model": {"cell": "lstm"}})
     with pytest.raises(CheckpointError, match=f"{kept_name(2)}: its model settings differ"):
         average_last(tmp_path, last=2)
+
+
+def test_a_run_keeps_its_last_checkpoints_and_translates_with_their_average(reversal_corpus, tmp_path):
+    """seq2seq train with train.keep_checkpoints, then seq2seq average and translate
+    --checkpoint averaged, as a user would; --overwrite deletes the kept files with the run's."""
+    model_dir = tmp_path / "run"
+    args = ("--config", reversal_corpus / "cfg.yaml", "--data-dir", reversal_corpus,
+            "--model-dir", model_dir, "--set", "train.keep_checkpoints=2", "--set", "train.epochs=3")
+    done = run_cli("train", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = kept_checkpoints(model_dir)
+    assert len(kept) == 2 and kept[0][0] < kept[1][0]
+    done = run_cli("average", "--model-dir", model_dir, "--last", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    averaged = _weights(model_dir / "averaged.safetensors")
+    first, second = _weights(kept[0][1]), _weights(kept[1][1])
+    for name, tensor in averaged.items():
+        assert torch.equal(tensor, ((first[name].double() + second[name].double()) / 2).float())
+    done = run_cli("translate", "--model-dir", model_dir, "--checkpoint", "averaged",
+                   "--input", reversal_corpus / "test.src", "--output", tmp_path / "out.txt")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (reversal_corpus / "test.src").read_text().splitlines()
+    assert len((tmp_path / "out.txt").read_text().splitlines()) == len(lines)
+    done = run_cli("average", "--model-dir", model_dir, "--last", "3")
+    assert done.returncode != 0 and "fewer than --last 3" in done.stderr
+    done = run_cli("train", *args, "--overwrite", "--set", "train.keep_checkpoints=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert kept_checkpoints(model_dir) == [] and not (model_dir / "averaged.safetensors").exists()

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", type=Path, required=True)
     evaluate.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU")
 
+    average = commands.add_parser(
+        "average", help="average the last checkpoints a training kept (train.keep_checkpoints)")
+    average.add_argument("--model-dir", type=Path, required=True)
+    average.add_argument("--last", type=int, required=True, help="how many of the last kept checkpoints")
+
     attention = commands.add_parser("attention", help="plot the attention of one translation")
     _model_args(attention)
     attention.add_argument("--text", required=True)
@@ -129,7 +134,8 @@ def _model_args(parser: argparse.ArgumentParser, model_dir_required: bool = True
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default from the config)")
     parser.add_argument("--batch-size", type=int,
                         help="sentences per greedy batch (beam search: 2 * N / beam)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument("--checkpoint", choices=("best", "last", "averaged"), default="best",
+                        help="which weights: the best validation BLEU, the last, or seq2seq average's")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         help="decoding precision (default: the model's train.precision)")
@@ -327,6 +333,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_average(args: argparse.Namespace) -> int:
+    from seq2seq.training.average import average_last
+
+    path = average_last(args.model_dir, args.last)
+    print(f"averaged the last {args.last} checkpoint(s) into {path}; decode it with --checkpoint averaged")
+    return 0
+
+
 def run_attention(args: argparse.Namespace) -> int:
     if args.output is None and args.html is None:
         raise ConfigError("attention needs --output FILE.png, --html FILE.html, or both")
@@ -438,7 +452,6 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": run_demo, "train": run_train, "prepare": run_prepare,
-            "translate": run_translate,
-            "evaluate": run_evaluate, "attention": run_attention, "serve": run_serve, "configs": run_configs,
-            "data": run_data}
+COMMANDS = {"demo": run_demo, "train": run_train, "prepare": run_prepare, "translate": run_translate,
+            "evaluate": run_evaluate, "average": run_average, "attention": run_attention,
+            "serve": run_serve, "configs": run_configs, "data": run_data}

@@ -163,6 +163,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (GPU: autocast; CPU: the output layer's products)
     kernels: str = "fast"  # fast | reference (plain PyTorch only): see seq2seq/fastpath.py
     backend: str = "auto"  # torch.distributed backend: auto | gloo | nccl
+    keep_checkpoints: int = 0  # keep the weights of the last N saves for `seq2seq average`
     checkpoint_delay_s: float = 0.0  # test hook: sleep while a checkpoint is half written
 
     def validate(self) -> None:
@@ -171,7 +172,8 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         _at_most("train.valid_beam", self.valid_beam, MAX_BEAM)
         for name in ("patience", "valid_every", "warmup_steps", "max_steps", "max_bad_steps", "seed",
-                     "threads", "max_minutes", "min_lr", "clip_grad", "checkpoint_delay_s"):
+                     "threads", "max_minutes", "min_lr", "clip_grad", "keep_checkpoints",
+                     "checkpoint_delay_s"):
             _non_negative(f"train.{name}", getattr(self, name))
         _at_most("train.threads", self.threads, MAX_THREADS)
         _at_most("train.seed", self.seed, MAX_SEED, "2**32 - 1, the range the random generators take")

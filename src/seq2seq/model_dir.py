@@ -16,11 +16,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE = "config.yaml", "tokenizer.json", "metrics.jsonl"
 BEST, LAST, LOCK_FILE = "best.safetensors", "last.safetensors", "train.lock"
 AVERAGED = "averaged.safetensors"  # seq2seq average: the mean of the kept step-*.safetensors
+KEPT = re.compile(r"step-(\d{8,})\.safetensors")  # train.keep_checkpoints: the weights at a step
 RECORD_FILE = "written.json"
 VOCAB_SUFFIX = ".vocab.json"
 # what a training run writes under these names; the tokenizer files are named by tokenizer.json
@@ -30,7 +32,8 @@ RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LAST, BEST, METRICS_FILE)
 def trained_files(model_dir: Path) -> list[str]:
     """The names of the files of a trained (or training) model in ``model_dir``."""
     names = [name for name in (CONFIG_FILE, TOKENIZER_FILE, LAST, BEST) if os.path.lexists(model_dir / name)]
-    return names + sorted(name for name in _names(model_dir) if name.endswith(VOCAB_SUFFIX))
+    return names + sorted(name for name in _names(model_dir)
+                          if name.endswith(VOCAB_SUFFIX) or KEPT.fullmatch(name) or name == AVERAGED)
 
 
 def tokenizer_file_names(stems: list[str]) -> list[str]:

@@ -27,13 +27,15 @@ from seq2seq.decoding.scores import score_translations
 from seq2seq.decoding.search import Hypothesis
 from seq2seq.device import resolve_device
 from seq2seq.kernels import apply as kernels_apply
-from seq2seq.model_dir import BEST, CONFIG_FILE, LAST
+from seq2seq.model_dir import AVERAGED, BEST, CONFIG_FILE, LAST
 from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model
 from seq2seq.models.rnn.model import Seq2Seq
 
 CHUNK_LINES = 1000  # sentences per chunk of hypothesis_chunks: sorted by length within each
 
+
+CHECKPOINTS = {"best": BEST, "last": LAST, "averaged": AVERAGED}  # --checkpoint: the file it loads
 
 class Translator:
     """A translation model, its tokenizers and its decoding settings."""
@@ -70,9 +72,9 @@ class Translator:
             raise CheckpointError(f"{model_dir}: not a model directory (no {CONFIG_FILE})")
         config = Config.load(config_path)
         src_tok, tgt_tok = load_tokenizers(model_dir)
-        if checkpoint not in ("best", "last"):
-            raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-        weights = model_dir / (BEST if checkpoint == "best" else LAST)
+        if checkpoint not in CHECKPOINTS:
+            raise ConfigError(f"checkpoint must be 'best', 'last' or 'averaged', got {checkpoint!r}")
+        weights = model_dir / CHECKPOINTS[checkpoint]
         if checkpoint == "best" and not os.path.lexists(weights):
             weights = model_dir / LAST
         sizes = config.model, len(src_tok), len(tgt_tok), PAD_ID

@@ -11,7 +11,6 @@ exponential smoothing do.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,9 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from seq2seq.files import atomic_write_bytes
-from seq2seq.model_dir import AVERAGED
+from seq2seq.model_dir import AVERAGED, KEPT
 from seq2seq.models.checkpoint import FORMAT, MODEL_PREFIX, CheckpointError, model_tensors, read_checkpoint
-
-KEPT = re.compile(r"step-(\d{8,})\.safetensors")
+from seq2seq.training.setup import record_files
 
 
 def kept_name(step: int) -> str:
@@ -45,6 +43,7 @@ def keep_checkpoint(model_dir: Path, model: torch.nn.Module, step: int, keep: in
                     meta: dict[str, Any]) -> None:
     """Save ``model``'s weights as the checkpoint of ``step`` and delete all but the last ``keep``."""
     path = model_dir / kept_name(step)
+    record_files(model_dir, [path.name])  # --overwrite deletes it with the run's other files
     _write(path, {MODEL_PREFIX + k: v for k, v in model_tensors(model).items()}, {**meta, "step": step})
     for _, old in kept_checkpoints(model_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -110,6 +109,7 @@ def average_last(model_dir: str | Path, last: int) -> Path:
                               "train with train.keep_checkpoints set to keep them")
     tensors, meta = average_checkpoints([path for _, path in kept[-last:]])
     output = model_dir / AVERAGED
+    record_files(model_dir, [AVERAGED])
     _write(output, tensors, meta)
     return output
 

@@ -44,6 +44,7 @@ from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import load_training_state, save_checkpoint
 from seq2seq.training import distributed
 from seq2seq.training import setup as run_setup
+from seq2seq.training.average import keep_checkpoint
 from seq2seq.training.metrics_log import MetricsLog
 from seq2seq.training.schedule import Schedule, ScheduleState, make_adam
 from seq2seq.training.setup import TrainingError
@@ -230,7 +231,8 @@ class _Run:
         score = None if self.data.valid is None else functools.partial(
             validation_scores, self.model, self.data, self.config, self.device)
         self.files = _RunFiles(model_dir, self.model, self.optimizer, self.state, self.schedule, dist,
-                               score, resume, session_start, t.checkpoint_delay_s)
+                               score, resume, session_start, t.checkpoint_delay_s,
+                               (t.keep_checkpoints, dataclasses.asdict(self.config.model)))
         self.net: nn.Module = self.model
         if dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -423,8 +425,11 @@ class _RunFiles:
     def __init__(self, model_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  state: TrainState, schedule: Schedule, dist: distributed.Distributed,
                  score: Callable[[], dict[str, Any]] | None, resume: bool, session_start: float,
-                 delay_s: float) -> None:
+                 delay_s: float, keep: tuple[int, dict[str, Any]] = (0, {})) -> None:
+        """``keep``: how many of the last checkpoints' weights to keep (``train.keep_checkpoints``),
+        and the model settings recorded with them."""
         self.model_dir, self.model, self.optimizer, self.state = model_dir, model, optimizer, state
+        self.keep = keep
         self.schedule, self.dist, self.score, self.delay_s = schedule, dist, score, delay_s
         self.session_start = session_start
         self.metrics = MetricsLog(model_dir / METRICS_FILE, enabled=dist.is_main)
@@ -468,6 +473,9 @@ class _RunFiles:
             save_checkpoint(self.model_dir / LAST, self.model,
                             {"train_state": dataclasses.asdict(self.state)},
                             optimizer=self.optimizer, delay_s=self.delay_s)
+            if self.keep[0]:
+                keep_checkpoint(self.model_dir, self.model, self.state.step, self.keep[0],
+                                {"model": self.keep[1]})
         self.dist.barrier()  # the others wait patiently, not in a lock-step collective's timeout
 
     def log(self, entry: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,10 +135,15 @@ def remove_owned_files(model_dir: Path) -> None:
 def record_run_files(model_dir: Path) -> None:
     """Add the names a training run writes (``model_dir.RUN_FILES``) to ``written.json``, before
     the run writes any of them."""
+    record_files(model_dir, RUN_FILES)
+
+
+def record_files(model_dir: Path, written: Sequence[str]) -> None:
+    """Add ``written`` (plain names) to ``model_dir``'s ``written.json``, before they are written."""
     recorded = _read_record(model_dir)
-    if set(RUN_FILES) <= set(recorded):  # a resumed run: nothing to add (its folder may be read-only)
+    if set(written) <= set(recorded):  # a resumed run: nothing to add (its folder may be read-only)
         return
-    names = sorted(set(recorded) | set(RUN_FILES))
+    names = sorted(set(recorded) | set(written))
     replace_file(model_dir / RECORD_FILE, (json.dumps({"format": RECORD_FORMAT, "files": names},
                                                       indent=1) + "\n").encode())
 
