@@ -505,14 +505,19 @@ def test_broken_training_data_is_an_error_naming_the_file(small_corpus, tmp_path
     assert f"seq2seq: error: {message.format(c=small_corpus)}" in err
 
 
-def test_a_training_line_over_max_line_chars_names_file_and_line(small_corpus, tmp_path, capsys):
+@pytest.mark.parametrize("limit", [400, None], ids=["lowered", "the default"])
+def test_a_training_line_over_max_line_chars_names_file_and_line(small_corpus, tmp_path, capsys, limit):
+    """Over a lowered limit, and over the default that users get (100,000 characters)."""
     path = small_corpus / "train.tgt"
     lines = path.read_text().splitlines()
-    lines[41] = "b " * 250
+    length = 500 if limit else 100_002
+    lines[41] = "b " * (length // 2)
     path.write_text("\n".join(lines) + "\n")
-    code, err = _train(small_corpus, tmp_path / "model", capsys, "data.max_line_chars=400")
+    settings = [f"data.max_line_chars={limit}"] if limit else []
+    code, err = _train(small_corpus, tmp_path / "model", capsys, *settings)
     assert code == 1 and "Traceback" not in err
-    assert f"seq2seq: error: {path}:42: line of 500 characters exceeds the limit of 400" in err
+    assert (f"seq2seq: error: {path}:42: line of {length} characters exceeds the limit of "
+            f"{limit or 100000}") in err
 
 
 # -- the NumPy API: EncoderDecoderRNN ------------------------------------------------------------
