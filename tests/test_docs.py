@@ -123,3 +123,20 @@ def test_the_changelog_entry_of_this_version_matches_the_install_instructions():
         for line in document.splitlines():
             if "pip install seq2seq-rnn" in line or 'pip install "seq2seq-rnn' in line:
                 assert "once" in line or "not on PyPI" in line, f"an install from PyPI: {line!r}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors: explicit <a id="..."> tags, and each heading's slug."""
+    anchors = set(re.findall(r'<a id="([^"]+)"></a>', text))
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_into_results_finds_its_entry():
+    anchors = heading_anchors(RESULTS.read_text(encoding="utf-8"))
+    for document in ("README.md", "RELIABILITY.md", "CHANGELOG.md"):
+        text = (ROOT / document).read_text(encoding="utf-8")
+        links = re.findall(r"\(benchmarks/RESULTS\.md#([^)]+)\)", text)
+        missing = [link for link in links if link not in anchors]
+        assert not missing, f"{document} links to RESULTS.md anchors that do not exist: {missing}"
