@@ -140,3 +140,17 @@ def test_every_link_into_results_finds_its_entry():
         links = re.findall(r"\(benchmarks/RESULTS\.md#([^)]+)\)", text)
         missing = [link for link in links if link not in anchors]
         assert not missing, f"{document} links to RESULTS.md anchors that do not exist: {missing}"
+
+
+def test_the_readme_lists_every_server_limit_with_its_default():
+    import dataclasses
+
+    from seq2seq.serving.settings import ServeConfig, flag
+
+    rows = dict(re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+) \|", section(README.read_text(encoding="utf-8"),
+                                                                      "Serve a model"), re.M))
+    for field in dataclasses.fields(ServeConfig):
+        assert flag(field.name) in rows, f"README's limits table lacks {flag(field.name)}"
+        if isinstance(field.default, int | float):
+            assert float(rows[flag(field.name)].replace(",", "")) == field.default, flag(field.name)
+    assert set(rows) == {flag(f.name) for f in dataclasses.fields(ServeConfig)}
