@@ -154,3 +154,14 @@ def test_the_readme_lists_every_server_limit_with_its_default():
         if isinstance(field.default, int | float):
             assert float(rows[flag(field.name)].replace(",", "")) == field.default, flag(field.name)
     assert set(rows) == {flag(f.name) for f in dataclasses.fields(ServeConfig)}
+
+
+def test_reliabilitys_input_limits_are_the_config_defaults():
+    from seq2seq.config import Config
+
+    config = Config()
+    text = (ROOT / "RELIABILITY.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(data|decode)\.(\w+)` \| ([\d,]+) ", text, re.M)
+    assert len(rows) >= 4
+    for section_name, key, default in rows:
+        assert getattr(getattr(config, section_name), key) == int(default.replace(",", "")), key
