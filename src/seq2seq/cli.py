@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="HTML page to write: the heatmap to hover, as `seq2seq serve` shows it")
 
     serve = commands.add_parser("serve", help="serve models over HTTP: a REST API and a page")
-    _model_args(serve, model_dir_required=False)
+    _model_args(serve)
     serve.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=DIR",
-                       help="serve the model in DIR as NAME; repeat for several (the first is the default)")
+                       help="serve the model in DIR as NAME; repeat for several (the first is the default); "
+                            "NAME=DIR,DIR serves an ensemble")
     serve.add_argument("--n-best", type=int, help="alternatives per sentence (default: decode.n_best)")
     serve.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -129,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_args(parser: argparse.ArgumentParser, model_dir_required: bool = True) -> None:
-    parser.add_argument("--model-dir", type=Path, required=model_dir_required)
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", type=Path, action="append", default=[],
+                        help="the model's folder; repeat it to decode with an ensemble of models")
+    parser.add_argument("--ensemble", metavar="DIR,DIR,...",
+                        help="an ensemble of these model folders (as --model-dir repeated)")
+    parser.add_argument("--ensemble-weights", metavar="W,W,...",
+                        help="one weight per ensemble member (default: equal)")
     parser.add_argument("--beam", type=int, help="beam size (1 = greedy; default from the config)")
     parser.add_argument("--batch-size", type=int,
                         help="sentences per greedy batch (beam search: 2 * N / beam)")
@@ -258,13 +264,45 @@ def _restarted_by_torchrun(model_dir: Path) -> bool:
     return True
 
 
+def _model_dirs(args: argparse.Namespace) -> list[Path]:
+    """The model folders of --model-dir (repeated) and --ensemble A,B: one, or an ensemble's."""
+    folders = list(args.model_dir)
+    if args.ensemble is not None:
+        named = [part.strip() for part in args.ensemble.split(",")]
+        if not all(named):
+            raise ConfigError(f"--ensemble {args.ensemble!r}: expected model folders separated by commas")
+        folders += [Path(part) for part in named]
+    if not folders:
+        raise ConfigError(f"{args.command} needs --model-dir DIR (repeated, or --ensemble DIR,DIR, for "
+                          f"an ensemble)")
+    return folders
+
+
+def _ensemble_weights(args: argparse.Namespace, members: int) -> list[float] | None:
+    if args.ensemble_weights is None:
+        return None
+    try:
+        weights = [float(part) for part in args.ensemble_weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ensemble-weights {args.ensemble_weights!r}: expected numbers separated "
+                          f"by commas") from None
+    if len(weights) != members:
+        raise ConfigError(f"--ensemble-weights: {len(weights)} weight(s) for {members} model(s)")
+    return weights
+
+
 def _load(args: argparse.Namespace):
     from seq2seq.decoding.translator import Translator
 
     check_device(args.device, "--device")
-    translator = Translator.load(args.model_dir, checkpoint=args.checkpoint, device=args.device,
-                                 quantize=args.quantize or None, precision=args.precision,
-                                 kernels=args.kernels)
+    folders = _model_dirs(args)
+    weights = _ensemble_weights(args, len(folders))
+    options = dict(checkpoint=args.checkpoint, device=args.device, quantize=args.quantize or None,
+                   precision=args.precision, kernels=args.kernels)
+    if len(folders) == 1 and weights is None:
+        translator = Translator.load(folders[0], **options)
+    else:
+        translator = Translator.load_ensemble(folders, weights, **options)
     _apply_flags(translator.config, [("--beam", "decode.beam", args.beam),
                                      ("--n-best", "decode.n_best", getattr(args, "n_best", None)),
                                      ("--batch-size", "decode.batch_size", args.batch_size)])
@@ -356,7 +394,7 @@ def run_attention(args: argparse.Namespace) -> int:
         from seq2seq.serving.results import attention_page
 
         atomic_write_text(args.html, attention_page(translator, args.text, beam=beam,
-                                                    model=args.model_dir.name))
+                                                    model="+".join(d.name for d in _model_dirs(args))))
         print(f"attention page written to {args.html}")
     return 0
 
@@ -383,30 +421,34 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     # each model loads as `translate` loads one, with the same flags (beam, precision ...)
-    loaders = {name: functools.partial(_load, argparse.Namespace(**{**vars(args), "model_dir": folder}))
-               for name, folder in models.items()}
+    loaders = {name: functools.partial(_load, argparse.Namespace(**{**vars(args), "model_dir": folders,
+                                                                    "ensemble": None}))
+               for name, folders in models.items()}
     run_server(loaders, config, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level)
     return 0
 
 
-def _served_models(args: argparse.Namespace) -> dict[str, Path]:
-    """NAME -> model directory from --model NAME=DIR (repeated) and --model-dir DIR (named after
-    the folder), each checked to be a model directory before the server starts."""
-    models: dict[str, Path] = {}
-    if args.model_dir is not None:
-        models[args.model_dir.name or "model"] = args.model_dir
+def _served_models(args: argparse.Namespace) -> dict[str, list[Path]]:
+    """NAME -> model directories from --model NAME=DIR[,DIR...] (repeated) and --model-dir DIR
+    (repeated, or --ensemble: one model named after the folders), each checked to be a model
+    directory before the server starts. Several directories are an ensemble."""
+    models: dict[str, list[Path]] = {}
+    if args.model_dir or args.ensemble is not None:
+        folders = _model_dirs(args)
+        models["+".join(folder.name or "model" for folder in folders)] = folders
     for spec in args.models:
         name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise ConfigError(f"--model {spec!r}: expected NAME=DIR")
+        if not sep or not name or not folder or not all(part.strip() for part in folder.split(",")):
+            raise ConfigError(f"--model {spec!r}: expected NAME=DIR or NAME=DIR,DIR (an ensemble)")
         if name in models:
             raise ConfigError(f"--model {spec!r}: the name {name!r} is given twice")
-        models[name] = Path(folder)
+        models[name] = [Path(part.strip()) for part in folder.split(",")]
     if not models:
         raise ConfigError("serve needs --model-dir DIR or --model NAME=DIR")
-    for name, folder in models.items():
-        if not (folder / CONFIG_FILE).is_file():
-            raise ConfigError(f"model {name!r}: {folder} is not a model directory (no {CONFIG_FILE})")
+    for name, folders in models.items():
+        for folder in folders:
+            if not (folder / CONFIG_FILE).is_file():
+                raise ConfigError(f"model {name!r}: {folder} is not a model directory (no {CONFIG_FILE})")
     return models
 
 

@@ -15,6 +15,7 @@ from seq2seq.config import DecodeConfig
 from seq2seq.data.batches import collate
 from seq2seq.data.text import DataError
 from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from seq2seq.decoding.ensemble import session_for
 from seq2seq.decoding.search import (
     DecodingStopped,
     Hypothesis,
@@ -22,7 +23,6 @@ from seq2seq.decoding.search import (
     greedy_search,
     max_output_lengths,
 )
-from seq2seq.kernels import decoding_session
 from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import CONFIG_FILE
 from seq2seq.models.checkpoint import CheckpointError
@@ -80,7 +80,7 @@ def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeC
                           for _ in range(n_best)]
     order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1), key=lambda i: len(src_ids[i]))
     expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
-    session = decoding_session(model, expected_rows)  # this call's, for all its batches
+    session = session_for(model, expected_rows)  # this call's, for all its batches (an ensemble's too)
     with torch.inference_mode(), precision_autocast(precision, device.type):
         for start in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():

@@ -118,7 +118,10 @@ def _step_log_probs(session: DecodingSession, prev: Tensor, state, memory,
     log-normalisers, state, weights. Banned tokens get -inf, and rows at their length limit
     (``at_limit``, (rows,) bool) can only end: eos gets log-probability 0."""
     scores, state, weights = session.step(prev, state, memory, beams)
-    log_probs = torch.log_softmax(scores[:, 0], dim=-1, dtype=torch.float32)
+    if getattr(session, "scores_are_log_probs", False):  # an ensemble's mean: ranked as it is
+        log_probs = scores[:, 0].to(torch.float32, copy=True)
+    else:
+        log_probs = torch.log_softmax(scores[:, 0], dim=-1, dtype=torch.float32)
     log_norm = scores[:, 0, :1].float() - log_probs[:, :1]  # before bans: finite
     if banned:
         log_probs[:, list(banned)] = float("-inf")

@@ -23,6 +23,7 @@ from seq2seq.config import Config, ConfigError, DataConfig, decode_settings
 from seq2seq.data.text import DataError, read_lines
 from seq2seq.data.tokenizers import PAD_ID, Tokenizer, load_tokenizers
 from seq2seq.decoding.decode import decode_ids, encode_source
+from seq2seq.decoding.ensemble import Ensemble, check_shared_tokenizers
 from seq2seq.decoding.scores import score_translations
 from seq2seq.decoding.search import Hypothesis
 from seq2seq.device import resolve_device
@@ -98,6 +99,34 @@ class Translator:
             translator.model = _quantized(translator.model)
         kernels_apply(translator.model, config.train.kernels, translator.device,
                       config.train.precision)
+        return translator
+
+    @classmethod
+    def load_ensemble(cls, model_dirs: Sequence[str | Path], weights: Sequence[float] | None = None,
+                      checkpoint: str = "best", device: str = "auto", quantize: bool | None = None,
+                      precision: str | None = None, kernels: str | None = None) -> Translator:
+        """Several models decoding as one (``decoding.ensemble``): at each step, the weighted
+        mean of their log-probabilities (``weights``: one per model, default equal).
+
+        Each member loads as ``load`` loads it, with the same arguments; they must share the
+        source and target tokenizers (else a ConfigError naming the two files), and decode in
+        one precision (``precision``, default the first member's ``train.precision``), fp32
+        where bf16 would round their scores. Decoding settings (``decode``) are the first
+        member's. The translator's ``model`` is an ``Ensemble``; ``model_dirs`` lists the folders.
+        """
+        model_dirs = [Path(d) for d in model_dirs]
+        if not model_dirs:
+            raise ConfigError("an ensemble needs at least one model directory")
+        members: list[Translator] = []
+        for folder in model_dirs:
+            members.append(cls.load(folder, checkpoint, device, quantize, precision, kernels))
+            precision = members[0].config.train.precision  # the first member's, for all of them
+        check_shared_tokenizers(model_dirs, [(m.src_tok, m.tgt_tok) for m in members])
+        ensemble = Ensemble([m.model for m in members], weights)
+        ensemble.eval().session()  # refuses members that would round their scores, before any work
+        first = members[0]
+        translator = cls(ensemble, first.src_tok, first.tgt_tok, first.config, first.device)
+        translator.model_dirs = model_dirs
         return translator
 
     # -- translation -----------------------------------------------------------------------
@@ -176,7 +205,7 @@ class Translator:
     # -- attention -------------------------------------------------------------------------
     def attention(self, text: str, beam: int = 1) -> Alignment:
         """Translate one sentence and return its attention weights with the token labels."""
-        if self.model.config.attention is None:
+        if not _has_attention(self.model):
             raise ConfigError("this model has no attention (model.attention is none)")
         hyp = self.hypotheses([text], beam=beam, return_attention=True)[0][0]
         src_pieces = self.src_tok.pieces(text)[: self.config.decode.max_input_len] + ["</s>"]
@@ -191,6 +220,12 @@ class Translator:
         alignment = self.attention(text, beam=beam)
         return plot_attention(alignment.weights, alignment.source_pieces, alignment.target_pieces,
                               path, title=f"{text}  →  {alignment.translation}")
+
+
+def _has_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (an ``Ensemble``: any member) computes attention weights."""
+    members = model.members if isinstance(model, Ensemble) else [model]
+    return any(getattr(getattr(m, "config", None), "attention", True) is not None for m in members)
 
 
 def _quantized(model: Seq2Seq) -> Seq2Seq:

@@ -31,6 +31,11 @@ class DecodingSession(Protocol):
     """True where ``step``'s scores are rounded (bf16 products) and ``exact_logits``
     gives exact ones for a few candidates."""
 
+    # Optional (absent means False): True where ``step``'s scores are already
+    # log-probabilities to rank by as they are (``decoding.ensemble``: the weighted mean of its
+    # members' log-probabilities, which need not sum to one); the search skips its log-softmax.
+    # scores_are_log_probs: bool
+
     def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Any, Any]:
         """src: (sentences, src_len) ids or (sentences, src_len, features) vectors;
         src_lengths: (sentences,) each >= 1 -> (memory, state): memory holds each sentence

@@ -1,0 +1,140 @@
+"""Ensembles (decoding/ensemble.py): the mean of the members' log-probabilities at each step,
+through greedy and beam search, the Translator and the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from seq2seq.config import ConfigError
+from seq2seq.data.tokenizers import BOS_ID, EOS_ID
+from seq2seq.decoding.ensemble import Ensemble, EnsembleSession, ensemble_weights
+from seq2seq.decoding.translator import Translator
+
+SOURCES = ["a b c d", "h g f e d", "c c a", "b a h g f e d c"]
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(reversal_corpus, tmp_path_factory) -> Path:
+    """A second, different model of the same task and tokenizers: smaller, another seed, two
+    epochs (so the two disagree on their scores)."""
+    model_dir = tmp_path_factory.mktemp("runs") / "other"
+    done = run_cli("train", "--config", reversal_corpus / "cfg.yaml", "--data-dir", reversal_corpus,
+                   "--model-dir", model_dir, "--set", "model.hidden_size=48", "--set", "train.seed=2",
+                   "--set", "train.epochs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return model_dir
+
+
+def teacher_forced_score(translator: Translator, source: str, tokens: list[int]) -> float:
+    """The summed log-probability of ``tokens`` then eos after ``source``, by one forward pass
+    (the model's own forward, not the decoding session)."""
+    src = torch.tensor([translator.encode_source(source)])
+    tgt_in = torch.tensor([[BOS_ID, *tokens]])
+    with torch.inference_mode():
+        scores, _ = translator.model(src, torch.tensor([src.size(1)]), tgt_in)
+    log_probs = torch.log_softmax(scores[0].float(), -1)
+    return float(log_probs[torch.arange(len(tokens) + 1), torch.tensor([*tokens, EOS_ID])].sum())
+
+
+def test_weights_are_scaled_and_checked():
+    assert ensemble_weights(None, 4) == (0.25,) * 4
+    assert ensemble_weights([1, 3], 2) == (0.25, 0.75)
+    for bad in ([1.0], [1.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ConfigError, match="ensemble weights"):
+            ensemble_weights(bad, 2)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_an_ensemble_of_one_is_that_model(trained_model_dir, translator, beam):
+    ensemble = Translator.load_ensemble([trained_model_dir], device="cpu")
+    assert isinstance(ensemble.model, Ensemble)
+    n_best = 1 if beam == 1 else 3
+    alone = translator.hypotheses(SOURCES, beam=beam, n_best=n_best)
+    together = ensemble.hypotheses(SOURCES, beam=beam, n_best=n_best)
+    assert [[h.tokens for h in hyps] for hyps in together] == [[h.tokens for h in hyps] for hyps in alone]
+    for mine, theirs in zip(together, alone):
+        assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], abs=1e-5)
+
+
+def test_two_copies_give_the_same_outputs(trained_model_dir, translator):
+    twice = Translator.load_ensemble([trained_model_dir, trained_model_dir], device="cpu")
+    assert twice.translate(SOURCES, beam=3) == translator.translate(SOURCES, beam=3)
+    alone, together = translator.hypotheses(SOURCES, beam=1), twice.hypotheses(SOURCES, beam=1)
+    assert [h[0].score for h in together] == pytest.approx([h[0].score for h in alone], abs=1e-5)
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0]])
+def test_a_hypothesis_scores_the_weighted_mean_of_its_members(trained_model_dir, other_model_dir,
+                                                              translator, weights):
+    other = Translator.load(other_model_dir, device="cpu")
+    ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], weights, device="cpu")
+    w = (0.5, 0.5) if weights is None else (0.25, 0.75)
+    greedy = ensemble.hypotheses(SOURCES, beam=1)
+    ensemble.config.decode.length_penalty = 0.0  # beam scores unnormalised: summed log-probabilities
+    beams = ensemble.hypotheses(SOURCES, beam=3, n_best=3)
+    checked = 0
+    for source, hyps in zip(SOURCES * 2, greedy + beams):
+        for h in hyps:
+            members = [teacher_forced_score(m, source, h.tokens) for m in (translator, other)]
+            assert members[0] != pytest.approx(members[1], abs=1e-3)  # two different models
+            assert h.score == pytest.approx(w[0] * members[0] + w[1] * members[1], abs=1e-4)
+            checked += 1
+    assert checked == len(SOURCES) * 4
+
+
+def test_attention_is_the_members_mean(trained_model_dir, other_model_dir):
+    ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], device="cpu")
+    alignment = ensemble.attention("a b c d e")
+    assert alignment.weights.shape == (len(alignment.target_pieces), len(alignment.source_pieces))
+    assert alignment.weights.sum(1) == pytest.approx([1.0] * len(alignment.target_pieces), abs=1e-5)
+
+
+def test_rounded_member_scores_are_refused():
+    class Rounding:
+        rounds_scores = True
+
+    with pytest.raises(ConfigError, match="--precision fp32"):
+        EnsembleSession([Rounding()], [1.0])
+
+
+def test_a_different_target_tokenizer_is_refused_naming_both_files(trained_model_dir, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(trained_model_dir, changed)
+    spec = json.loads((changed / "tokenizer.json").read_text())
+    vocab = changed / f"{spec['tgt']}.vocab.json"
+    tokens = json.loads(vocab.read_text())
+    tokens["tokens"][-2:] = tokens["tokens"][-1:-3:-1]  # two words swap ids
+    vocab.write_text(json.dumps(tokens))
+    with pytest.raises(ConfigError) as error:
+        Translator.load_ensemble([trained_model_dir, changed], device="cpu")
+    message = str(error.value)
+    assert str(vocab) in message and str(trained_model_dir / vocab.name) in message
+    done = run_cli("translate", "--model-dir", trained_model_dir, "--model-dir", changed, input="a b c\n")
+    assert done.returncode == 1 and str(vocab) in done.stderr and "tokenizer" in done.stderr
+
+
+def test_the_command_line_decodes_an_ensemble(trained_model_dir, other_model_dir, tmp_path):
+    ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], [2, 1], device="cpu")
+    expected = "".join(line + "\n" for line in ensemble.translate(SOURCES))
+    text = "".join(s + "\n" for s in SOURCES)
+    repeated = run_cli("translate", "--model-dir", trained_model_dir, "--model-dir", other_model_dir,
+                       "--ensemble-weights", "2,1", input=text)
+    assert repeated.returncode == 0, repeated.stderr
+    assert repeated.stdout == expected
+    listed = run_cli("translate", "--ensemble", f"{trained_model_dir},{other_model_dir}",
+                     "--ensemble-weights", "2,1", input=text)
+    assert listed.stdout == expected
+    wrong = run_cli("translate", "--ensemble", f"{trained_model_dir},{other_model_dir}",
+                    "--ensemble-weights", "1", input=text)
+    assert wrong.returncode == 1 and "--ensemble-weights: 1 weight(s) for 2 model(s)" in wrong.stderr
+    page = tmp_path / "attention.html"
+    shown = run_cli("attention", "--model-dir", trained_model_dir, "--model-dir", other_model_dir,
+                    "--text", "a b c", "--html", page)
+    assert shown.returncode == 0, shown.stderr
+    assert page.is_file()
