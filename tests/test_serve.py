@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import free_port, reversal_pairs, serving
@@ -483,6 +483,10 @@ def test_a_real_server_batches_concurrent_requests_like_translate(demo_model_dir
             thread.join(60)
         assert [status for status, _ in results] == [200] * len(sources)
         assert [body["results"][0]["translation"] for _, body in results] == translator.translate(sources)
+        status, health = request(port, "GET", "/health")
+        largest = health["workers"]["model"]["largest_batch"]
+        assert status == 200 and largest["requests"] > 1, health  # a batch of several requests formed
+        assert health["workers"]["model"]["batches"] < len(sources)
         status, models = request(port, "GET", "/v1/models")
         assert status == 200 and models["models"][0]["name"] == "model"  # the folder's name
 
@@ -490,13 +494,12 @@ def test_a_real_server_batches_concurrent_requests_like_translate(demo_model_dir
 def test_a_real_server_survives_bad_clients(demo_model_dir):
     with serving("--model-dir", demo_model_dir, "--max-sentences", "100") as (process, port):
         # a client that hangs up halfway through its body, and one that hangs up before the answer
-        raw_exchange(port, b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 1000\r\n\r\n{\"text\": [\"ab", close_early=True)
-        raw_exchange(port, b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 20\r\n\r\n{\"text\": \"abcdefgh\"}", close_early=True)
+        post = b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        raw_exchange(port, post + b"Content-Length: 1000\r\n\r\n{\"text\": [\"ab", close_early=True)
+        raw_exchange(port, post + b"Content-Length: 20\r\n\r\n{\"text\": \"abcdefgh\"}", close_early=True)
         # 10,000 sentences; 20 MB announced (refused before a byte of it is read)
         assert request(port, "POST", "/v1/translate", {"text": ["abc"] * 10_000})[0] == 413
-        answer = raw_exchange(port, b"POST /v1/translate HTTP/1.1\r\nHost: x\r\n"
+        answer = raw_exchange(port, b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                     b"Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 413") and b'"over_limit"' in answer
         # NUL and lone surrogates as JSON escapes, and raw bytes that are not UTF-8
@@ -511,19 +514,191 @@ def test_a_real_server_survives_bad_clients(demo_model_dir):
         assert process.poll() is None
 
 
+def long_text(chars: int, seed: int = 1) -> str:
+    """Letters the reversal model reverses: it decodes to its output-length limit."""
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefghij") for _ in range(chars))
+
+
+def until(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Poll ``condition`` until true (returns the seconds it took), or fail after ``within`` s."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, f"{what}: not within {within} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def worker_stats(port: int) -> dict:
+    status, health = request(port, "GET", "/health")
+    assert status == 200, health
+    return health["workers"]["model"]
+
+
+def headers_of(answer: bytes) -> dict[str, str]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in head)}
+
+
+def test_a_real_server_cuts_slow_clients_and_stops_timed_out_requests(demo_model_dir):
+    """Half-sent headers and bodies are cut within their timeouts (a real socket); a request
+    that would decode for minutes gets 504 at its timeout and its batch stops, so the next
+    request is answered at once; an unknown Host is refused; every answer, uvicorn's own 400
+    too, carries the security headers."""
+    with serving("--model-dir", demo_model_dir, "--header-timeout", "1", "--body-timeout", "1",
+                 "--timeout", "2", "--max-wait-ms", "0", "--beam", "10",
+                 "--max-decode-tokens", "10000000") as (process, port):
+        for partial in (b"", b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(partial)
+                start = time.monotonic()
+                assert sock.recv(1024) == b""  # closed by the server (EOF), not by the 30 s timeout
+                assert time.monotonic() - start < 1 + 10
+        head = (b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        start = time.monotonic()
+        answer = raw_exchange(port, head + b'{"text": "ab')  # and no more: the server closes
+        assert answer.startswith(b"HTTP/1.1 408") and b"(--body-timeout)" in answer, answer
+        assert time.monotonic() - start < 1 + 10
+        assert_security_headers(headers_of(answer))
+
+        # a hostile request: 50 sentences the model decodes to up to 1,506 steps each, at beam 10
+        start = time.monotonic()
+        hostile = {"text": [long_text(1000, n) for n in range(50)]}
+        status, body = request(port, "POST", "/v1/translate", hostile)
+        assert (status, body["error"]["code"]) == (504, "timeout")
+        assert "(--timeout)" in body["error"]["message"]
+        status, body = request(port, "POST", "/v1/translate", {"text": "abc", "beam": 1})
+        busy = time.monotonic() - start
+        expected = Translator.load(demo_model_dir, device="cpu").translate(["abc"], beam=1)
+        assert status == 200 and [r["translation"] for r in body["results"]] == expected
+        stats = worker_stats(port)
+        assert stats["stopped_batches"] == 1 and not stats["decoding"]
+        print(f"the worker was busy {busy:.1f} s with a hostile request and --timeout 2")
+
+        answer = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: evil.example\r\n"
+                                    b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400") and b"--allowed-hosts" in answer
+        assert_security_headers(headers_of(answer))
+        answer = raw_exchange(port, b"NOT HTTP AT ALL\r\n\r\n")  # answered by uvicorn itself
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert_security_headers(headers_of(answer))
+        assert process.poll() is None
+
+
+def test_a_real_server_stops_the_batch_of_a_client_that_hung_up(demo_model_dir):
+    with serving("--model-dir", demo_model_dir, "--timeout", "600", "--max-wait-ms", "0",
+                 "--beam", "10", "--max-decode-tokens", "10000000") as (process, port):
+        body = json.dumps({"text": [long_text(1000, n) for n in range(50)]}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            until(lambda: worker_stats(port)["decoding"], 60, "the worker took the request")
+        # hung up: the batch stops well before its 600 s timeout, and the worker is free
+        took = until(lambda: worker_stats(port)["stopped_batches"] == 1, 60, "the batch stopped")
+        status, answer = request(port, "POST", "/v1/translate", {"text": "abc", "beam": 1})
+        expected = Translator.load(demo_model_dir, device="cpu").translate(["abc"], beam=1)
+        assert status == 200 and [r["translation"] for r in answer["results"]] == expected
+        print(f"the batch stopped {took:.1f} s after its client hung up")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_real_servers_memory_follows_the_attention_asked_for(demo_model_dir):
+    """Attention is kept only for requests that ask for it, and a request's attention is
+    bounded before decoding (413 naming --max-attention-cells): the largest one allowed, sent
+    three times at once, grows the server by a bounded amount."""
+    with serving("--model-dir", demo_model_dir) as (process, port):
+        def translate(body: dict) -> tuple[int, dict]:
+            return request(port, "POST", "/v1/translate", body)
+
+        assert translate({"text": ["abcdef"] * 4, "return_attention": True, "return_tokens": True})[0] == 200
+        before = rss_mb(process.pid)
+        status, body = translate({"text": long_text(1000), "return_attention": True})
+        message = body["error"]["message"]
+        assert status == 413 and "1,508,507 cells" in message and "(--max-attention-cells)" in message
+        status, body = translate({"text": [long_text(1000)] * 100})  # 100 KB
+        assert status == 413 and "(--max-decode-tokens)" in body["error"]["message"]
+        # 700 characters: 701 x 1,057 = 740,957 cells, within the default 1,000,000
+        largest = {"text": long_text(700), "return_attention": True}
+        answers: list = []
+        threads = [threading.Thread(target=lambda: answers.append(translate(largest))) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        peak = before
+        while any(thread.is_alive() for thread in threads):  # bounded: each request's --timeout
+            peak = max(peak, rss_mb(process.pid))
+            time.sleep(0.05)
+        after = rss_mb(process.pid)
+        assert [status for status, _ in answers] == [200] * 3
+        weights = answers[0][1]["results"][0]["attention"]
+        assert len(weights) <= 1057 and len(weights[0]) == 701  # rows: output tokens and eos
+        print(f"RSS {before:.0f} MB before, peak {peak:.0f} MB, {after:.0f} MB after three requests of "
+              f"740,957 attention cells")
+        assert peak - before < 400, (before, peak)
+
+
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(demo_model_dir):
-    with serving("--model-dir", demo_model_dir, "--max-wait-ms", "1500") as (process, port):
+    with serving("--model-dir", demo_model_dir, "--max-wait-ms", "5000") as (process, port):
         answers: list = []
         in_flight = threading.Thread(target=lambda: answers.append(
             request(port, "POST", "/v1/translate", {"text": ["abc", "hello"]})))
         in_flight.start()
-        time.sleep(0.5)  # the request now waits 1.5 s for batch-mates
+        until(lambda: worker_stats(port)["queued"] == 2, 30, "the request waits for batch-mates (5 s)")
         process.send_signal(signal.SIGTERM)
         in_flight.join(60)
         assert process.wait(60) == 0
         assert answers and answers[0][0] == 200 and len(answers[0][1]["results"]) == 2
         with pytest.raises(OSError):  # no longer listening
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_sigterm_with_a_trickling_client_and_a_long_request_ends_within_the_drain_deadline(demo_model_dir):
+    """A client trickling its body and a request that would decode for minutes are answered
+    503 at the drain deadline, and the server exits 0 within it, with no traceback."""
+    drain = 3
+    with serving("--model-dir", demo_model_dir, "--drain-timeout", str(drain), "--body-timeout", "600",
+                 "--timeout", "600", "--max-wait-ms", "0", "--beam", "10",
+                 "--max-decode-tokens", "10000000") as (process, port):
+        answers: list = []
+        hostile = {"text": [long_text(1000, n) for n in range(50)]}
+        long = threading.Thread(target=lambda: answers.append(
+            request(port, "POST", "/v1/translate", hostile)))
+        long.start()
+        until(lambda: worker_stats(port)["decoding"], 60, "the worker took the long request")
+        trickler = socket.create_connection(("127.0.0.1", port), timeout=30)
+        trickler.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+        stop = threading.Event()
+
+        def trickle() -> None:  # a byte every 0.2 s, never all of it
+            while not stop.wait(0.2):
+                try:
+                    trickler.sendall(b" ")
+                except OSError:
+                    return
+
+        trickling = threading.Thread(target=trickle)
+        trickling.start()
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(drain + 30) == 0
+        took = time.monotonic() - start
+        stop.set()
+        trickling.join(10)
+        long.join(30)
+        answer = trickler.recv(65536)
+        trickler.close()
+        stderr = process.stderr.read().decode()
+        print(f"SIGTERM to exit: {took:.1f} s with --drain-timeout {drain}")
+        assert took < drain + 2, stderr
+        assert answer.startswith(b"HTTP/1.1 503") and b"--drain-timeout" in answer, answer
+        status, body = answers[0]
+        assert (status, body["error"]["code"]) == (503, "shutting_down") and "--drain-timeout" in str(body)
+        assert "Traceback" not in stderr and "Cancel" not in stderr, stderr
 
 
 def test_serve_api_key_over_the_wire(demo_model_dir):

@@ -290,6 +290,8 @@ async def _decode(request: Request, served: Served, sources: list[list[int]], op
         draining.cancel()
         if not future.done():  # timed out, hung up, draining, or this task was cancelled
             served.worker.cancel(job)
+            log.info("model %r: a request of %d sentences cancelled (%s)", served.name, len(sources),
+                     "client hung up" if hung_up.done() and not hung_up.cancelled() else "no result in time")
     if not future.done():
         if hung_up.done() and not hung_up.cancelled():
             raise ApiError(400, "disconnected", "the client hung up before the result")
