@@ -43,6 +43,7 @@ def browser(tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1000"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP reports
     driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
     driver.set_page_load_timeout(60)
     yield driver
@@ -51,6 +52,12 @@ def browser(tmp_path):
 
 def wait_for(driver, condition, seconds: float = 60):
     return WebDriverWait(driver, seconds, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def csp_reports(driver) -> list[str]:
+    """The console's messages about the Content-Security-Policy since the last call."""
+    messages = [entry["message"] for entry in driver.get_log("browser")]
+    return [message for message in messages if "Content Security Policy" in message]
 
 
 def translate_in_page(driver, text: str, keys: bool = False) -> None:
@@ -118,6 +125,16 @@ def test_the_page_translates_and_shows_where_the_model_looked(browser, demo_mode
         translate_in_page(browser, "a" * (MAX_CHARS + 1))
         error = browser.find_element(By.ID, "error")
         assert error.is_displayed() and error.text.startswith("Over a limit:") and "--max-chars" in error.text
+
+        # all of the above ran under the server's Content-Security-Policy, which refuses any
+        # other inline script: one added now does not run, and the console says why
+        assert not csp_reports(browser)
+        ran = browser.execute_script("""
+            const script = document.createElement("script");
+            script.textContent = "window.injected = true";
+            document.body.appendChild(script);
+            return window.injected === true;""")
+        assert not ran and any("Content Security Policy" in report for report in csp_reports(browser))
 
         # readable on a phone: nothing wider than the screen but the heatmap's own scroll box
         browser.set_window_size(375, 800)
