@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", type=Path, help="folder the config's data paths are relative to")
     train.add_argument("--max-minutes", type=float, help="time budget (train.max_minutes)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--init-from", type=Path, metavar="DIR",
+                       help="fine-tune the trained model in DIR: its weights and tokenizers, a fresh "
+                            "optimizer, schedule and step count (the config defaults to DIR's)")
+    train.add_argument("--init-checkpoint", choices=("best", "last", "averaged"), default="best",
+                       help="which of DIR's weights --init-from starts from (default: best)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace a trained model that --model-dir holds (else an error)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
@@ -85,10 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print the N best translations of each line, tab-separated with "
                                 "scores (default: the config's decode.n_best)")
 
-    evaluate = commands.add_parser("evaluate", help="BLEU and chrF against references")
+    evaluate = commands.add_parser(
+        "evaluate", help="BLEU and chrF against references, on one test set or several")
     _model_args(evaluate)
-    evaluate.add_argument("--src", type=Path, required=True)
-    evaluate.add_argument("--ref", type=Path, required=True)
+    evaluate.add_argument("--src", type=Path, action="append", default=[],
+                          help="source file; repeat with --ref for several test sets (paired in order)")
+    evaluate.add_argument("--ref", type=Path, action="append", default=[], help="reference file")
+    evaluate.add_argument("--test-dir", type=Path, metavar="FOLDER",
+                          help="evaluate every NAME.src / NAME.ref pair in FOLDER")
     evaluate.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU")
 
     average = commands.add_parser(
@@ -231,7 +240,12 @@ def run_train(args: argparse.Namespace) -> int:
     from seq2seq.training.loop import train
     from seq2seq.training.setup import refuse_own_config
 
-    resume = args.resume or _restarted_by_torchrun(args.model_dir)
+    if args.resume and args.init_from is not None:
+        raise ConfigError("--init-from starts a new run from a trained model; --resume continues a run: "
+                          "give one of them")
+    restarted = not args.resume and _restarted_by_torchrun(args.model_dir)
+    resume = args.resume or restarted
+    init_from = None if restarted else args.init_from  # a restarted worker resumes its own run
     if args.config is not None:
         if not resume:
             refuse_own_config(args.config, args.model_dir)
@@ -240,14 +254,20 @@ def run_train(args: argparse.Namespace) -> int:
         if not (args.model_dir / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume: {args.model_dir} is not a model directory (no {CONFIG_FILE})")
         config = Config.load(args.model_dir / CONFIG_FILE)
+    elif init_from is not None:
+        if not (init_from / CONFIG_FILE).is_file():
+            raise ConfigError(f"--init-from: {init_from} is not a model directory (no {CONFIG_FILE})")
+        config = Config.load(init_from / CONFIG_FILE)  # its data paths are absolute
     else:
-        raise ConfigError("train needs --config FILE (or --resume with an existing --model-dir)")
+        raise ConfigError("train needs --config FILE (or --resume with an existing --model-dir, or "
+                          "--init-from DIR)")
     _apply_flags(config, [("--max-minutes", "train.max_minutes", args.max_minutes)])
     config.override(args.overrides)
     data_dir = args.data_dir
-    if data_dir is None and args.config is None:
+    if data_dir is None and args.config is None and init_from is None:
         data_dir = Path("/")  # a resumed run's saved paths are absolute
-    train(config, args.model_dir, data_dir=data_dir, resume=resume, overwrite=args.overwrite)
+    train(config, args.model_dir, data_dir=data_dir, resume=resume, overwrite=args.overwrite,
+          init_from=init_from, init_checkpoint=args.init_checkpoint)
     return 0
 
 
@@ -364,11 +384,54 @@ def _stdin_lines(max_line_chars: int) -> Iterator[str]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Each test set decoded and scored in turn: one JSON line per set on stdout (its name, files,
+    scores, sacreBLEU signatures, speed), as it is done, and one table of all on stderr."""
     translator = _load(args)
+    test_sets = _test_sets(args)
     stdout = _stdout()
-    result = translator.evaluate(args.src, args.ref, lowercase=args.lowercase)
-    print(json.dumps(result), file=stdout)
+    results = []
+    for name, src, ref in test_sets:
+        result = {"set": name, "src": str(src), "ref": str(ref),
+                  **translator.evaluate(src, ref, lowercase=args.lowercase)}
+        print(json.dumps(result), file=stdout, flush=True)
+        results.append(result)
+    print(_score_table(results), file=sys.stderr)
     return 0
+
+
+def _test_sets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
+    """(name, source, reference) of each test set: the --src/--ref pairs in order, then the
+    NAME.src/NAME.ref pairs of --test-dir by name; every file checked to exist before decoding."""
+    if len(args.src) != len(args.ref):
+        raise ConfigError(f"evaluate: --src given {len(args.src)} time(s) and --ref {len(args.ref)}: "
+                          f"each --src pairs with the --ref in the same place")
+    sets = [(src.name, src, ref) for src, ref in zip(args.src, args.ref)]
+    if args.test_dir is not None:
+        if not args.test_dir.is_dir():
+            raise ConfigError(f"--test-dir {args.test_dir}: not a folder")
+        sources = sorted(p for p in args.test_dir.iterdir() if p.suffix == ".src")
+        if not sources:
+            raise DataError(f"--test-dir {args.test_dir}: no NAME.src files (with NAME.ref beside them)")
+        sets += [(src.stem, src, src.with_suffix(".ref")) for src in sources]
+    if not sets:
+        raise ConfigError("evaluate needs --src FILE --ref FILE (repeated for several sets) or --test-dir")
+    for _, src, ref in sets:
+        for path in (src, ref):
+            if not os.path.exists(path):
+                why = f" (the reference of {src})" if path == ref else ""
+                raise DataError(f"{path}: no such file{why}")
+    names = [name for name, _, _ in sets]
+    return [(name if names.count(name) == 1 else str(src), src, ref) for name, src, ref in sets]
+
+
+def _score_table(results: list[dict[str, Any]]) -> str:
+    """The test sets' BLEU, chrF and speed as a table, with the sacreBLEU signatures."""
+    width = max(len("test set"), *(len(r["set"]) for r in results))
+    rows = [f"{'test set':<{width}}  {'sentences':>9}  {'BLEU':>6}  {'chrF':>6}  {'sent/s':>8}"]
+    rows += [f"{r['set']:<{width}}  {r['sentences']:>9}  {r['bleu']:>6.2f}  {r['chrf']:>6.2f}  "
+             f"{r['sentences_per_s']:>8.1f}" for r in results]
+    rows += [f"BLEU: {results[0]['signature']}", f"chrF: {results[0]['chrf_signature']}"]
+    return "\n".join(rows)
 
 
 def run_average(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@
     step-*.safetensors  the weights of the last saves, with train.keep_checkpoints
     averaged.safetensors  their mean, written by seq2seq average
     metrics.jsonl       one JSON object per logging step and per validation
+    init.json           a fine-tuning run's start (train --init-from): the folder, the
+                        checkpoint and its SHA-256
     train.lock          locked by the process training into the directory, which it names
     written.json        the names of the files above that seq2seq wrote here: ``--overwrite``
                         deletes only those (and the tokenizer files their tokenizer.json names)
@@ -24,6 +26,7 @@ BEST, LAST, LOCK_FILE = "best.safetensors", "last.safetensors", "train.lock"
 AVERAGED = "averaged.safetensors"  # seq2seq average: the mean of the kept step-*.safetensors
 KEPT = re.compile(r"step-(\d{8,})\.safetensors")  # train.keep_checkpoints: the weights at a step
 RECORD_FILE = "written.json"
+INIT_FILE = "init.json"  # train --init-from: where the run's weights came from
 VOCAB_SUFFIX = ".vocab.json"
 # what a training run writes under these names; the tokenizer files are named by tokenizer.json
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LAST, BEST, METRICS_FILE)
@@ -31,7 +34,8 @@ RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LAST, BEST, METRICS_FILE)
 
 def trained_files(model_dir: Path) -> list[str]:
     """The names of the files of a trained (or training) model in ``model_dir``."""
-    names = [name for name in (CONFIG_FILE, TOKENIZER_FILE, LAST, BEST) if os.path.lexists(model_dir / name)]
+    names = [name for name in (CONFIG_FILE, TOKENIZER_FILE, LAST, BEST, INIT_FILE)
+             if os.path.lexists(model_dir / name)]
     return names + sorted(name for name in _names(model_dir)
                           if name.endswith(VOCAB_SUFFIX) or KEPT.fullmatch(name) or name == AVERAGED)
 

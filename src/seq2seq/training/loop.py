@@ -41,7 +41,7 @@ from seq2seq.decoding.translator import Translator
 from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import BEST, LAST, METRICS_FILE, remove_stale_temporary_files
 from seq2seq.models.builder import build_model
-from seq2seq.models.checkpoint import load_training_state, save_checkpoint
+from seq2seq.models.checkpoint import load_model, load_training_state, save_checkpoint
 from seq2seq.training import distributed
 from seq2seq.training import setup as run_setup
 from seq2seq.training.average import keep_checkpoint
@@ -84,31 +84,46 @@ def log(message: str) -> None:
 
 def train_translator(config: Config | str | Path, model_dir: str | Path,
                      data_dir: str | Path | None = None, resume: bool = False,
-                     overrides: Sequence[str] = (), overwrite: bool = False) -> Translator:
+                     overrides: Sequence[str] = (), overwrite: bool = False,
+                     init_from: str | Path | None = None, init_checkpoint: str = "best") -> Translator:
     """Train a model into ``model_dir`` (as ``seq2seq train`` does) and load its best checkpoint.
 
     ``config``: a Config, or a YAML file. The config's data paths are relative to ``data_dir``
     (default: the current directory). ``overrides``: ``section.key=value`` settings, as
     ``--set`` takes them. A trained model already in ``model_dir`` is an error unless
-    ``resume`` (go on training it) or ``overwrite`` (replace it).
+    ``resume`` (go on training it) or ``overwrite`` (replace it). ``init_from``: fine-tune
+    the model in that folder (see ``train``).
     """
     if not isinstance(config, Config):
         if not resume:
             run_setup.refuse_own_config(Path(config), Path(model_dir))
         config = Config.load(config)
     config.override(list(overrides))
-    train(config, Path(model_dir), data_dir=data_dir, resume=resume, overwrite=overwrite)
+    train(config, Path(model_dir), data_dir=data_dir, resume=resume, overwrite=overwrite,
+          init_from=init_from, init_checkpoint=init_checkpoint)
     return Translator.load(model_dir)
 
 
 def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = None,
-          resume: bool = False, overwrite: bool = False) -> TrainState:
+          resume: bool = False, overwrite: bool = False, init_from: str | Path | None = None,
+          init_checkpoint: str = "best") -> TrainState:
     """Train (or resume training) a translation model into ``model_dir``.
 
     ``overwrite`` replaces a trained model found there (without it, that is an error).
+    ``init_from``: fine-tune the trained model in that folder: start from its weights
+    (``init_checkpoint``: 'best', 'last' or 'averaged') and tokenizers, with a fresh optimizer,
+    schedule and step count; ``config``'s model section and vocabulary settings must be that
+    model's (``setup.init_from``). ``init.json`` records the start, and the run validates once
+    before its first update (the start's own scores, step 0).
     """
     config = Config.from_dict(config.to_dict())  # a private, validated copy
     model_dir = Path(model_dir)
+    start = None
+    if init_from is not None:
+        if resume:
+            raise TrainingError("--init-from starts a new run from a trained model; --resume continues "
+                                "a run: give one of them")
+        start = run_setup.init_from(config, init_from, init_checkpoint)
     dist = distributed.setup(config.train.backend, config.train.device)
     lock = None
     try:
@@ -122,7 +137,7 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
         problem = dist.broadcast("")
         if problem:
             raise TrainingError(problem)
-        return _Run(config, model_dir, data_dir, resume, dist).run()
+        return _Run(config, model_dir, data_dir, resume, dist, start).run()
     except BaseException as error:
         lost = dist.on_failure(error)  # a message naming the lost rank, if a peer is gone
         if lost:
@@ -205,8 +220,9 @@ class _Run:
     """One training session of a run (a resume is a new session of the same run)."""
 
     def __init__(self, config: Config, model_dir: Path, data_dir: str | Path | None,
-                 resume: bool, dist: distributed.Distributed) -> None:
-        self.dist, self.model_dir = dist, model_dir
+                 resume: bool, dist: distributed.Distributed,
+                 start: run_setup.InitFrom | None = None) -> None:
+        self.dist, self.model_dir, self.start = dist, model_dir, start
         cores = os.cpu_count() or 1
         torch.set_num_threads(config.train.threads or max(1, cores // dist.local_world_size))
         self.device = dist.device(config.train.device)
@@ -214,14 +230,20 @@ class _Run:
         self.t = t = self.config.train
         if dist.is_main:
             remove_stale_temporary_files(model_dir)
+            if start is not None:
+                run_setup.record_init(model_dir, start)
         self.interrupted, self.interrupted_at, self.stop_signal = False, 0.0, signal.SIGINT
         session_start = time.monotonic()  # preparing the data counts towards train.max_minutes
-        self.data = run_setup.load_data(self.config, model_dir, resume, dist, log)
+        self.data = run_setup.load_data(self.config, model_dir, resume, dist, log, start)
         run_setup.check_model_size(self.config, self.data.src_tok, self.data.tgt_tok, self.device)
 
         torch.manual_seed(t.seed)
         self.model = build_model(self.config.model, len(self.data.src_tok), len(self.data.tgt_tok),
                                  PAD_ID).to(self.device)
+        if start is not None:
+            load_model(start.checkpoint, self.model)
+            if dist.is_main:
+                log(f"fine-tuning from {start.checkpoint} (sha256 {start.sha256[:16]}...)")
         paths = kernels.apply(self.model, self.t.kernels, self.device, self.t.precision)
         self.optimizer = make_adam(self.model.parameters(), t.lr)
         self.schedule = Schedule.from_config(t)
@@ -257,6 +279,8 @@ class _Run:
                     f"continuing")
             state.finished, state.stop_reason = False, ""
         with handling(STOP_SIGNALS, self._on_signal):
+            if self.start is not None and state.step == 0 and state.last_valid_step < 0:
+                self.files.validate()  # the start's own scores: a fine-tuning run's baseline
             while state.epoch < t.epochs and not state.stop_reason:
                 self._run_epoch()
                 if not state.stop_reason:

@@ -7,6 +7,7 @@ against the device's memory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import stat
@@ -23,9 +24,19 @@ from seq2seq.data.prepare import PREPARED_DIR, binarize
 from seq2seq.data.prepared import MANIFEST, PreparedCorpus, read_manifest
 from seq2seq.data.text import DataError, read_parallel
 from seq2seq.data.tokenizers import PAD_ID, Tokenizer, load_tokenizers
-from seq2seq.files import FileError, FileLock, LockBusy, atomic_write_bytes, read_plain_json, replace_file
+from seq2seq.decoding.translator import CHECKPOINTS
+from seq2seq.files import (
+    FileError,
+    FileLock,
+    LockBusy,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_plain_json,
+    replace_file,
+)
 from seq2seq.model_dir import (
     CONFIG_FILE,
+    INIT_FILE,
     LAST,
     LOCK_FILE,
     METRICS_FILE,
@@ -39,6 +50,9 @@ from seq2seq.models.builder import build_model
 from seq2seq.training.distributed import Distributed
 
 RECORD_FORMAT = "seq2seq-written-1"
+INIT_FORMAT = "seq2seq-init-1"
+# the data settings that make the vocabulary: a fine-tuning run keeps its start's tokenizers
+VOCABULARY_KEYS = ("tokenizer", "vocab_size", "joint_vocab", "lowercase")
 BYTES_PER_PARAMETER = 16  # float32 weight, gradient and Adam's two moments, activations aside
 
 
@@ -206,6 +220,61 @@ def prepare_config(config: Config, model_dir: Path, data_dir: str | Path | None,
     return saved
 
 
+@dataclass(frozen=True)
+class InitFrom:
+    """Where a fine-tuning run (``train --init-from``) starts: a trained model's folder, the
+    checkpoint whose weights it takes, and that file's SHA-256 (recorded in ``init.json``)."""
+
+    model_dir: Path
+    checkpoint: Path
+    sha256: str
+
+    def record(self) -> dict[str, str]:
+        return {"format": INIT_FORMAT, "init_from": str(self.model_dir), "checkpoint": self.checkpoint.name,
+                "sha256": self.sha256}
+
+
+def init_from(config: Config, model_dir: str | Path, checkpoint: str = "best") -> InitFrom:
+    """The start of a fine-tuning run from the trained model in ``model_dir``, checked against
+    ``config``: the model section and the vocabulary settings (``VOCABULARY_KEYS``) must be
+    the folder's, else a ConfigError naming the first key that differs. ``checkpoint``: 'best'
+    (or 'last' where there is no best), 'last' or 'averaged'."""
+    folder = Path(model_dir).resolve()
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"--init-from {model_dir}: not a model directory (no {CONFIG_FILE})")
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"--init-checkpoint must be 'best', 'last' or 'averaged', got {checkpoint!r}")
+    weights = folder / CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not weights.is_file():
+        weights = folder / LAST
+    if not weights.is_file():
+        raise ConfigError(f"--init-from {model_dir}: no {weights.name} to start from"
+                          + (" (run seq2seq average first)" if checkpoint == "averaged" else ""))
+    saved = Config.load(folder / CONFIG_FILE)
+    config.validate()
+    for field in dataclasses.fields(saved.model):
+        mine, theirs = getattr(config.model, field.name), getattr(saved.model, field.name)
+        if mine != theirs:
+            raise ConfigError(f"--init-from {model_dir}: model.{field.name} is {mine!r} but that model has "
+                              f"{theirs!r}; fine-tuning keeps the architecture")
+    for key in VOCABULARY_KEYS:
+        mine, theirs = getattr(config.data, key), getattr(saved.data, key)
+        if mine != theirs:
+            raise ConfigError(f"--init-from {model_dir}: data.{key} is {mine!r} but that model has "
+                              f"{theirs!r}; fine-tuning keeps the model's vocabulary (its tokenizers)")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return InitFrom(folder, weights, digest.hexdigest())
+
+
+def record_init(model_dir: Path, start: InitFrom) -> None:
+    """Write ``init.json`` (recorded in ``written.json`` first)."""
+    record_files(model_dir, [INIT_FILE])
+    atomic_write_json(model_dir / INIT_FILE, start.record())
+
+
 @dataclass
 class RunData:
     """The tokenizers, and the training and validation data as token ids."""
@@ -219,7 +288,8 @@ class RunData:
 
 
 def training_corpus(config: Config, model_dir: Path, dist: Distributed, resume: bool,
-                    log: Callable[[str], None] = print) -> tuple[PreparedCorpus, Tokenizer, Tokenizer]:
+                    log: Callable[[str], None] = print, start: InitFrom | None = None
+                    ) -> tuple[PreparedCorpus, Tokenizer, Tokenizer]:
     """The run's training data, prepared (``data.prepare.binarize``), and its tokenizers (saved in
     ``model_dir``).
 
@@ -228,15 +298,22 @@ def training_corpus(config: Config, model_dir: Path, dist: Distributed, resume: 
     Rank 0 prepares while the others wait; then every rank reads the same files, so the page
     cache holds them once per node. Where ``data.prepared`` is on each node's own disk (the model
     folder being shared), the first process of each other node prepares its copy, with the
-    tokenizers rank 0 made.
+    tokenizers rank 0 made. A fine-tuning run (``start``) takes its start's tokenizers.
     """
     model_dir = Path(model_dir)
     given = bool(config.data.prepared)
     directory = Path(config.data.prepared) if given else model_dir / PREPARED_DIR
     if dist.is_main:
         # A resumed run keeps its tokenizers: the data is encoded with them, never with new ones.
+        tokenizers_from = model_dir if resume else start.model_dir if start is not None else None
         manifest = binarize(config, directory, rebuild=not (given or resume), log=log,
-                            tokenizers_from=model_dir if resume else None)
+                            tokenizers_from=tokenizers_from)
+        if start is not None and not resume:
+            reason = fmt.tokenizer_mismatch(manifest, start.model_dir)
+            if reason:
+                raise DataError(f"--init-from: {reason} (the tokenizers of {start.model_dir} differ from "
+                                f"those of {directory}): point data.prepared at data prepared with them, "
+                                f"or remove {directory}")
         if resume:
             reason = fmt.tokenizer_mismatch(manifest, model_dir)
             if reason:
@@ -265,12 +342,12 @@ def training_corpus(config: Config, model_dir: Path, dist: Distributed, resume: 
 
 
 def load_data(config: Config, model_dir: Path, resume: bool, dist: Distributed,
-              log: Callable[[str], None]) -> RunData:
+              log: Callable[[str], None], start: InitFrom | None = None) -> RunData:
     """The training data, prepared on rank 0 (tokenizers included) and read from its files on every
     rank (``training_corpus``); the validation data, read and encoded in memory."""
     data = config.data
     # prepared once (on rank 0, the others waiting) into arrays of token ids, or reused
-    train, src_tok, tgt_tok = training_corpus(config, model_dir, dist, resume, log)
+    train, src_tok, tgt_tok = training_corpus(config, model_dir, dist, resume, log, start)
     if not data.valid_src:
         return RunData(src_tok, tgt_tok, train, [], [], None)
     valid_src, valid_ref = read_parallel(data.valid_src, data.valid_tgt or None, data.max_line_chars)
