@@ -3,13 +3,17 @@ through greedy and beam search, the Translator and the command line."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import random
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import reversal_pairs, run_cli, serving
 
 from seq2seq.config import ConfigError
 from seq2seq.data.tokenizers import BOS_ID, EOS_ID
@@ -138,3 +142,71 @@ def test_the_command_line_decodes_an_ensemble(trained_model_dir, other_model_dir
                     "--text", "a b c", "--html", page)
     assert shown.returncode == 0, shown.stderr
     assert page.is_file()
+
+
+# -- serving ------------------------------------------------------------------------------------
+def test_the_server_batches_ensemble_requests_across_clients(trained_model_dir, other_model_dir):
+    """16 clients at once: fewer batches than requests, each result as the ensemble's offline."""
+    from fastapi.testclient import TestClient
+
+    from seq2seq.serving.app import create_app
+    from seq2seq.serving.settings import ServeConfig
+
+    ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], device="cpu")
+    app = create_app({"ens": lambda: ensemble}, ServeConfig(max_wait_ms=300))
+    sources = [s for s, _ in reversal_pairs(16, random.Random(4))]
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the ensemble did not load"
+            time.sleep(0.05)
+        (info,) = client.get("/v1/models").json()["models"]
+        assert info["ensemble"] == [str(trained_model_dir), str(other_model_dir)]
+        worker = app.state.models.served["ens"].worker
+        results: list = [None] * len(sources)
+        start = threading.Barrier(len(sources))
+
+        def call(n: int) -> None:
+            start.wait()
+            results[n] = client.post("/v1/translate", json={"text": sources[n], "beam": 1}).json()
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(sources))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert worker.batches < len(sources)  # batched across requests
+    offline = ensemble.hypotheses(sources, beam=1)
+    assert [r["results"][0]["translation"] for r in results] == [ensemble.tgt_tok.decode(h[0].tokens)
+                                                                 for h in offline]
+    assert [r["results"][0]["score"] for r in results] == pytest.approx([h[0].score for h in offline],
+                                                                        rel=1e-5)
+
+
+def test_a_real_server_serves_an_ensemble(trained_model_dir, other_model_dir):
+    ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], device="cpu")
+    sources = [s for s, _ in reversal_pairs(12, random.Random(5))]
+    name = f"{trained_model_dir.name}+{other_model_dir.name}"
+    with serving("--model-dir", trained_model_dir, "--model-dir", other_model_dir, "--device", "cpu",
+                 "--max-wait-ms", "50") as (_, port):
+        results: list = [None] * len(sources)
+
+        def call(n: int) -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection.request("POST", "/v1/translate", json.dumps({"text": sources[n]}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            results[n] = (response.status, json.loads(response.read()))
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(sources))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [status for status, _ in results] == [200] * len(sources)
+        assert [body["model"] for _, body in results] == [name] * len(sources)
+        assert [body["results"][0]["translation"] for _, body in results] == ensemble.translate(sources)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/health")
+        health = json.loads(connection.getresponse().read())
+        assert health["workers"][name]["largest_batch"]["requests"] > 1, health

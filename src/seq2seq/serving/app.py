@@ -110,6 +110,9 @@ class Served:
         return {"name": self.name, "source_language": config.data.src_lang,
                 "target_language": config.data.tgt_lang, "cell": config.model.cell,
                 "attention": config.model.attention, "parameters": self.translator.model.num_parameters(),
+                # an ensemble (Translator.load_ensemble): its members' folders, in order
+                **({"ensemble": [str(d) for d in self.translator.model_dirs]}
+                   if hasattr(self.translator, "model_dirs") else {}),
                 "decode": {"beam": decode.beam, "n_best": decode.n_best,  # validated <= beam
                            "length_penalty": decode.length_penalty, "max_len_ratio": decode.max_len_ratio,
                            "precision": config.train.precision, "quantize": decode.quantize,
