@@ -102,6 +102,13 @@ def test_a_different_architecture_or_vocabulary_is_refused(trained_model_dir, tm
     assert not (target / "init.json").exists() and not (target / "config.yaml").exists()
 
 
+def test_fine_tuning_into_its_own_start_is_refused_and_deletes_nothing(trained_model_dir):
+    before = {p.name: p.read_bytes() for p in trained_model_dir.iterdir() if p.is_file()}
+    done = run_cli("train", "--init-from", trained_model_dir, "--model-dir", trained_model_dir, "--overwrite")
+    assert done.returncode == 1 and "is the --model-dir of this run" in done.stderr
+    assert {p.name: p.read_bytes() for p in trained_model_dir.iterdir() if p.is_file()} == before
+
+
 def test_init_from_a_folder_that_is_no_model(tmp_path):
     done = run_cli("train", "--init-from", tmp_path, "--model-dir", tmp_path / "out")
     assert done.returncode == 1 and f"{tmp_path} is not a model directory" in done.stderr

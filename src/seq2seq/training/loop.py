@@ -124,6 +124,9 @@ def train(config: Config, model_dir: str | Path, data_dir: str | Path | None = N
             raise TrainingError("--init-from starts a new run from a trained model; --resume continues "
                                 "a run: give one of them")
         start = run_setup.init_from(config, init_from, init_checkpoint)
+        if model_dir.resolve() == start.model_dir:  # --overwrite would delete the weights it starts from
+            raise TrainingError(f"--init-from {init_from} is the --model-dir of this run; fine-tune into "
+                                f"another folder")
     dist = distributed.setup(config.train.backend, config.train.device)
     lock = None
     try:
