@@ -4,6 +4,7 @@
     translator.translate(["A man rides a bike."], beam=5)
     translator.evaluate("test.en", "test.de")
     translator.plot_attention("A man rides a bike.", "attention.png")
+    Translator.load_ensemble(["runs/a", "runs/b"]).translate(["A man rides a bike."])  # several models
 """
 
 from __future__ import annotations
