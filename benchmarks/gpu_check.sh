@@ -24,7 +24,8 @@ else:
     print(f"torch {torch.__version__}, no CUDA device")
 PY
 echo "== the CUDA tests"
-python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests
+# only the files with CUDA tests: the others import the server and browser extras
+python3 -m pytest -q -rs -p no:cacheprovider -m gpu $(grep -l "mark.gpu" tests/test_*.py)
 for precision in fp32 bf16; do
   model="$work/$precision"
   echo "== train 2 minutes, $precision"
