@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seq2seq.config import TrainConfig
+from seq2seq.config import Config, ConfigError, TrainConfig
 from seq2seq.training.schedule import Schedule, ScheduleState
 
 
@@ -67,3 +67,29 @@ def test_the_schedule_reads_the_train_section():
     t = TrainConfig(lr=0.002, warmup_steps=7, plateau_patience=3, plateau_factor=0.7, min_lr=1e-4,
                     patience=9)
     assert Schedule.from_config(t) == Schedule(0.002, 7, 3, 0.7, 1e-4, 9)
+
+
+def test_inverse_sqrt_rises_over_warmup_then_decays_as_one_over_root_step():
+    schedule = Schedule(lr=1e-3, warmup_steps=100, kind="inverse_sqrt")
+    state = ScheduleState()
+    assert schedule.learning_rate(0, state) == pytest.approx(1e-5)
+    assert schedule.learning_rate(49, state) == pytest.approx(5e-4)
+    assert schedule.learning_rate(99, state) == pytest.approx(1e-3)  # the peak, at the warm-up's end
+    assert schedule.learning_rate(399, state) == pytest.approx(5e-4)  # sqrt(100 / 400)
+    assert schedule.learning_rate(9999, state) == pytest.approx(1e-4)
+
+
+def test_inverse_sqrt_ignores_plateaus_but_still_stops_early():
+    schedule = Schedule(lr=1e-3, warmup_steps=10, plateau_patience=1, plateau_factor=0.5,
+                        patience=3, kind="inverse_sqrt")
+    state, improved, scales = replay(schedule, [10.0, 9.0, 9.0, 9.0])
+    assert scales == [1.0] * 4  # no drop on stalls: the step alone sets the rate
+    assert state.stop_reason.startswith("early stopping")
+    assert schedule.learning_rate(39, state) == pytest.approx(1e-3 * 0.5)
+
+
+@pytest.mark.parametrize("settings, key", [(["train.schedule=cosine"], "train.schedule"),
+                                           (["train.schedule=inverse_sqrt"], "train.warmup_steps")])
+def test_schedule_settings_are_checked(settings, key):
+    with pytest.raises(ConfigError, match=key):
+        Config().override(settings)

@@ -107,7 +107,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The architecture of the encoder-decoder."""
+    """The architecture of the encoder-decoder: ``arch`` picks the family; each family reads
+    the shared keys and its own (``ARCH_KEYS``). A key of the other family set away from its
+    default is an error that names it."""
 
     cell: str = "gru"  # rnn | gru | lstm
     embed_size: int = 256
@@ -120,18 +122,66 @@ class ModelConfig:
     input_feeding: bool = True  # feed the last attentional vector into the next step
     dropout: float = 0.2
     tie_embeddings: bool = True  # target embedding shared with the output layer
+    arch: str = "rnn"  # rnn | transformer (ARCH_KEYS: which keys each reads; the rest below are its)
+    d_model: int = 256  # embedding and residual width
+    heads: int = 4  # attention heads; d_model must be divisible by heads
+    ff_size: int = 1024  # feed-forward hidden width
+    attention_dropout: float = 0.0  # dropout on attention weights
+    norm: str = "pre"  # pre | post: layer norm before each block (pre) or after the residual (post)
+    positions: str = "sinusoidal"  # sinusoidal | learned
+    max_positions: int = 1024  # learned positions: the longest sequence; sinusoidal: any length
+    share_embeddings: bool = False  # one table for source and target (needs a joint vocabulary)
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch must be one of {ARCHS}, got {quote(self.arch)}")
+        self._check_arch_keys()
         if self.cell not in CELLS:
             raise ConfigError(f"model.cell must be one of {CELLS}, got {quote(self.cell)}")
         self.attention = normalize_attention(self.attention)
-        for name in ("embed_size", "hidden_size", "encoder_layers", "decoder_layers"):
+        for name in ("embed_size", "hidden_size", "encoder_layers", "decoder_layers", "d_model",
+                     "heads", "ff_size", "max_positions"):
             _positive(f"model.{name}", getattr(self, name))
         for name in ("encoder_layers", "decoder_layers"):
             _at_most(f"model.{name}", getattr(self, name), MAX_LAYERS)
         _non_negative("model.attention_size", self.attention_size)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.d_model % self.heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.heads "
+                              f"({self.heads})")
+        if self.norm not in NORMS:
+            raise ConfigError(f"model.norm must be one of {NORMS}, got {quote(self.norm)}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"model.positions must be one of {POSITIONS}, got {quote(self.positions)}")
+
+    def _check_arch_keys(self) -> None:
+        """A key that only the other family reads, set away from its default, is an error (a
+        saved config.yaml lists every key, at its default where unused)."""
+        defaults = ModelConfig.__new__(ModelConfig)
+        for item in dataclasses.fields(ModelConfig):
+            setattr(defaults, item.name, item.default)
+        for arch, keys in ARCH_KEYS.items():
+            if arch == self.arch:
+                continue
+            for key in keys:
+                if getattr(self, key) != getattr(defaults, key) and not (
+                        key == "attention" and normalize_attention(self.attention) == defaults.attention):
+                    raise ConfigError(f"model.{key} is a setting of model.arch={arch}, not of "
+                                      f"model.arch={self.arch}; remove it")
+
+
+ARCHS = ("rnn", "transformer")
+NORMS = ("pre", "post")
+POSITIONS = ("sinusoidal", "learned")
+# The keys only one family reads; the others (layers, dropout, tie_embeddings) are shared.
+ARCH_KEYS = {
+    "rnn": ("cell", "embed_size", "hidden_size", "bidirectional", "attention", "attention_size",
+            "input_feeding"),
+    "transformer": ("d_model", "heads", "ff_size", "attention_dropout", "norm", "positions",
+                    "max_positions", "share_embeddings"),
+}
 
 
 @dataclass
@@ -147,6 +197,7 @@ class TrainConfig:
     max_steps: int = 0  # 0 means no step budget
     lr: float = 1e-3
     warmup_steps: int = 0  # linear warm-up
+    schedule: str = "plateau"  # plateau (drops on stalls) | inverse_sqrt (lr * sqrt(warmup / step))
     plateau_factor: float = 0.5  # multiply the lr by this when validation BLEU stalls
     plateau_patience: int = 1  # validations without improvement before the lr drops
     min_lr: float = 1e-5
@@ -189,6 +240,11 @@ class TrainConfig:
             raise ConfigError("train.sampling_ratio must be in [0, 1]")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {quote(self.precision)}")
+        if self.schedule not in ("plateau", "inverse_sqrt"):
+            raise ConfigError(f"train.schedule must be 'plateau' or 'inverse_sqrt', got "
+                              f"{quote(self.schedule)}")
+        if self.schedule == "inverse_sqrt" and not self.warmup_steps:
+            raise ConfigError("train.schedule inverse_sqrt needs train.warmup_steps > 0")
         if self.kernels not in ("fast", "reference"):
             raise ConfigError(f"train.kernels must be 'fast' or 'reference', got {quote(self.kernels)}")
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -234,6 +290,12 @@ class Config:
         the same check for YAML, ``--set``, flags and the API), then each section's rules."""
         for section in self.sections():
             _check_section(section, getattr(self, section))
+        joint = self.data.joint_vocab and self.data.tokenizer == "sentencepiece"
+        if self.model.share_embeddings and not joint:
+            raise ConfigError("model.share_embeddings needs a joint vocabulary (data.tokenizer: "
+                              "sentencepiece, data.joint_vocab: true)")
+        if self.model.arch == "transformer" and self.train.sampling_ratio:
+            raise ConfigError("train.sampling_ratio (scheduled sampling) is for model.arch=rnn")
         return self
 
     @staticmethod

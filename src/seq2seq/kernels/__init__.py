@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from seq2seq.config import ConfigError
 from seq2seq.kernels.gru import FusedEncoder, FusedGRU
 from seq2seq.kernels.loss import FusedOutputLoss
 from seq2seq.kernels.ops import FastDropout, FastTanh
@@ -34,6 +35,8 @@ from seq2seq.kernels.stepwise import StepwiseDecoder
 from seq2seq.models.interface import DecodingSession
 from seq2seq.models.rnn.model import Seq2Seq
 from seq2seq.models.rnn.session import RNNSession
+from seq2seq.models.transformer.model import Transformer
+from seq2seq.models.transformer.session import TransformerSession
 
 __all__ = ["KINDS", "REFERENCE", "FastPaths", "apply", "decoding_session", "policy"]
 
@@ -73,6 +76,8 @@ def apply(model: Seq2Seq, kernels: str | FastPaths = "fast", device: torch.devic
     """
     if device is not None:
         model.to(device)
+    if isinstance(model, Transformer):  # no twin of its modules has shown a gain: plain PyTorch
+        return _plain_transformer(model, kernels, precision)
     cpu = kernels if isinstance(kernels, FastPaths) else resolve(kernels, "cpu", precision, model)
     device_type = _device_type(model)
     for module in model.modules():
@@ -84,6 +89,16 @@ def apply(model: Seq2Seq, kernels: str | FastPaths = "fast", device: torch.devic
             twin.install(module, cpu, device_type)
     model.applied_kernels = Applied(kernels, precision)
     return policy(model)
+
+
+def _plain_transformer(model: Transformer, kernels: str | FastPaths, precision: str) -> FastPaths:
+    """``apply`` for a Transformer: nothing to swap. bf16 is autocast's on a GPU; on a CPU it
+    would be the RNN's output-layer path, which a Transformer has not: refused."""
+    if precision == "bf16" and _device_type(model) == "cpu":
+        raise ConfigError("precision bf16 on CPU is the RNN's output-layer path; decode or train a "
+                          "Transformer on CPU with precision fp32 (bf16 autocasts it on a GPU)")
+    model.applied_kernels = Applied(kernels, precision)
+    return REFERENCE
 
 
 def _fits(module: nn.Module) -> bool:
@@ -99,7 +114,7 @@ def policy(model: Seq2Seq) -> FastPaths:
     """The paths in force for ``model`` on the device it is on now (``REFERENCE`` if
     ``apply`` never ran on it)."""
     applied = getattr(model, "applied_kernels", None)
-    if applied is None:
+    if applied is None or isinstance(model, Transformer):
         return REFERENCE
     device_type = _device_type(model)
     if not isinstance(applied.kernels, FastPaths):
@@ -112,7 +127,10 @@ def policy(model: Seq2Seq) -> FastPaths:
 def decoding_session(model: Seq2Seq, expected_rows: int = 0) -> DecodingSession:
     """A session for one decoding call of ``model`` (in eval mode): ``FastRNNSession`` where
     ``policy(model)`` has decoding paths, else the plain ``RNNSession``. ``expected_rows``:
-    about how many rows x steps the call decodes (source tokens x beam)."""
+    about how many rows x steps the call decodes (source tokens x beam). A ``Transformer``'s is
+    its ``TransformerSession``."""
+    if isinstance(model, Transformer):
+        return TransformerSession(model)
     paths = policy(model)
     if paths.decodes_fast():
         return FastRNNSession(model, paths, expected_rows)

@@ -1,9 +1,11 @@
 """The optimizer, the learning-rate schedule and early stopping.
 
-The learning rate rises linearly over ``train.warmup_steps`` updates to ``train.lr``. After
-``train.plateau_patience`` validations in a row without a better BLEU it is multiplied by
-``train.plateau_factor``, never below ``train.min_lr``; after ``train.patience`` such
-validations training stops. These decisions depend on the validation scores alone.
+The learning rate rises linearly over ``train.warmup_steps`` updates to ``train.lr``. Then,
+with ``train.schedule: plateau``, after ``train.plateau_patience`` validations in a row without
+a better BLEU it is multiplied by ``train.plateau_factor``, never below ``train.min_lr``; with
+``inverse_sqrt`` (the Transformer's, Vaswani et al.) it decays as ``lr * sqrt(warmup / step)``,
+whatever validation says. After ``train.patience`` validations without a better BLEU training
+stops. These decisions depend on the step and the validation scores alone.
 """
 
 from __future__ import annotations
@@ -48,13 +50,18 @@ class Schedule:
     plateau_factor: float = 0.5
     min_lr: float = 0.0
     patience: int = 0  # 0: no early stopping
+    kind: str = "plateau"  # plateau | inverse_sqrt
 
     @classmethod
     def from_config(cls, t: TrainConfig) -> Schedule:
-        return cls(t.lr, t.warmup_steps, t.plateau_patience, t.plateau_factor, t.min_lr, t.patience)
+        return cls(t.lr, t.warmup_steps, t.plateau_patience, t.plateau_factor, t.min_lr, t.patience,
+                   t.schedule)
 
     def learning_rate(self, step: int, state: ScheduleState) -> float:
         """The learning rate of update ``step`` (0-based)."""
+        if self.kind == "inverse_sqrt":
+            updates = step + 1
+            return self.lr * min(updates / self.warmup_steps, (self.warmup_steps / updates) ** 0.5)
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         return self.lr * warmup * state.lr_scale
 
@@ -66,7 +73,8 @@ class Schedule:
             return True
         state.bad_validations += 1
         state.plateau_count += 1
-        if state.plateau_count >= self.plateau_patience and self.plateau_factor < 1.0:
+        if (self.kind == "plateau" and state.plateau_count >= self.plateau_patience
+                and self.plateau_factor < 1.0):
             state.lr_scale = max(state.lr_scale * self.plateau_factor, self.min_lr / self.lr)
             state.plateau_count = 0
         if self.patience_spent(state):
