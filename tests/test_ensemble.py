@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import reversal_pairs, run_cli, serving
 
+from seq2seq import cli
 from seq2seq.config import ConfigError
 from seq2seq.data.tokenizers import BOS_ID, EOS_ID
 from seq2seq.decoding.ensemble import Ensemble, EnsembleSession, ensemble_weights
@@ -123,25 +124,24 @@ def test_a_different_target_tokenizer_is_refused_naming_both_files(trained_model
     assert done.returncode == 1 and str(vocab) in done.stderr and "tokenizer" in done.stderr
 
 
-def test_the_command_line_decodes_an_ensemble(trained_model_dir, other_model_dir, tmp_path):
+def test_the_command_line_decodes_an_ensemble(trained_model_dir, other_model_dir, tmp_path, capsys):
     ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], [2, 1], device="cpu")
     expected = "".join(line + "\n" for line in ensemble.translate(SOURCES))
-    text = "".join(s + "\n" for s in SOURCES)
-    repeated = run_cli("translate", "--model-dir", trained_model_dir, "--model-dir", other_model_dir,
-                       "--ensemble-weights", "2,1", input=text)
-    assert repeated.returncode == 0, repeated.stderr
-    assert repeated.stdout == expected
-    listed = run_cli("translate", "--ensemble", f"{trained_model_dir},{other_model_dir}",
-                     "--ensemble-weights", "2,1", input=text)
-    assert listed.stdout == expected
-    wrong = run_cli("translate", "--ensemble", f"{trained_model_dir},{other_model_dir}",
-                    "--ensemble-weights", "1", input=text)
-    assert wrong.returncode == 1 and "--ensemble-weights: 1 weight(s) for 2 model(s)" in wrong.stderr
+    source = tmp_path / "in.txt"
+    source.write_text("".join(s + "\n" for s in SOURCES))
+    common = ["--input", str(source), "--device", "cpu", "--ensemble-weights", "2,1"]
+    for i, members in enumerate((["--model-dir", str(trained_model_dir), "--model-dir", str(other_model_dir)],
+                                 ["--ensemble", f"{trained_model_dir},{other_model_dir}"])):
+        output = tmp_path / f"out{i}.txt"
+        assert cli.main(["translate", *members, *common, "--output", str(output)]) == 0
+        assert output.read_text() == expected
+    assert cli.main(["translate", "--ensemble", f"{trained_model_dir},{other_model_dir}", "--input",
+                     str(source), "--ensemble-weights", "1"]) == 1
+    assert "--ensemble-weights: 1 weight(s) for 2 model(s)" in capsys.readouterr().err
     page = tmp_path / "attention.html"
-    shown = run_cli("attention", "--model-dir", trained_model_dir, "--model-dir", other_model_dir,
-                    "--text", "a b c", "--html", page)
-    assert shown.returncode == 0, shown.stderr
-    assert page.is_file()
+    assert cli.main(["attention", "--model-dir", str(trained_model_dir), "--model-dir", str(other_model_dir),
+                     "--text", "a b c", "--html", str(page)]) == 0
+    assert page.is_file() and f"{trained_model_dir.name}+{other_model_dir.name}" in page.read_text()
 
 
 # -- serving ------------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ def test_several_sets_give_one_table_and_a_json_line_each(trained_model_dir, rev
                                                           tmp_path, capsys):
     folder = tmp_path / "sets"
     folder.mkdir()
-    shutil.copy(reversal_corpus / "valid.src", folder / "valid.src")
-    shutil.copy(reversal_corpus / "valid.tgt", folder / "valid.ref")
-    shutil.copy(reversal_corpus / "test.src", folder / "copied.src")  # the sources as references: low BLEU
-    shutil.copy(reversal_corpus / "test.src", folder / "copied.ref")
+    for name, source, reference in (("valid", "valid.src", "valid.tgt"),
+                                    ("copied", "test.src", "test.src")):  # sources as references: low BLEU
+        for suffix, original in ((".src", source), (".ref", reference)):
+            lines = (reversal_corpus / original).read_text().splitlines(keepends=True)[:50]
+            (folder / f"{name}{suffix}").write_text("".join(lines))
     pair = ["--src", reversal_corpus / "test.src", "--ref", reversal_corpus / "test.tgt"]
     code, results, table = evaluate(capsys, "--model-dir", trained_model_dir, *pair, "--test-dir", folder)
     assert code == 0, table
@@ -37,19 +38,25 @@ def test_several_sets_give_one_table_and_a_json_line_each(trained_model_dir, rev
         assert (result["bleu"], result["chrf"]) == (expected["bleu"], expected["chrf"])
         assert SIGNATURE.fullmatch(result["signature"])
         assert result["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0")
-        assert result["sentences"] == 200 and result["sentences_per_s"] > 0
+        assert result["sentences"] == (200 if result["set"] == "test.src" else 50)
+        assert result["sentences_per_s"] > 0
     assert results[0]["bleu"] >= 90 and results[1]["bleu"] < 50 and results[2]["bleu"] >= 90
     lines = table.splitlines()
     assert lines[0].split() == ["test", "set", "sentences", "BLEU", "chrF", "sent/s"]
     for line, result in zip(lines[1:4], results):
-        assert line.split()[:4] == [result["set"], "200", f"{result['bleu']:.2f}", f"{result['chrf']:.2f}"]
+        assert line.split()[:4] == [result["set"], str(result["sentences"]), f"{result['bleu']:.2f}",
+                                    f"{result['chrf']:.2f}"]
     assert lines[4] == f"BLEU: {results[0]['signature']}"
     assert lines[5] == f"chrF: {results[0]['chrf_signature']}"
 
 
-def test_an_ensemble_evaluates_several_sets(trained_model_dir, reversal_corpus, capsys):
-    pairs = ["--src", reversal_corpus / "valid.src", "--ref", reversal_corpus / "valid.tgt",
-             "--src", reversal_corpus / "test.src", "--ref", reversal_corpus / "test.tgt"]
+def test_an_ensemble_evaluates_several_sets(trained_model_dir, reversal_corpus, tmp_path, capsys):
+    pairs = []
+    for split in ("valid", "test"):
+        for suffix, original in (("src", "src"), ("ref", "tgt")):
+            lines = (reversal_corpus / f"{split}.{original}").read_text().splitlines(keepends=True)[:50]
+            (tmp_path / f"{split}.{suffix}").write_text("".join(lines))
+            pairs += [f"--{suffix}", tmp_path / f"{split}.{suffix}"]
     _, alone, _ = evaluate(capsys, "--model-dir", trained_model_dir, *pairs)
     code, together, _ = evaluate(capsys, "--ensemble", f"{trained_model_dir},{trained_model_dir}", *pairs)
     assert code == 0
