@@ -87,6 +87,15 @@ def run_cli(*args: str | Path, input: str | bytes | None = None,
                                        done.stderr.decode("utf-8", errors="replace"))
 
 
+@pytest.fixture(autouse=True)
+def prepared_data_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own cache of prepared corpora (``SEQ2SEQ_CACHE``, inherited by the commands it
+    runs): no test writes to ~/.cache, and none finds what another prepared."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SEQ2SEQ_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reversal_corpus(tmp_path_factory) -> Path:
     """train/valid/test .src/.tgt files of the reversal task and ``cfg.yaml`` (MODEL_CONFIG)."""

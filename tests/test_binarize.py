@@ -313,7 +313,8 @@ train: {batch_tokens: 100, epochs: 1, max_steps: 4, lr: 0.01, log_every: 2, thre
 """
 
 
-def test_training_maps_a_prepared_folder_and_refuses_one_that_does_not_fit(tmp_path, capsys):
+def test_training_maps_a_prepared_folder_and_refuses_one_that_does_not_fit(tmp_path, capsys,
+                                                                            prepared_data_cache):
     data = write_reversal(tmp_path / "data", {"train": 300}, seed=3)
     (data / "cfg.yaml").write_text(TRAIN_CONFIG, encoding="utf-8")
     common = ["--config", str(data / "cfg.yaml"), "--data-dir", str(data)]
@@ -321,15 +322,18 @@ def test_training_maps_a_prepared_folder_and_refuses_one_that_does_not_fit(tmp_p
     assert main(["train", *common, "--model-dir", str(tmp_path / "own")]) == 0  # prepares its own
     assert main(["train", *common, "--model-dir", str(tmp_path / "given"),
                  "--set", "data.prepared=shared"]) == 0
-    assert (tmp_path / "own" / "prepared" / MANIFEST).is_file()
-    assert not (tmp_path / "given" / "prepared").exists()
+    cached = prepared_data_cache / "prepared"
+    [entry] = [p for p in cached.iterdir() if p.is_dir()]  # the own run's, in the cache
+    assert (entry / MANIFEST).is_file()
+    assert not (tmp_path / "own" / "prepared").exists() and not (tmp_path / "given" / "prepared").exists()
     own, given = (read_checkpoint(tmp_path / d / "last.safetensors")[0] for d in ("own", "given"))
     assert own.keys() == given.keys() and all(torch.equal(own[k], given[k]) for k in own)
     # a run whose prepared data is gone (or that predates it) resumes with its own tokenizers
-    shutil.rmtree(tmp_path / "own" / "prepared")
+    shutil.rmtree(entry)
     assert main(["train", "--model-dir", str(tmp_path / "own"), "--resume", "--set",
                  "train.max_steps=6"]) == 0
-    manifest = read_manifest(tmp_path / "own" / "prepared")
+    [entry] = [p for p in cached.iterdir() if p.is_dir()]
+    manifest = read_manifest(entry)
     assert manifest["tokenizer_files"] == read_manifest(data / "shared")["tokenizer_files"]
     capsys.readouterr()
     assert main(["train", *common, "--model-dir", str(tmp_path / "other"), "--set", "data.prepared=shared",

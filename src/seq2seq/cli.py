@@ -72,11 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE", help="override a config setting")
 
     prepare = commands.add_parser(
-        "prepare", help="encode a training corpus once into arrays of token ids for train")
-    prepare.add_argument("--config", type=Path, required=True, help="YAML config")
+        "prepare", help="encode a training corpus once into arrays of token ids for train",
+        description="Encode the config's training files into arrays of token ids: into --output, or "
+                    "(without it) into the cache of prepared corpora that train reuses ($SEQ2SEQ_CACHE, "
+                    "else $XDG_CACHE_HOME/seq2seq, else ~/.cache/seq2seq). --list and --clean manage "
+                    "the cache.")
+    prepare.add_argument("--config", type=Path, help="YAML config")
     prepare.add_argument("--data-dir", type=Path, help="folder the config's data paths are relative to")
-    prepare.add_argument("--output", type=Path, required=True,
-                         help="folder to write (train reads it with --set data.prepared=FOLDER)")
+    prepare.add_argument("--output", type=Path,
+                         help="folder to write (train reads it with --set data.prepared=FOLDER); "
+                              "default: the cache")
+    prepare.add_argument("--list", action="store_true",
+                         help="print the cache's entries: key, size, pairs, last use, inputs, settings")
+    prepare.add_argument("--clean", nargs="*", metavar="KEY",
+                         help="remove the cache's entries: those whose keys start with KEY, or all")
     prepare.add_argument("--workers", type=int, default=None,
                          help="encoding processes (default: one per core)")
     prepare.add_argument("--set", dest="overrides", action="append", default=[],
@@ -173,7 +182,7 @@ def _serve_limits(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in LIGHT_COMMANDS:
+    if args.command not in LIGHT_COMMANDS and not _manages_cache(args):
         from seq2seq.kernels.ops import keep_freed_memory
 
         keep_freed_memory()  # process-wide, so the command does it, not the library: see ops.py
@@ -516,13 +525,42 @@ def _served_models(args: argparse.Namespace) -> dict[str, list[Path]]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from seq2seq.data import cache
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    if _manages_cache(args):
+        if args.config is not None or args.output is not None:
+            raise ConfigError("prepare --list and --clean manage the cache: no --config, no --output")
+        if args.list:
+            found = cache.entries()
+            print(f"{cache.prepared_root()}: {len(found)} prepared corpora, "
+                  f"{sum(e['bytes'] for e in found) / 1e6:,.1f} MB", file=_stdout())
+            for entry in found:
+                print(cache.describe(entry), file=_stdout())
+        if args.clean is not None:
+            removed = cache.clean(args.clean or None, log=log)
+            log(f"removed {removed} prepared corpora from {cache.prepared_root()}")
+        return 0
+    if args.config is None:
+        raise ConfigError("prepare needs --config FILE (or --list, or --clean)")
     from seq2seq.data.prepare import binarize
     from seq2seq.training.setup import resolve_data_paths
 
     config = Config.load(args.config).override(args.overrides)
     resolve_data_paths(config, args.data_dir)
-    binarize(config, args.output, workers=args.workers, log=lambda message: print(message, file=sys.stderr))
+    if args.output is None:
+        folder, _ = cache.prepare_cached(config, workers=args.workers, log=log)
+        print(folder, file=_stdout())
+    else:
+        binarize(config, args.output, workers=args.workers, log=log)
     return 0
+
+
+def _manages_cache(args: argparse.Namespace) -> bool:
+    """``prepare --list`` or ``--clean``: light, they load no torch."""
+    return args.command == "prepare" and (args.list or args.clean is not None)
 
 
 def run_demo(args: argparse.Namespace) -> int:

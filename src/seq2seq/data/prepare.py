@@ -15,7 +15,8 @@ write is refused, naming one. An output that is a symlink is followed: the folde
 is built, beside itself, and the link stays. Worker processes die with their parent
 (``PR_SET_PDEATHSIG``).
 
-Training calls ``binarize`` from ``training.setup``, which coordinates the ranks of a run.
+Training calls ``binarize`` through ``data.cache`` (in a child process), from ``training.setup``,
+which coordinates the ranks of a run; by default its output is an entry of the cache.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import numpy as np
 
 from seq2seq.config import Config, ConfigError, DataConfig
 from seq2seq.data import prepared as fmt
-from seq2seq.data.batches import encode_corpus
 from seq2seq.data.prepared import MANIFEST, SIDES, file_record, mismatch, read_manifest
 from seq2seq.data.text import DataError, iter_parallel
 from seq2seq.data.tokenizers import Tokenizer, load_tokenizers, train_tokenizers
@@ -211,6 +211,7 @@ def _build(data: DataConfig, copies: dict[str, str], output: Path, folder: Path,
     ids_dtype = fmt.smallest_unsigned(max(len(src_tok), len(tgt_tok)) - 1)
     lengths_dtype = fmt.smallest_unsigned(data.max_len + 1)
     encoder = _Encoder(folder, data.max_len, data.long_pairs, ids_dtype, lengths_dtype)
+    from seq2seq.data import batches  # noqa: F401 - torch loads here, outside the encoding's time
     encoding = time.monotonic()
     counts = _write_arrays(_chunks(data, chunk_pairs), encoder, workers, folder)
     encoding = time.monotonic() - encoding
@@ -356,6 +357,8 @@ class _Encoder:
         self.tokenizers: tuple[Tokenizer, Tokenizer] | None = None
 
     def __call__(self, chunk: Chunk) -> dict[str, Any]:
+        from seq2seq.data.batches import encode_corpus  # loads torch: only where a corpus is encoded
+
         if self.tokenizers is None:
             self.tokenizers = load_tokenizers(self.folder)
         encoded = encode_corpus(*chunk, *self.tokenizers, self.max_len, self.long_pairs,

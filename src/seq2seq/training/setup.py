@@ -20,7 +20,8 @@ import torch
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import prepared as fmt
 from seq2seq.data.batches import EncodedCorpus, encode_corpus
-from seq2seq.data.prepare import PREPARED_DIR, binarize
+from seq2seq.data.cache import prepare_in_child
+from seq2seq.data.prepare import PREPARED_DIR
 from seq2seq.data.prepared import MANIFEST, PreparedCorpus, read_manifest
 from seq2seq.data.text import DataError, read_parallel
 from seq2seq.data.tokenizers import PAD_ID, Tokenizer, load_tokenizers
@@ -294,20 +295,21 @@ def training_corpus(config: Config, model_dir: Path, dist: Distributed, resume: 
     ``model_dir``).
 
     ``data.prepared`` names a prepared folder: used when it fits the config, refused when it
-    does not, made when it does not exist. Unset, the run prepares into ``MODEL_DIR/prepared``.
-    Rank 0 prepares while the others wait; then every rank reads the same files, so the page
-    cache holds them once per node. Where ``data.prepared`` is on each node's own disk (the model
-    folder being shared), the first process of each other node prepares its copy, with the
-    tokenizers rank 0 made. A fine-tuning run (``start``) takes its start's tokenizers.
+    does not, made when it does not exist. Unset, the run's data comes from the cache of
+    prepared corpora (``data.cache``), reused across runs; a resumed run that prepared into
+    ``MODEL_DIR/prepared`` (before the cache, or from a pipe) keeps it. Rank 0 prepares, in a
+    child process (``data.cache.prepare_in_child``), while the others wait; then every rank
+    reads the same files, so the page cache holds them once per node. Where the prepared folder
+    is on each node's own disk (the model folder being shared), the first process of each other
+    node prepares its copy, with the tokenizers rank 0 made. A fine-tuning run (``start``)
+    takes its start's tokenizers.
     """
     model_dir = Path(model_dir)
-    given = bool(config.data.prepared)
-    directory = Path(config.data.prepared) if given else model_dir / PREPARED_DIR
+    directory = Path(config.data.prepared) if config.data.prepared else model_dir / PREPARED_DIR
     if dist.is_main:
         # A resumed run keeps its tokenizers: the data is encoded with them, never with new ones.
         tokenizers_from = model_dir if resume else start.model_dir if start is not None else None
-        manifest = binarize(config, directory, rebuild=not (given or resume), log=log,
-                            tokenizers_from=tokenizers_from)
+        directory, manifest = prepare_in_child(config, model_dir, resume, tokenizers_from, log)
         if start is not None and not resume:
             reason = fmt.tokenizer_mismatch(manifest, start.model_dir)
             if reason:
@@ -323,14 +325,14 @@ def training_corpus(config: Config, model_dir: Path, dist: Distributed, resume: 
             for name in manifest["tokenizer_files"]:  # plain names, checked by read_manifest
                 atomic_write_bytes(model_dir / name, fmt.read_tokenizer_file(directory, name,
                                                                             directory / MANIFEST))
-    dist.barrier()
+    directory = Path(dist.broadcast(str(directory)))  # rank 0's folder: the cache's entry, or the run's
     if not dist.is_main and dist.local_rank == 0:
         # A node that does not see rank 0's folder has data.prepared on a disk of its own: its
         # first process prepares it there, with the run's tokenizers, while the others wait.
         manifest = read_manifest(directory)  # None where the folder or its manifest is missing
         if manifest is None:
             log(f"rank {dist.rank}: {directory} is not on this node; preparing it here")
-            manifest = binarize(config, directory, rebuild=False, log=log, tokenizers_from=model_dir)
+            _, manifest = prepare_in_child(config, model_dir, True, model_dir, log, directory=directory)
         reason = fmt.tokenizer_mismatch(manifest, model_dir)
         if reason:
             raise DataError(f"{directory} on the node of rank {dist.rank}: {reason} (it was not "
