@@ -36,6 +36,22 @@ def other_model_dir(reversal_corpus, tmp_path_factory) -> Path:
     return model_dir
 
 
+@pytest.fixture(scope="module")
+def transformer_model_dir(reversal_corpus, tmp_path_factory) -> Path:
+    """A tiny Transformer of the same task and tokenizers: another family in the ensemble."""
+    folder = tmp_path_factory.mktemp("runs")
+    config = folder / "transformer.yaml"
+    config.write_text(
+        "data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, valid_tgt: valid.tgt,\n"
+        "       tokenizer: word, vocab_size: 100}\n"
+        "model: {arch: transformer, d_model: 32, heads: 2, ff_size: 64, encoder_layers: 1,\n"
+        "        decoder_layers: 1, dropout: 0.0}\n"
+        "train: {batch_tokens: 500, epochs: 2, lr: 0.003, threads: 1, device: cpu, seed: 3}\n")
+    done = run_cli("train", "--config", config, "--data-dir", reversal_corpus, "--model-dir", folder / "tf")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "tf"
+
+
 def teacher_forced_score(translator: Translator, source: str, tokens: list[int]) -> float:
     """The summed log-probability of ``tokens`` then eos after ``source``, by one forward pass
     (the model's own forward, not the decoding session)."""
@@ -74,11 +90,14 @@ def test_two_copies_give_the_same_outputs(trained_model_dir, translator):
     assert [h[0].score for h in together] == pytest.approx([h[0].score for h in alone], abs=1e-5)
 
 
-@pytest.mark.parametrize("weights", [None, [1.0, 3.0]])
-def test_a_hypothesis_scores_the_weighted_mean_of_its_members(trained_model_dir, other_model_dir,
-                                                              translator, weights):
-    other = Translator.load(other_model_dir, device="cpu")
-    ensemble = Translator.load_ensemble([trained_model_dir, other_model_dir], weights, device="cpu")
+@pytest.mark.parametrize(("second", "weights"), [("other_model_dir", None), ("other_model_dir", [1.0, 3.0]),
+                                                 ("transformer_model_dir", None)])
+def test_a_hypothesis_scores_the_weighted_mean_of_its_members(trained_model_dir, translator, second,
+                                                              weights, request):
+    """With a smaller RNN of another seed, or with a Transformer (members of two families)."""
+    second_dir = request.getfixturevalue(second)
+    other = Translator.load(second_dir, device="cpu")
+    ensemble = Translator.load_ensemble([trained_model_dir, second_dir], weights, device="cpu")
     w = (0.5, 0.5) if weights is None else (0.25, 0.75)
     greedy = ensemble.hypotheses(SOURCES, beam=1)
     ensemble.config.decode.length_penalty = 0.0  # beam scores unnormalised: summed log-probabilities
