@@ -122,7 +122,7 @@ class ModelConfig:
     input_feeding: bool = True  # feed the last attentional vector into the next step
     dropout: float = 0.2
     tie_embeddings: bool = True  # target embedding shared with the output layer
-    arch: str = "rnn"  # rnn | transformer (ARCH_KEYS: which keys each reads; the rest below are its)
+    arch: str = "rnn"  # rnn | transformer; ARCH_KEYS says which keys each family reads
     d_model: int = 256  # embedding and residual width
     heads: int = 4  # attention heads; d_model must be divisible by heads
     ff_size: int = 1024  # feed-forward hidden width

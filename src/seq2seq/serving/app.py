@@ -106,10 +106,12 @@ class Served:
 
     def info(self) -> dict[str, Any]:
         config = self.translator.config
-        decode = config.decode
+        decode, rnn = config.decode, config.model.arch == "rnn"
         return {"name": self.name, "source_language": config.data.src_lang,
-                "target_language": config.data.tgt_lang, "cell": config.model.cell,
-                "attention": config.model.attention, "parameters": self.translator.model.num_parameters(),
+                "target_language": config.data.tgt_lang, "arch": config.model.arch,
+                "cell": config.model.cell if rnn else "transformer",
+                "attention": config.model.attention if rnn else "multi-head",
+                "parameters": self.translator.model.num_parameters(),
                 # an ensemble (Translator.load_ensemble): its members' folders, in order
                 **({"ensemble": [str(d) for d in self.translator.model_dirs]}
                    if hasattr(self.translator, "model_dirs") else {}),
