@@ -568,12 +568,12 @@ def test_a_real_server_cuts_slow_clients_and_stops_timed_out_requests(demo_model
         status, body = request(port, "POST", "/v1/translate", hostile)
         assert (status, body["error"]["code"]) == (504, "timeout")
         assert "(--timeout)" in body["error"]["message"]
+        until(lambda: not worker_stats(port)["decoding"], 30, "the batch stopped")  # a step, or the
+        busy = time.monotonic() - start  # encoder's pass over the 50,000 characters, at most
+        assert worker_stats(port)["stopped_batches"] == 1  # stopped, not finished
         status, body = request(port, "POST", "/v1/translate", {"text": "abc", "beam": 1})
-        busy = time.monotonic() - start
         expected = Translator.load(demo_model_dir, device="cpu").translate(["abc"], beam=1)
         assert status == 200 and [r["translation"] for r in body["results"]] == expected
-        stats = worker_stats(port)
-        assert stats["stopped_batches"] == 1 and not stats["decoding"]
         print(f"the worker was busy {busy:.1f} s with a hostile request and --timeout 2")
 
         answer = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: evil.example\r\n"
@@ -611,7 +611,8 @@ def test_a_real_servers_memory_follows_the_attention_asked_for(demo_model_dir):
     """Attention is kept only for requests that ask for it, and a request's attention is
     bounded before decoding (413 naming --max-attention-cells): the largest one allowed, sent
     three times at once, grows the server by a bounded amount."""
-    with serving("--model-dir", demo_model_dir) as (process, port):
+    with serving("--model-dir", demo_model_dir, "--max-attention-cells", "300000",
+                 "--timeout", "600") as (process, port):
         def translate(body: dict) -> tuple[int, dict]:
             return request(port, "POST", "/v1/translate", body)
 
@@ -622,8 +623,8 @@ def test_a_real_servers_memory_follows_the_attention_asked_for(demo_model_dir):
         assert status == 413 and "1,508,507 cells" in message and "(--max-attention-cells)" in message
         status, body = translate({"text": [long_text(1000)] * 100})  # 100 KB
         assert status == 413 and "(--max-decode-tokens)" in body["error"]["message"]
-        # 700 characters: 701 x 1,057 = 740,957 cells, within the default 1,000,000
-        largest = {"text": long_text(700), "return_attention": True}
+        # 400 characters: 401 x 607 = 243,407 cells, within 300,000
+        largest = {"text": long_text(400), "return_attention": True}
         answers: list = []
         threads = [threading.Thread(target=lambda: answers.append(translate(largest))) for _ in range(3)]
         for thread in threads:
@@ -635,10 +636,10 @@ def test_a_real_servers_memory_follows_the_attention_asked_for(demo_model_dir):
         after = rss_mb(process.pid)
         assert [status for status, _ in answers] == [200] * 3
         weights = answers[0][1]["results"][0]["attention"]
-        assert len(weights) <= 1057 and len(weights[0]) == 701  # rows: output tokens and eos
+        assert len(weights) <= 607 and len(weights[0]) == 401  # rows: output tokens and eos
         print(f"RSS {before:.0f} MB before, peak {peak:.0f} MB, {after:.0f} MB after three requests of "
-              f"740,957 attention cells")
-        assert peak - before < 400, (before, peak)
+              f"243,407 attention cells")
+        assert peak - before < 200, (before, peak)
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(demo_model_dir):
@@ -685,7 +686,7 @@ def test_sigterm_with_a_trickling_client_and_a_long_request_ends_within_the_drai
         trickling.start()
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(drain + 30) == 0
+        code = process.wait(drain + 30)
         took = time.monotonic() - start
         stop.set()
         trickling.join(10)
@@ -694,7 +695,7 @@ def test_sigterm_with_a_trickling_client_and_a_long_request_ends_within_the_drai
         trickler.close()
         stderr = process.stderr.read().decode()
         print(f"SIGTERM to exit: {took:.1f} s with --drain-timeout {drain}")
-        assert took < drain + 2, stderr
+        assert code == 0 and took < drain + 3, stderr
         assert answer.startswith(b"HTTP/1.1 503") and b"--drain-timeout" in answer, answer
         status, body = answers[0]
         assert (status, body["error"]["code"]) == (503, "shutting_down") and "--drain-timeout" in str(body)

@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -157,12 +158,12 @@ class Models:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the workers: what is queued is decoded, unless its requests are gone (then the
-        batch stops at its next step); a worker still busy after ``timeout`` is left to die
-        with the process (its thread is a daemon)."""
+        batch stops at its next step); a worker still busy after ``timeout`` (in an encoder
+        pass, which cannot be cut) is left running, and ``run_server`` ends the process."""
         deadline = time.monotonic() + timeout
         for served in self.served.values():
             served.worker.stop(timeout=max(0.0, deadline - time.monotonic()))
-            if served.worker.alive:
+            if served.worker.busy:
                 log.warning("model %r: its decoding worker was still busy at exit", served.name)
 
     def get(self, name: str | None, field: str = "model") -> Served:
@@ -344,6 +345,13 @@ class Drain:
         for reading in self.reading:
             self.cut(reading)
 
+    def seconds_left(self, otherwise: float = 5.0) -> float:
+        """Seconds to the end of the drain time once draining (half a second at least), else
+        ``otherwise``."""
+        if self.at is None or self.loop is None:
+            return otherwise
+        return max(0.5, self.at + 1.0 - self.loop.time())
+
     def cut(self, reading: asyncio.Timeout) -> None:
         """Bring a body read's deadline forward to the drain deadline."""
         if self.at is not None and (reading.when() is None or reading.when() > self.at):
@@ -379,7 +387,7 @@ def create_app(loaders: dict[str, Callable[[], Translator]], config: ServeConfig
         drain.loop = asyncio.get_running_loop()
         threading.Thread(target=models.load, name="load-models", daemon=True).start()
         yield
-        models.stop()
+        models.stop(timeout=drain.seconds_left())
         results_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="seq2seq", summary="Translate with RNN encoder-decoder models", version="1",
@@ -721,6 +729,12 @@ def run_server(loaders: dict[str, Callable[[], Translator]], config: ServeConfig
         signal.signal(signal.SIGTERM, previous)
     if app.state.models.error is not None:
         raise app.state.models.error
+    if any(served.worker.busy for served in app.state.models.served.values()):
+        # a batch still in a step that cannot be cut (an encoder pass) at the drain deadline:
+        # its requests are answered, and letting the interpreter finalize under a running
+        # torch thread would abort the process, so it ends here
+        logging.shutdown()
+        os._exit(0)
 
 
 def header_timeout_protocol(seconds: float) -> type:

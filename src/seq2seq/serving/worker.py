@@ -149,6 +149,11 @@ class DecodingWorker:
         return self._thread.is_alive() and self.error is None
 
     @property
+    def busy(self) -> bool:
+        """The thread still runs (after ``stop``: it has not finished its batch yet)."""
+        return self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         """Sentences waiting to be decoded."""
         with self._lock:
