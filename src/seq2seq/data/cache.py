@@ -72,13 +72,20 @@ def prepared_root(root: Path | None = None) -> Path:
 
 
 # -- keys ----------------------------------------------------------------------------------------
-def cache_key(data: DataConfig, tokenizers: dict[str, str] | None = None) -> str:
+def cache_key(data: DataConfig, tokenizers: dict[str, str] | None = None,
+              sources: dict[str, str] | None = None) -> str:
     """The key of ``data``'s training files and settings (and imposed ``tokenizers``, as
-    ``tokenizer_identity`` gives them). Hashes the training files: they must be regular files."""
-    sources = {name: fmt.file_record(path)["sha256"] for name, path in fmt.source_paths(data).items()}
+    ``tokenizer_identity`` gives them). Hashes the training files (regular files), unless
+    ``sources`` gives their SHA-256s (``source_digests``)."""
+    sources = sources or source_digests(data)
     material = {"format": fmt.FORMAT, "settings": fmt.settings_of(data), "sources": sources,
                 "tokenizers": tokenizers}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:KEY_DIGITS]
+
+
+def source_digests(data: DataConfig) -> dict[str, str]:
+    """The SHA-256 of each training file, by setting name (``train_src``, ``train_tgt``)."""
+    return {name: fmt.file_record(path)["sha256"] for name, path in fmt.source_paths(data).items()}
 
 
 def tokenizer_identity(folder: Path) -> dict[str, str]:
@@ -180,7 +187,7 @@ def prepare_cached(config: Config, tokenizers_from: Path | None = None, workers:
     fine-tuning run: a model folder) the entry of the plain key is used when its tokenizers are
     that folder's, else the entry keyed by those tokenizers, built with them when missing.
     """
-    from seq2seq.data.prepare import binarize  # loads torch: not for --list and --clean
+    from seq2seq.data.prepare import binarize  # loads sentencepiece: not for --list and --clean
 
     root = prepared_root(root)
     try:
@@ -192,12 +199,13 @@ def prepare_cached(config: Config, tokenizers_from: Path | None = None, workers:
     if not _regular_inputs(data):
         raise DataError(f"{data.train_src}: a training file that is not a regular file (a pipe) cannot be "
                         f"hashed before it is read, so it is not cached: prepare it with --output FOLDER")
-    key = cache_key(data)
+    sources = source_digests(data)  # hashed once: the files may be large
+    key = cache_key(data, sources=sources)
     if tokenizers_from is not None:
         with _entry_lock(root, key, log):
             if _fits(_complete(root / key), data, root / key, tokenizers_from):
                 return root / key, binarize(config, root / key, workers, rebuild=False, log=log)
-        key = cache_key(data, tokenizer_identity(tokenizers_from))
+        key = cache_key(data, tokenizer_identity(tokenizers_from), sources)
     entry = root / key
     with _entry_lock(root, key, log):
         manifest = binarize(config, entry, workers, rebuild=True, tokenizers_from=tokenizers_from, log=log)
