@@ -219,6 +219,28 @@ def test_stopping_the_training_process_stops_its_preparation_and_a_rerun_prepare
     assert not [p for p in (cache.prepared_root()).iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_a_preparation_process_that_is_killed_ends_the_training_with_an_error_naming_it(tmp_path):
+    """The child killed (SIGKILL, as the OOM killer does) while it prepares: ``seq2seq train``
+    exits 1 with one line naming the process and the signal, and nothing looks prepared."""
+    data = _big_corpus(tmp_path / "data")
+    process, seen = _spawn("train", "--config", data / "cfg.yaml", "--data-dir", data, "--model-dir",
+                           tmp_path / "run"), []
+    try:
+        _read_until(process, r"^read and checked 25,000 pairs", seen)
+        [child] = [pid for pid in _children(process.pid) if "_child" in _cmdline(pid)]
+        os.kill(child, signal.SIGKILL)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == 1, err
+    assert err.strip().splitlines()[-1] == (f"seq2seq: error: the data preparation (process {child}) was "
+                                            f"killed by SIGKILL (out of memory?) before it finished; "
+                                            f"nothing was kept")
+    assert [e["manifest"] for e in cache.entries()] == [None]
+
+
 # -- concurrent writers ------------------------------------------------------------------------------
 def test_two_processes_preparing_one_key_one_builds_the_other_waits_and_reuses(tmp_path):
     """Two real ``seq2seq prepare`` processes for the same files and settings, started while this

@@ -281,9 +281,10 @@ def _error(result: dict[str, Any], pid: int, code: int) -> BaseException:
     """The child's error, as it was raised there."""
     error = result.get("error")
     if not error:
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = (f"was killed by {signal.Signals(-code).name} (out of memory?)" if code < 0
+               else f"exited with code {code} (its error is printed above)")
         return DataError(f"the data preparation (process {pid}) {how} before it finished; nothing "
-                         f"was kept. It may have run out of memory")
+                         f"was kept")
     if error["name"] == "KeyboardInterrupt":
         return KeyboardInterrupt()
     if error["name"] == "OSError" or "errno" in error:
