@@ -116,6 +116,21 @@ def test_the_loss_is_the_summed_cross_entropy_of_the_scores():
     torch.testing.assert_close(loss, want)
 
 
+def test_estimated_flops_match_torchs_count_of_the_products():
+    """torch's FlopCounterMode counts the linear layers' products but not SDPA on CPU: the
+    estimate less its attention pairs (4 * d_model FLOPs per pair and layer) must match it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = model("model.tie_embeddings=false")
+    src, lengths = batch()
+    tgt = torch.randint(3, VOCAB, (4, 6))
+    with FlopCounterMode(display=False) as counter:
+        net(src, lengths, tgt)
+    n, s, t, d = 4, src.size(1), tgt.size(1), net.config.d_model
+    attention = 4 * d * (2 * n * s * s + 2 * (n * t * t + n * s * t))  # 2 encoder, 2 decoder layers
+    assert net.estimate_flops(n * s, n * t, n * s * t) - attention == counter.get_total_flops()
+
+
 # -- the cache ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("beams", [1, 3])
 def test_cached_steps_score_as_recomputing_the_whole_prefix(beams):

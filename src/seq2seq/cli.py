@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="dates", help="dates | reversal | copy | progression")
     demo.add_argument("--output-dir", default="seq2seq-demo", type=Path)
     demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--arch", choices=("rnn", "transformer"), default="rnn",
+                      help="the model family (default: rnn, a GRU with attention)")
     demo.add_argument("--max-seconds", type=float, default=None,
                       help="training time budget (default: the task's own)")
 
@@ -566,7 +568,8 @@ def _manages_cache(args: argparse.Namespace) -> bool:
 def run_demo(args: argparse.Namespace) -> int:
     from seq2seq.demo import run_demo as demo
 
-    demo(task=args.task, output_dir=args.output_dir, seed=args.seed, max_seconds=args.max_seconds)
+    demo(task=args.task, output_dir=args.output_dir, seed=args.seed, max_seconds=args.max_seconds,
+         arch=args.arch)
     return 0
 
 

@@ -65,6 +65,14 @@ DEMO_SETTINGS = (
     "decode.beam=1",
 )
 
+# ``--arch transformer``: these in place of the model settings above and of a task's. Learned
+# positions: the characters' places are what these tasks are about.
+TRANSFORMER_SETTINGS = (
+    "model.arch=transformer", "model.d_model=64", "model.heads=4", "model.ff_size=256",
+    "model.encoder_layers=2", "model.decoder_layers=2", "model.dropout=0.0", "model.positions=learned",
+    "train.lr=0.005", "train.schedule=inverse_sqrt", "train.warmup_steps=80", "train.epochs=4",
+)
+
 # Reversal and copy are one "word" a line, so BLEU (hence validation) says nothing about them;
 # without validation's learning-rate drops they need input feeding's sense of position.
 _STEPWISE = ("model.attention=bahdanau", "model.input_feeding=true", "train.lr=0.002")
@@ -96,19 +104,27 @@ class DemoResult:
     seconds: float
 
 
-def demo_config(task: str, max_seconds: float | None = None, seed: int = 1) -> Config:
-    """The config the demo trains ``task`` with; data paths are relative to the data folder."""
+def demo_config(task: str, max_seconds: float | None = None, seed: int = 1, arch: str = "rnn") -> Config:
+    """The config the demo trains ``task`` with (``arch``: rnn or transformer); data paths are
+    relative to the data folder."""
     spec = _task(task)
     config = Config()
-    config.override([*DEMO_SETTINGS, *spec.settings])
+    settings = [*DEMO_SETTINGS, *spec.settings]
+    if arch == "transformer":
+        settings = [*(s for s in settings if not s.startswith("model.")), *TRANSFORMER_SETTINGS]
+    elif arch != "rnn":
+        raise ConfigError(f"--arch must be rnn or transformer, got {arch!r}")
+    config.override(settings)
     config.train.seed = seed
     config.train.max_minutes = (spec.max_seconds if max_seconds is None else max_seconds) / 60
     return config.validate()  # a seed of -1 or a budget of nan is named here, before any work
 
 
 def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed: int = 1,
-             max_seconds: float | None = None) -> DemoResult:
+             max_seconds: float | None = None, arch: str = "rnn") -> DemoResult:
     """Generate ``task``, train on it, score the held-out examples and draw two pictures.
+
+    ``arch``: the model family, 'rnn' (a GRU with attention) or 'transformer'.
 
     ``max_seconds`` is the training budget (default: the task's ``max_seconds``). Progress goes
     to stderr (from training), the results to stdout.
@@ -117,21 +133,22 @@ def run_demo(task: str = "dates", output_dir: str | Path = "seq2seq-demo", seed:
     spec = _task(task)
     if max_seconds is not None and not 0 < max_seconds < float("inf"):
         raise ConfigError(f"max_seconds must be > 0, got {max_seconds}")
+    demo_config(task, max_seconds, seed, arch)  # the settings checked before any work
     out = Path(output_dir)
     lock = _claim(out)
     try:
-        return _run(task, spec, out, seed, max_seconds, start)
+        return _run(task, spec, out, seed, max_seconds, start, arch)
     finally:
         lock.release()
 
 
 def _run(task: str, spec: DemoTask, out: Path, seed: int, max_seconds: float | None,
-         start: float) -> DemoResult:
+         start: float, arch: str = "rnn") -> DemoResult:
     """``run_demo`` in the folder ``out``, claimed and locked."""
     data_dir, model_dir = out / "data", out / "model"
     data = make_task(task, n_train=spec.n_train, n_test=spec.n_valid + spec.n_test, seed=seed)
     files = write_task(data, data_dir, valid_size=spec.n_valid)
-    config = demo_config(task, max_seconds, seed)
+    config = demo_config(task, max_seconds, seed, arch)
     for key, name in files.items():
         if spec.validate or not key.startswith("valid_"):
             setattr(config.data, key, name)

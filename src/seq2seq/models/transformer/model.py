@@ -261,3 +261,16 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self, src_tokens: int, tgt_tokens: int, pairs: int) -> float:
+        """Forward-pass FLOPs of the matrix products for a padded batch (``Seq2Seq.estimate_flops``'s
+        contract: ``pairs`` is the sum of tgt_len * src_len; self-attention's pairs follow from it).
+        A multiply-add counts 2."""
+        d, ff, vocab = self.config.d_model, self.config.ff_size, self.generator.out_features
+        src_self = pairs * src_tokens / max(tgt_tokens, 1)  # sum of src_len ** 2
+        tgt_self = pairs * tgt_tokens / max(src_tokens, 1)
+        encoder = src_tokens * (8 * d * d + 4 * d * ff) + 4 * d * src_self
+        decoder = (tgt_tokens * (12 * d * d + 4 * d * ff) + src_tokens * 4 * d * d
+                   + 4 * d * (tgt_self + pairs))
+        return (len(self.encoder) * encoder + len(self.decoder) * decoder
+                + 2 * tgt_tokens * d * vocab)
