@@ -60,12 +60,13 @@ def make_corpus(folder: Path, pairs: int) -> tuple[Path, Path]:
 
 
 class Memory:
-    """Samples the RSS, PSS and USS (kB) of a process tree's processes, summed, every 0.2 s;
-    ``only`` keeps the processes whose command line contains it."""
+    """Samples the RSS, PSS and USS (kB) of a process tree's processes, summed, every 0.2 s, and
+    the RSS of its first process alone (``Top``); ``only`` keeps the processes whose command line
+    contains it."""
 
     def __init__(self, pid: int, only: str = "") -> None:
         self.pid, self.only = pid, only
-        self.peak = {"Rss": 0, "Pss": 0, "Uss": 0}
+        self.peak = {"Rss": 0, "Pss": 0, "Uss": 0, "Top": 0}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -87,7 +88,7 @@ class Memory:
 
     def _run(self) -> None:
         while not self.stop.wait(0.2):
-            total = {"Rss": 0, "Pss": 0, "Uss": 0}
+            total = {"Rss": 0, "Pss": 0, "Uss": 0, "Top": 0}
             for pid in self._tree():
                 try:
                     if self.only and self.only not in Path(f"/proc/{pid}/cmdline").read_text():
@@ -97,6 +98,8 @@ class Memory:
                     continue
                 fields = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
                 total["Rss"] += fields.get("Rss", 0)
+                if pid == self.pid:
+                    total["Top"] = fields.get("Rss", 0)
                 total["Pss"] += fields.get("Pss", 0)
                 total["Uss"] += fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
             for key, value in total.items():
@@ -193,6 +196,9 @@ def main() -> None:
             rows.append((f"train, {phase}: peak memory",
                          f"RSS {result['Rss_gib']:.2f} GiB, PSS {result['Pss_gib']:.2f} GiB "
                          f"(every process of the command; target RSS 1.2 GiB)"))
+            child = re.search(r"data prepared in process \d+ \(its peak memory ([\d,]+) MB\)", result["log"])
+            rows.append((f"train, {phase}: the training process alone; the preparation's process",
+                         f"peak RSS {result['Top_gib']:.2f} GiB; {child.group(1) if child else '?'} MB"))
         [entry] = entries()
         prepared = str(entry["folder"])
         if not args.skip_gloo:
