@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from seq2seq.config import Config, ConfigError
 from seq2seq.decoding.search import beam_search, greedy_search
 from seq2seq.decoding.translator import Translator
 from seq2seq.models.builder import build_model
+from seq2seq.models.checkpoint import CheckpointError
 from seq2seq.models.transformer.model import Transformer
 from seq2seq.models.transformer.session import TransformerSession
 from seq2seq.serving.app import create_app
@@ -391,3 +393,12 @@ def test_translator_server_and_attention_decode_a_transformer(pipeline_run):
         assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in weights)
     alignment = translator.attention("a b c d")
     assert alignment.weights.shape == (len(alignment.target_pieces), 5)
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_loading(pipeline_run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(pipeline_run, model_dir)
+    config = model_dir / "config.yaml"
+    config.write_text(config.read_text().replace("ff_size: 32", "ff_size: 48"))
+    with pytest.raises(CheckpointError, match="ff_size|shape|32"):
+        Translator.load(model_dir, device="cpu")
