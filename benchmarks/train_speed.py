@@ -73,10 +73,13 @@ def main() -> None:
     achieved = flops / seconds
     m = saved.model
     title = f"Training throughput, {Path(args.config).name} {' '.join(args.overrides)}".strip()
+    shape = (f"{m.cell}, {m.encoder_layers}x{m.hidden_size} {'bi-' if m.bidirectional else ''}encoder, "
+             f"attention {m.attention}, input feeding {m.input_feeding}, embed {m.embed_size}"
+             if m.arch == "rnn" else
+             f"transformer {m.encoder_layers}+{m.decoder_layers} layers, d_model {m.d_model}, "
+             f"{m.heads} heads, FFN {m.ff_size}, {m.norm}-norm")
     record(title, [
-        ("model", f"{m.cell}, {m.encoder_layers}x{m.hidden_size} {'bi-' if m.bidirectional else ''}encoder, "
-                  f"attention {m.attention}, input feeding {m.input_feeding}, embed {m.embed_size}, "
-                  f"vocab {len(src_tok)}/{len(tgt_tok)}, {model.num_parameters():,} parameters"),
+        ("model", f"{shape}, vocab {len(src_tok)}/{len(tgt_tok)}, {model.num_parameters():,} parameters"),
         ("batch", f"{t.batch_tokens} target tokens, {args.steps} timed steps after {args.warmup}"),
         ("sentences/s", f"{sentences / seconds:,.0f}"),
         ("target tokens/s", f"{tokens / seconds:,.0f} ({tokens / sentences:.2f} a sentence)"),
