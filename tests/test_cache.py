@@ -300,6 +300,11 @@ def test_prepare_list_and_clean(tmp_path, capsys):
     (root / ("a" * 32)).symlink_to(elsewhere)
     (root / ("b" * 32)).mkdir()
     (root / ("b" * 32) / "notes.txt").write_text("mine")
+    (root / keys[0] / "link").symlink_to(elsewhere / "precious.txt")  # removed, never followed
+    assert main(["prepare", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"{'a' * 32}  0.0 MB  last used" in listed and "(a symbolic link, not a prepared folder" in listed
+    assert f"{'b' * 32}  0.0 MB  last used" in listed and "(no manifest.json: a preparation" in listed
     with FileLock(root / f"{keys[0]}.lock"):
         assert main(["prepare", "--clean"]) == 0
         assert f"{root / keys[0]}: in use by pid {os.getpid()}" in capsys.readouterr().err

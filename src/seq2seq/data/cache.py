@@ -386,7 +386,7 @@ def describe(entry: dict[str, Any]) -> str:
     if entry["link"]:
         return f"{head}  (a symbolic link, not a prepared folder: left alone)"
     if manifest is None:
-        return f"{head}  (incomplete: a preparation that did not finish)"
+        return f"{head}  (no {fmt.MANIFEST}: a preparation that did not finish, or not a prepared folder)"
     inputs = ", ".join(f"{r.get('path')} ({r.get('size'):,} bytes)" for r in manifest["sources"].values())
     settings = " ".join(f"{k}={v}" for k, v in manifest["settings"].items())
     return f"{head}  {manifest['pairs']:,} pairs\n    inputs: {inputs}\n    settings: {settings}"
