@@ -546,7 +546,7 @@ def test_a_real_server_cuts_slow_clients_and_stops_timed_out_requests(demo_model
     request is answered at once; an unknown Host is refused; every answer, uvicorn's own 400
     too, carries the security headers."""
     with serving("--model-dir", demo_model_dir, "--header-timeout", "1", "--body-timeout", "1",
-                 "--timeout", "5", "--max-wait-ms", "0", "--beam", "10",
+                 "--timeout", "2", "--max-wait-ms", "0", "--beam", "10",
                  "--max-decode-tokens", "10000000") as (process, port):
         for partial in (b"", b"POST /v1/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"):
             with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -571,10 +571,13 @@ def test_a_real_server_cuts_slow_clients_and_stops_timed_out_requests(demo_model
         until(lambda: not worker_stats(port)["decoding"], 30, "the batch stopped")  # a step, or the
         busy = time.monotonic() - start  # encoder's pass over the 50,000 characters, at most
         assert worker_stats(port)["stopped_batches"] == 1  # stopped, not finished
-        status, body = request(port, "POST", "/v1/translate", {"text": "abc", "beam": 1})
+        for _ in range(3):  # a loaded machine may take more than --timeout 2 for one sentence
+            status, body = request(port, "POST", "/v1/translate", {"text": "abc", "beam": 1})
+            if status != 504:
+                break
         expected = Translator.load(demo_model_dir, device="cpu").translate(["abc"], beam=1)
         assert status == 200 and [r["translation"] for r in body["results"]] == expected
-        print(f"the worker was busy {busy:.1f} s with a hostile request and --timeout 5")
+        print(f"the worker was busy {busy:.1f} s with a hostile request and --timeout 2")
 
         answer = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: evil.example\r\n"
                                     b"Connection: close\r\n\r\n")
