@@ -6,7 +6,8 @@
 #
 # BEFORE_DIR, AFTER_DIR: checkouts (e.g. `git archive COMMIT | tar -x -C DIR`), each with
 # `.venv` holding its own editable install. MODEL_DIR: a trained model that both can load, for
-# decoding. Settings from the environment: CONFIGS (space-separated config names, default
+# decoding. Settings from the environment: VARIANTS (decode_speed.py variants, default
+# "greedy,beam5,beam5-bf16"), CONFIGS (space-separated config names, default
 # "multi30k_en_de multi30k_en_de_joey"), ROUNDS (default 2), DATA_DIR (Multi30k).
 # It prints the figures only (NO_RECORD=1): copy the table into RESULTS.md with the commits.
 set -euo pipefail
@@ -21,6 +22,6 @@ for round in $(seq "${ROUNDS:-2}"); do
     done
     echo "== round $round, $side, decode, $(date -u +%T)"
     "$side/.venv/bin/python" "$side/benchmarks/decode_speed.py" --model-dir "$model_dir" \
-      --variants greedy,beam5,beam5-bf16 --batch-size 1000 | grep -E "sentences/s"
+      --variants "${VARIANTS:-greedy,beam5,beam5-bf16}" --batch-size 1000 | grep -E "sentences/s"
   done
 done
