@@ -12,9 +12,10 @@ differs is fetched again. requests streams each file into a temporary file besid
 (``.NAME.*.download``), hashed as it arrives, which is renamed into place only when complete
 and matching. The whole command has a deadline (``DEADLINE_S``; a watchdog shuts the
 connection down when it passes) and each file a size cap (``MAX_FILE_BYTES``), so a server
-that trickles, stalls or sends without end cannot hold the command or fill the disk. A failed or interrupted (Ctrl-C) download removes its temporary file; one
-killed outright (SIGKILL, or SIGTERM, which Python does not catch by default) leaves it, and
-the next run into the folder removes it first.
+that trickles, stalls or sends without end cannot hold the command or fill the disk. A
+failed or interrupted (Ctrl-C) download removes its temporary file; one killed outright
+(SIGKILL, or SIGTERM, which Python does not catch by default) leaves it, and the next run
+into the folder removes it first.
 """
 
 from __future__ import annotations
