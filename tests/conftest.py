@@ -16,8 +16,9 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,37 @@ def autograd_nodes(tensor) -> set[str]:
             seen.add(node)
             stack.extend(fn for fn, _ in node.next_functions)
     return {type(node).__name__ for node in seen}
+
+
+def in_threads(call: Callable[[int], object], count: int, seconds: float = 60) -> list:
+    """``call(0) ... call(count - 1)`` at once, each in its own thread (concurrent clients):
+    their results in order, once all have returned (each joined within ``seconds``)."""
+    results: list = [None] * count
+
+    def run(n: int) -> None:
+        results[n] = call(n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds)
+    return results
+
+
+def within(call: Callable[[], object], seconds: float, what: str) -> object:
+    """``call()`` run in a daemon thread that must end within ``seconds`` (else the test fails
+    naming ``what``): its result, or the exception it raised."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            result.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{what} blocked"
+    return result[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reversal_pairs, run_cli, serving
+from conftest import in_threads, reversal_pairs, run_cli, serving
 
 from seq2seq import cli
 from seq2seq.config import ConfigError
@@ -208,20 +208,14 @@ def test_a_real_server_serves_an_ensemble(trained_model_dir, other_model_dir):
     name = f"{trained_model_dir.name}+{other_model_dir.name}"
     with serving("--model-dir", trained_model_dir, "--model-dir", other_model_dir, "--device", "cpu",
                  "--max-wait-ms", "50") as (_, port):
-        results: list = [None] * len(sources)
-
-        def call(n: int) -> None:
+        def call(n: int) -> tuple[int, dict]:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             connection.request("POST", "/v1/translate", json.dumps({"text": sources[n]}),
                                {"Content-Type": "application/json"})
             response = connection.getresponse()
-            results[n] = (response.status, json.loads(response.read()))
+            return response.status, json.loads(response.read())
 
-        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(sources))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        results = in_threads(call, len(sources))
         assert [status for status, _ in results] == [200] * len(sources)
         assert [body["model"] for _, body in results] == [name] * len(sources)
         assert [body["results"][0]["translation"] for _, body in results] == ensemble.translate(sources)

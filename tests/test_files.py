@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import within
 
 from seq2seq.files import plain_name, read_named_file
 
@@ -25,19 +25,8 @@ def test_plain_names_are_accepted(name):
 
 def _read_in_thread(folder: Path, name: str) -> BaseException | bytes:
     """``read_named_file`` run in a thread that must end within 10 s (a FIFO must not block)."""
-    result: list = []
-
-    def read() -> None:
-        try:
-            result.append(read_named_file(folder, name, folder / "manifest.json", limit=1000))
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            result.append(error)
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "read_named_file blocked"
-    return result[0]
+    return within(lambda: read_named_file(folder, name, folder / "manifest.json", limit=1000), 10,
+                  "read_named_file")
 
 
 def test_links_fifos_devices_and_big_files_are_refused_naming_the_file_and_its_source(tmp_path):

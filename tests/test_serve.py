@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import free_port, reversal_pairs, serving
+from conftest import free_port, in_threads, reversal_pairs, serving
 from fastapi.testclient import TestClient
 
 from seq2seq.cli import main
@@ -470,17 +470,8 @@ def test_a_real_server_batches_concurrent_requests_like_translate(demo_model_dir
     translator = Translator.load(demo_model_dir, device="cpu")
     sources = [s for s, _ in make_task("reversal", n_train=0, n_test=24, seed=9).test]
     with serving("--model-dir", demo_model_dir, "--max-wait-ms", "50") as (process, port):
-        results: list = [None] * len(sources)
-
-        def call(n: int) -> None:
-            results[n] = request(port, "POST", "/v1/translate", {"text": sources[n], "return_attention": True,
-                                                                 "return_tokens": True})
-
-        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(sources))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        results = in_threads(lambda n: request(port, "POST", "/v1/translate", {
+            "text": sources[n], "return_attention": True, "return_tokens": True}), len(sources))
         assert [status for status, _ in results] == [200] * len(sources)
         assert [body["results"][0]["translation"] for _, body in results] == translator.translate(sources)
         status, health = request(port, "GET", "/health")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import within
 from safetensors.torch import save as safetensors_bytes
 
 from seq2seq import cli
@@ -369,22 +370,12 @@ def test_tokenizer_files_that_are_links_or_fifos_are_refused_at_once(tmp_path, k
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     what = "not a regular file" if kind == "fifo" else "a symbolic link"
-    result: list = []
-
-    def run() -> None:
-        try:
-            training_corpus(config, model_dir, Distributed(), resume=False, log=lambda _message: None)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            result.append(error)
-
-    import threading
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive(), "training_corpus hung on the planted file"
-    assert isinstance(result[0], DataError), result
+    error = within(lambda: training_corpus(config, model_dir, Distributed(), resume=False,
+                                           log=lambda _message: None),
+                   30, "training_corpus on the planted file")
+    assert isinstance(error, DataError), error
     assert re.search(rf"^{re.escape(str(path))} \(named by .*manifest\.json, tokenizer_files\): {what}",
-                     str(result[0])), str(result[0])
+                     str(error)), str(error)
     assert list(model_dir.iterdir()) == []
 
 
