@@ -81,6 +81,7 @@ def main() -> None:
     record(title, [
         ("model", f"{shape}, vocab {len(src_tok)}/{len(tgt_tok)}, {model.num_parameters():,} parameters"),
         ("batch", f"{t.batch_tokens} target tokens, {args.steps} timed steps after {args.warmup}"),
+        ("precision", f"{t.precision} (train.precision {config.train.precision!r} as given)"),
         ("sentences/s", f"{sentences / seconds:,.0f}"),
         ("target tokens/s", f"{tokens / seconds:,.0f} ({tokens / sentences:.2f} a sentence)"),
         ("model FLOP/s (analytic, x3 fwd+bwd)", f"{achieved / 1e9:.1f} GFLOP/s"),

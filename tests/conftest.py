@@ -38,7 +38,8 @@ MODEL_CONFIG = """\
 data: {train_src: train.src, train_tgt: train.tgt, valid_src: valid.src, valid_tgt: valid.tgt,
        test_src: test.src, test_tgt: test.tgt, tokenizer: word, vocab_size: 100}
 model: {embed_size: 32, hidden_size: 64, attention: bahdanau, input_feeding: false, dropout: 0.0}
-train: {batch_tokens: 500, epochs: 5, lr: 0.01, log_every: 20, threads: 1, device: cpu, seed: 1}
+train: {batch_tokens: 500, epochs: 5, lr: 0.01, log_every: 20, threads: 1, device: cpu, seed: 1,
+        precision: fp32}
 decode: {beam: 3}
 """
 

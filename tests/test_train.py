@@ -142,3 +142,25 @@ def test_bf16_on_cpu_runs_the_output_layer_in_bf16_without_autocast(corpus, tmp_
     tensors, state = checkpoint(tmp_path / "run")
     assert state["step"] == 3
     assert all(bool(torch.isfinite(t).all()) for k, t in tensors.items() if k.startswith("model."))
+
+
+def test_precision_auto_is_decided_at_the_start_and_kept_on_resume(corpus, tmp_path, monkeypatch, capsys):
+    """auto becomes the precision this CPU computes natively; the run's config.yaml records it,
+    and a resume on a CPU without native BF16 goes on in the run's own precision."""
+    from seq2seq import device as device_module
+    from seq2seq.config import Config
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    train(corpus, tmp_path / "run", "--set", "train.max_steps=2")  # CONFIG leaves precision: auto
+    assert Config.load(tmp_path / "run" / "config.yaml").train.precision == "bf16"
+    assert "precision bf16 (auto: this CPU has native BF16)" in capsys.readouterr().err
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    train(corpus, tmp_path / "run", "--resume", "--set", "train.max_steps=3")  # the saved config: bf16
+    assert "precision bf16;" in capsys.readouterr().err
+    train(corpus, tmp_path / "run", "--resume", "--config", str(corpus / "cfg.yaml"), "--data-dir",
+          str(corpus), "--set", "train.max_steps=4")  # the config again: auto
+    assert "precision bf16 (auto: the run's own, kept on resume)" in capsys.readouterr().err
+    assert checkpoint(tmp_path / "run")[1]["step"] == 4
+    train(corpus, tmp_path / "fresh", "--set", "train.max_steps=1")  # a new run here: fp32
+    assert Config.load(tmp_path / "fresh" / "config.yaml").train.precision == "fp32"
+    assert "precision fp32 (auto: no native BF16 on this device)" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from seq2seq import kernels
 from seq2seq.config import Config, ConfigError
 from seq2seq.decoding.search import beam_search, greedy_search
 from seq2seq.decoding.translator import Translator
+from seq2seq.kernels.ops import precision_autocast
 from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import CheckpointError
 from seq2seq.models.transformer.model import Transformer
@@ -246,7 +247,7 @@ def test_attention_rows_sum_to_one_over_real_positions_per_layer_and_head():
         TransformerSession(net, attention_head=4)
 
 
-def test_int8_decodes_and_bf16_on_cpu_is_refused_clearly():
+def test_int8_decodes_and_bf16_autocasts_the_whole_model_on_cpu():
     net = model(seed=9)
     src, lengths = batch()
     limits = torch.full((4,), 6)
@@ -254,8 +255,16 @@ def test_int8_decodes_and_bf16_on_cpu_is_refused_clearly():
     assert kernels.apply(quantized, "fast", "cpu") == kernels.REFERENCE
     found = greedy_search(quantized, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
     assert all(math.isfinite(h.score) for h in found)
-    with pytest.raises(ConfigError, match="bf16"):
-        kernels.apply(net, "fast", "cpu", precision="bf16")
+    assert kernels.apply(net, "fast", "cpu", precision="bf16") == kernels.REFERENCE
+    tgt = torch.randint(3, VOCAB, (4, 5))
+    with precision_autocast("fp32", "cpu", net):
+        full = net(src, lengths, tgt)[0]
+    with precision_autocast("bf16", "cpu", net):
+        half = net(src, lengths, tgt)[0]
+        found = greedy_search(net, src, lengths, bos=BOS, eos=EOS, max_lengths=limits)
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16  # the products ran in bf16
+    assert torch.allclose(half.float(), full, atol=0.1) and not torch.equal(half.float(), full)
+    assert all(math.isfinite(h.score) for h in found)
 
 
 # -- toy tasks ---------------------------------------------------------------------------------

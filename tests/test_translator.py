@@ -188,11 +188,11 @@ def test_a_5000_character_line_of_2500_words_translates(translator):
 
 def test_bf16_decoding_agrees_with_fp32_and_bad_precision_is_refused(trained_model_dir, translator):
     bf16 = Translator.load(trained_model_dir, precision="bf16")
-    assert bf16.config.train.precision == "bf16"
+    assert bf16.config.decode.precision == "bf16" and translator.config.decode.precision == "fp32"
     sentences = [s for s, _ in reversal_pairs(30, random.Random(5))]
     for beam in (1, 3):  # rounded scores rank, rescored candidates decide: the same answers
         assert bf16.translate(sentences, beam=beam) == translator.translate(sentences, beam=beam)
-    with pytest.raises(ValueError, match="train.precision"):
+    with pytest.raises(ValueError, match="decode.precision"):
         Translator.load(trained_model_dir, precision="fp16")
 
 

@@ -163,8 +163,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", choices=("best", "last", "averaged"), default="best",
                         help="which weights: the best validation BLEU, the last, or seq2seq average's")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", choices=("fp32", "bf16"),
-                        help="decoding precision (default: the model's train.precision)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="decoding precision (default: the model's decode.precision, fp32)")
     parser.add_argument("--kernels", choices=("fast", "reference"),
                         help="fast paths or plain PyTorch (default: the model's train.kernels)")
     parser.add_argument("--quantize", action="store_true",

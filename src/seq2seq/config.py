@@ -25,6 +25,7 @@ CELLS = ("rnn", "gru", "lstm")
 ATTENTIONS = ("bahdanau", "dot", "general")
 ATTENTION_ALIASES = {"luong": "general", "none": None, "": None}
 TOKENIZERS = ("sentencepiece", "word", "char")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = re.compile(r"auto|cpu|cuda(:\d{1,4})?")
 # Upper bounds: a model of 10,000 layers takes a minute to refuse, even with no memory behind it;
 # ints past C's ranges crash inside the libraries. Wide enough for any real run.
@@ -211,8 +212,11 @@ class TrainConfig:
     max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops
     threads: int = 0  # torch threads on CPU; 0 means cores divided by processes per node
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (GPU: autocast; CPU: the output layer's products)
-    kernels: str = "fast"  # fast | reference (plain PyTorch only): see seq2seq/fastpath.py
+    # auto | fp32 | bf16. auto is bf16 on a CPU with native BF16 (avx512_bf16 or amx_bf16), fp32
+    # elsewhere, decided when a run starts (seq2seq.device.resolve_precision). bf16 autocasts the
+    # Transformer, and the RNN on a GPU; on a CPU the RNN's bf16 is its output layer's products.
+    precision: str = "auto"
+    kernels: str = "fast"  # fast | reference (plain PyTorch only): see seq2seq/kernels/policy.py
     backend: str = "auto"  # torch.distributed backend: auto | gloo | nccl
     keep_checkpoints: int = 0  # keep the weights of the last N saves for `seq2seq average`
     checkpoint_delay_s: float = 0.0  # test hook: sleep while a checkpoint is half written
@@ -238,8 +242,9 @@ class TrainConfig:
             raise ConfigError("train.label_smoothing must be in [0, 1)")
         if not 0.0 <= self.sampling_ratio <= 1.0:
             raise ConfigError("train.sampling_ratio must be in [0, 1]")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {quote(self.precision)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got "
+                              f"{quote(self.precision)}")
         if self.schedule not in ("plateau", "inverse_sqrt"):
             raise ConfigError(f"train.schedule must be 'plateau' or 'inverse_sqrt', got "
                               f"{quote(self.schedule)}")
@@ -262,6 +267,9 @@ class DecodeConfig:
     n_best: int = 1
     ban_unk: bool = True  # never emit <unk>
     quantize: bool = False  # int8 dynamic quantization of linear layers (CPU decoding)
+    # auto | fp32 | bf16, as train.precision but for decoding (an RNN's bf16 on a CPU is its
+    # output layer's products, which decoding gains little from: see benchmarks/RESULTS.md)
+    precision: str = "fp32"
     # Tokens per sentence to translate; a longer one is cut or refused as data.long_pairs says.
     # Decoding time grows with the square of the length: this bounds it.
     max_input_len: int = 5000
@@ -274,6 +282,9 @@ class DecodeConfig:
             raise ConfigError(f"decode.n_best ({self.n_best}) must be <= decode.beam ({self.beam})")
         _positive("decode.max_len_ratio", self.max_len_ratio)
         _at_most("decode.max_len_ratio", self.max_len_ratio, MAX_LEN_RATIO)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"decode.precision must be 'auto', 'fp32' or 'bf16', got "
+                              f"{quote(self.precision)}")
 
 
 @dataclass

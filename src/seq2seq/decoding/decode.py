@@ -58,8 +58,9 @@ def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeC
     ``src_ids``: token ids ending in eos (``encode_source``). ``settings``: a checked decode
     section (``config.decode_settings``): beam (1 = greedy search), n_best, batch_size (beam
     search decodes ``2 * batch_size // beam`` sentences at once, so about twice as many rows),
-    max_len_ratio, length_penalty, ban_unk. ``precision``: the model's ``train.precision``
-    (autocast, see ``ops.precision_autocast``). The model must be in eval mode on ``device``.
+    max_len_ratio, length_penalty, ban_unk. ``precision``: 'fp32' or 'bf16', the resolved
+    ``decode.precision`` (validation's: ``train.precision``; see ``ops.precision_autocast``).
+    The model must be in eval mode on ``device``.
     ``source`` names the sentences in errors (``source:line``, the first being ``first_line``).
     ``should_stop``: asked before each batch and each search step; when it returns True,
     ``search.DecodingStopped`` is raised (the server's batches whose requests all timed out or
@@ -81,7 +82,7 @@ def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeC
     order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1), key=lambda i: len(src_ids[i]))
     expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
     session = session_for(model, expected_rows)  # this call's, for all its batches (an ensemble's too)
-    with torch.inference_mode(), precision_autocast(precision, device.type):
+    with torch.inference_mode(), precision_autocast(precision, device.type, model):
         for start in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():
                 raise DecodingStopped(0)

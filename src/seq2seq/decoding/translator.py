@@ -27,7 +27,7 @@ from seq2seq.decoding.decode import decode_ids, encode_source
 from seq2seq.decoding.ensemble import Ensemble, check_shared_tokenizers
 from seq2seq.decoding.scores import score_translations
 from seq2seq.decoding.search import Hypothesis
-from seq2seq.device import resolve_device
+from seq2seq.device import resolve_device, resolve_precision
 from seq2seq.kernels import apply as kernels_apply
 from seq2seq.model_dir import AVERAGED, BEST, CONFIG_FILE, LAST
 from seq2seq.models.builder import build_model
@@ -56,9 +56,10 @@ class Translator:
              kernels: str | None = None) -> Translator:
         """Load ``best`` (or ``last``) weights, config and tokenizers from a model directory.
 
-        ``precision`` ('fp32' or 'bf16'; default: the config's ``train.precision``): bf16
-        runs the output layer's product in bf16 on CPU (1.2x the sentences/s of beam 5 on
-        CPUs with AVX-512 BF16 or AMX) and autocasts the model on a GPU.
+        ``precision`` ('auto', 'fp32' or 'bf16'; default: the config's ``decode.precision``,
+        fp32 unless set; 'auto' as ``seq2seq.device.resolve_precision``): bf16 runs an RNN's
+        output-layer product in bf16 on a CPU and autocasts the model elsewhere (the
+        Transformer on a CPU too). Its speed is in ``benchmarks/RESULTS.md``.
         ``quantize`` (default: the config's ``decode.quantize``) applies int8 dynamic
         quantization to the linear layers for CPU decoding, in this process only: the model
         directory keeps its float32 weights, and a quantized model is not saved. It runs on
@@ -92,14 +93,15 @@ class Translator:
         if quantize is not None:
             config.decode.quantize = quantize
         if precision is not None:
-            config.set("train.precision", precision, source="precision")
+            config.set("decode.precision", precision, source="precision")
         if kernels is not None:
             config.set("train.kernels", kernels, source="kernels")
         config.validate()
+        config.decode.precision = resolve_precision(config.decode.precision, translator.device)
         if config.decode.quantize and translator.device.type == "cpu":
             translator.model = _quantized(translator.model)
         kernels_apply(translator.model, config.train.kernels, translator.device,
-                      config.train.precision)
+                      config.decode.precision)
         return translator
 
     @classmethod
@@ -111,9 +113,10 @@ class Translator:
 
         Each member loads as ``load`` loads it, with the same arguments; they must share the
         source and target tokenizers (else a ConfigError naming the two files), and decode in
-        one precision (``precision``, default the first member's ``train.precision``), fp32
-        where bf16 would round their scores. Decoding settings (``decode``) are the first
-        member's. The translator's ``model`` is an ``Ensemble``; ``model_dirs`` lists the folders.
+        one precision (``precision``, default the first member's ``decode.precision``); bf16 on a
+        CPU rounds an RNN's output scores, which an ensemble cannot average: refused there. Decoding settings
+        (``decode``) are the first member's. The translator's ``model`` is an ``Ensemble``;
+        ``model_dirs`` lists the folders.
         """
         model_dirs = [Path(d) for d in model_dirs]
         if not model_dirs:
@@ -121,7 +124,7 @@ class Translator:
         members: list[Translator] = []
         for folder in model_dirs:
             members.append(cls.load(folder, checkpoint, device, quantize, precision, kernels))
-            precision = members[0].config.train.precision  # the first member's, for all of them
+            precision = members[0].config.decode.precision  # the first member's, for all of them
         check_shared_tokenizers(model_dirs, [(m.src_tok, m.tgt_tok) for m in members])
         ensemble = Ensemble([m.model for m in members], weights)
         ensemble.eval().session()  # refuses members that would round their scores, before any work
@@ -168,7 +171,7 @@ class Translator:
         sentences, first = iter(sentences), 1
         while chunk := list(itertools.islice(sentences, chunk_lines)):
             src_ids = [self.encode_source(s, f"{source}:{n}") for n, s in enumerate(chunk, start=first)]
-            yield decode_ids(self.model, src_ids, settings, self.device, self.config.train.precision,
+            yield decode_ids(self.model, src_ids, settings, self.device, self.config.decode.precision,
                              source=source, first_line=first)
             first += len(chunk)
 
@@ -180,7 +183,7 @@ class Translator:
         for a caller that needed the ids first (the server checks their length per request).
         ``should_stop``: see ``decode.decode_ids`` (the server's deadlines)."""
         settings = decode_settings(self.config.decode, beam=beam, n_best=n_best, batch_size=batch_size)
-        return decode_ids(self.model, src_ids, settings, self.device, self.config.train.precision,
+        return decode_ids(self.model, src_ids, settings, self.device, self.config.decode.precision,
                           return_attention=return_attention, source=source, should_stop=should_stop)
 
     def encode_source(self, sentence: str, where: str = "input") -> list[int]:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from seq2seq.config import ConfigError
 from seq2seq.kernels.gru import FusedEncoder, FusedGRU
 from seq2seq.kernels.loss import FusedOutputLoss
 from seq2seq.kernels.ops import FastDropout, FastTanh
@@ -92,11 +91,8 @@ def apply(model: Seq2Seq, kernels: str | FastPaths = "fast", device: torch.devic
 
 
 def _plain_transformer(model: Transformer, kernels: str | FastPaths, precision: str) -> FastPaths:
-    """``apply`` for a Transformer: nothing to swap. bf16 is autocast's on a GPU; on a CPU it
-    would be the RNN's output-layer path, which a Transformer has not: refused."""
-    if precision == "bf16" and _device_type(model) == "cpu":
-        raise ConfigError("precision bf16 on CPU is the RNN's output-layer path; decode or train a "
-                          "Transformer on CPU with precision fp32 (bf16 autocasts it on a GPU)")
+    """``apply`` for a Transformer: nothing to swap. Its bf16, on a CPU as on a GPU, is autocast
+    (``ops.precision_autocast``)."""
     model.applied_kernels = Applied(kernels, precision)
     return REFERENCE
 

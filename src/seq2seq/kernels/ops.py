@@ -83,11 +83,13 @@ class FastDropout(Twin, nn.Dropout):
         return dropout(x, self.p, self.training, self.on_cpu)
 
 
-def precision_autocast(precision: str, device_type: str) -> torch.autocast:
-    """The autocast context of ``train.precision``: bf16 autocasts the model on a GPU. On CPU
-    it never does (bf16 there is the output layer's products: ``FastPaths.bf16_output``), and
-    the context turns off a caller's autocast."""
-    enabled = precision == "bf16" and device_type != "cpu"
+def precision_autocast(precision: str, device_type: str, model: object = None) -> torch.autocast:
+    """The autocast context of ``train.precision`` ('fp32' or 'bf16', resolved) for ``model``.
+    bf16 autocasts the model on a GPU, and on a CPU where the model's class says
+    ``autocasts_on_cpu`` (the Transformer). The RNN's bf16 on a CPU is its output layer's products
+    instead (``FastPaths.bf16_output``). The context turns off a caller's autocast otherwise."""
+    on_cpu = getattr(model, "autocasts_on_cpu", False)
+    enabled = precision == "bf16" and (device_type != "cpu" or on_cpu)
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 

@@ -118,7 +118,7 @@ class Served:
                    if hasattr(self.translator, "model_dirs") else {}),
                 "decode": {"beam": decode.beam, "n_best": decode.n_best,  # validated <= beam
                            "length_penalty": decode.length_penalty, "max_len_ratio": decode.max_len_ratio,
-                           "precision": config.train.precision, "quantize": decode.quantize,
+                           "precision": config.decode.precision, "quantize": decode.quantize,
                            "device": str(self.translator.device)}}
 
 

@@ -38,6 +38,7 @@ from seq2seq.data.tokenizers import PAD_ID
 from seq2seq.decoding.decode import decode_ids, encode_source
 from seq2seq.decoding.scores import score_translations
 from seq2seq.decoding.translator import Translator
+from seq2seq.device import describe_precision
 from seq2seq.kernels.ops import precision_autocast
 from seq2seq.model_dir import BEST, LAST, METRICS_FILE, remove_stale_temporary_files
 from seq2seq.models.builder import build_model
@@ -189,7 +190,7 @@ def validation_scores(model: nn.Module, data: run_setup.RunData, config: Config,
     for indices in make_batches([len(s) for s in valid.src], [len(s) for s in valid.tgt], t.batch_tokens,
                                 t.max_sentences, seed=0, epoch=0, shuffle=False):
         batch = collate(indices, valid.src, valid.tgt).to(device)
-        with precision_autocast(t.precision, device.type):
+        with precision_autocast(t.precision, device.type, model):
             loss, _ = model(batch.src, batch.src_lengths, batch.tgt_in, tgt_out=batch.tgt_out)
         loss_sum += float(loss)
         tokens += batch.n_tokens
@@ -229,7 +230,9 @@ class _Run:
         cores = os.cpu_count() or 1
         torch.set_num_threads(config.train.threads or max(1, cores // dist.local_world_size))
         self.device = dist.device(config.train.device)
-        self.config = run_setup.prepare_config(config, model_dir, data_dir, resume, dist.is_main)
+        requested_precision = config.train.precision
+        self.config = run_setup.prepare_config(config, model_dir, data_dir, resume, dist.is_main,
+                                               self.device)
         self.t = t = self.config.train
         if dist.is_main:
             remove_stale_temporary_files(model_dir)
@@ -265,7 +268,8 @@ class _Run:
         if dist.is_main:
             group = dist.world_size * t.accumulate
             log(f"model: {self.model.num_parameters():,} parameters; {len(self.data.train.src):,} "
-                f"training pairs; device {self.device} ({paths.describe()}); "
+                f"training pairs; device {self.device} ({paths.describe()}); precision "
+                f"{describe_precision(requested_precision, t.precision, resume)}; "
                 f"{dist.world_size} process(es) x {t.accumulate} "
                 f"accumulation = effective batch of {group} x {t.batch_tokens} target tokens")
 
@@ -395,7 +399,7 @@ class _Run:
 
     def _autocast(self):
         """Autocast for ``train.precision`` (see ``ops.precision_autocast``)."""
-        return precision_autocast(self.t.precision, self.device.type)
+        return precision_autocast(self.t.precision, self.device.type, self.model)
 
     def _should_stop(self) -> bool:
         t, state = self.t, self.state

@@ -26,6 +26,7 @@ from seq2seq.data.prepared import MANIFEST, PreparedCorpus, read_manifest
 from seq2seq.data.text import DataError, read_parallel
 from seq2seq.data.tokenizers import PAD_ID, Tokenizer, load_tokenizers
 from seq2seq.decoding.translator import CHECKPOINTS
+from seq2seq.device import resolve_precision
 from seq2seq.files import (
     FileError,
     FileLock,
@@ -201,11 +202,16 @@ def resolve_data_paths(config: Config, data_dir: str | Path | None) -> None:
 
 
 def prepare_config(config: Config, model_dir: Path, data_dir: str | Path | None, resume: bool,
-                   is_main: bool) -> Config:
+                   is_main: bool, device: torch.device) -> Config:
     """The config of this session. A resumed run keeps its saved data and model sections (a
-    different value is an error naming it) and takes the new train and decode sections."""
+    different value is an error naming it) and takes the new train and decode sections.
+
+    ``train.precision: auto`` becomes the precision it stands for on ``device``
+    (``resolve_precision``), written so into the run's ``config.yaml``; a resumed run keeps
+    the precision it was started with, so that it goes on exactly as it would have."""
     resolve_data_paths(config, data_dir)
     if not resume:
+        config.train.precision = resolve_precision(config.train.precision, device)
         if is_main:
             config.save(model_dir / CONFIG_FILE)
         return config
@@ -217,6 +223,9 @@ def prepare_config(config: Config, model_dir: Path, data_dir: str | Path | None,
             if a != b and not (section == "data" and field.name.endswith(("_src", "_tgt")) and not a):
                 raise ConfigError(f"--resume: {section}.{field.name} is {a!r} but the run in "
                                   f"{model_dir} was started with {b!r}")
+    if config.train.precision == "auto":
+        config.train.precision = saved.train.precision
+    config.train.precision = resolve_precision(config.train.precision, device)
     saved.train, saved.decode = config.train, config.decode
     return saved
 

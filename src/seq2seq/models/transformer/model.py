@@ -169,6 +169,8 @@ class Transformer(nn.Module):
     ``encode``, ``cross_keys_values`` and ``decode`` are the pieces a decoding session calls.
     """
 
+    autocasts_on_cpu = True  # train.precision bf16 autocasts it on a CPU too (ops.precision_autocast)
+
     def __init__(self, config: ModelConfig, *, src_vocab: int, tgt_vocab: int, pad_id: int = 0) -> None:
         super().__init__()
         config.validate()
