@@ -121,6 +121,13 @@ def test_a_model_too_big_for_memory_is_refused_before_allocating(corpus, tmp_pat
     assert "seq2seq: error: the model section describes" in err and "GiB to train with Adam" in err
     assert "lower model.embed_size" in err
     assert not (tmp_path / "model" / "last.safetensors").exists()
+    transformer = tmp_path / "tf.yaml"
+    transformer.write_text(CONFIG.replace("embed_size: 16, hidden_size: 24, attention: bahdanau",
+                                          "arch: transformer, d_model: 999999996, heads: 4"))
+    code = cli.main(["train", "--config", str(transformer), "--data-dir", str(corpus),
+                     "--model-dir", str(tmp_path / "tf")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ERROR and "lower model.d_model, model.ff_size or the layers" in err
 
 
 def test_empty_validation_files_are_a_clear_error(corpus, tmp_path, capsys):

@@ -20,9 +20,10 @@ import torch
 from conftest import write_reversal
 from fastapi.testclient import TestClient
 
-from seq2seq import kernels
+from seq2seq import cli, kernels
 from seq2seq.config import Config, ConfigError
-from seq2seq.decoding.search import beam_search, greedy_search
+from seq2seq.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from seq2seq.decoding.search import beam_search, greedy_search, max_output_lengths
 from seq2seq.decoding.translator import Translator
 from seq2seq.kernels.ops import precision_autocast
 from seq2seq.models.builder import build_model
@@ -402,6 +403,41 @@ def test_translator_server_and_attention_decode_a_transformer(pipeline_run):
         assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in weights)
     alignment = translator.attention("a b c d")
     assert alignment.weights.shape == (len(alignment.target_pieces), 5)
+
+
+def test_the_attention_shown_is_the_chosen_layer_and_head(pipeline_run, tmp_path, capsys):
+    translator = Translator.load(pipeline_run, device="cpu")
+    ids = translator.encode_source("a b c d")
+    src, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
+    limits = max_output_lengths(lengths, translator.config.decode.max_len_ratio)
+
+    def weights(layer: int, head: int | None) -> torch.Tensor:  # the session's, straight
+        session = TransformerSession(translator.model, layer, head)
+        with torch.inference_mode():
+            found = greedy_search(translator.model, src, lengths, bos=BOS_ID, eos=EOS_ID, max_lengths=limits,
+                                  banned=[PAD_ID, BOS_ID, UNK_ID], with_attention=True, session=session)
+        return found[0].attention
+
+    shown = {}
+    for layer, head in [(-1, -1), (0, -1), (0, 1)]:
+        translator.config.decode.attention_layer, translator.config.decode.attention_head = layer, head
+        shown[layer, head] = translator.decode_ids([ids], beam=1, return_attention=True)[0][0]
+        assert torch.equal(shown[layer, head].attention, weights(layer, None if head == -1 else head))
+    assert not torch.allclose(shown[-1, -1].attention, shown[0, -1].attention)
+    assert not torch.allclose(shown[0, -1].attention, shown[0, 1].attention)
+
+    png = tmp_path / "layer0-head1.png"
+    assert cli.main(["attention", "--model-dir", str(pipeline_run), "--text", "a b c", "--output", str(png),
+                     "--attention-layer", "0", "--attention-head", "1", "--device", "cpu"]) == 0
+    assert png.stat().st_size > 1000
+    for flag, value, key in [("--attention-layer", "2", "decode.attention_layer"),
+                             ("--attention-head", "2", "decode.attention_head"),
+                             ("--attention-head", "-2", "decode.attention_head")]:
+        capsys.readouterr()
+        assert cli.main(["attention", "--model-dir", str(pipeline_run), "--text", "a b c", "--output",
+                         str(tmp_path / "x.png"), flag, value]) == cli.EXIT_ERROR
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_a_config_that_does_not_fit_the_weights_is_refused_before_loading(pipeline_run, tmp_path):

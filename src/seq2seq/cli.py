@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention = commands.add_parser("attention", help="plot the attention of one translation")
     _model_args(attention)
     attention.add_argument("--text", required=True)
+    _attention_args(attention)
     attention.add_argument("--output", type=Path, help="PNG file to write")
     attention.add_argument("--html", type=Path,
                            help="HTML page to write: the heatmap to hover, as `seq2seq serve` shows it")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=DIR",
                        help="serve the model in DIR as NAME; repeat for several (the first is the default); "
                             "NAME=DIR,DIR serves an ensemble")
+    _attention_args(serve)
     serve.add_argument("--n-best", type=int, help="alternatives per sentence (default: decode.n_best)")
     serve.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -169,6 +171,14 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="fast paths or plain PyTorch (default: the model's train.kernels)")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantization of the linear layers (CPU)")
+
+
+def _attention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attention-layer", type=int, metavar="N",
+                        help="a Transformer's decoder layer whose cross-attention is shown (default: "
+                             "decode.attention_layer, -1: the last)")
+    parser.add_argument("--attention-head", type=int, metavar="H",
+                        help="one head of that layer (default: decode.attention_head, -1: their mean)")
 
 
 def _serve_limits(parser: argparse.ArgumentParser) -> None:
@@ -323,7 +333,7 @@ def _ensemble_weights(args: argparse.Namespace, members: int) -> list[float] | N
 
 
 def _load(args: argparse.Namespace):
-    from seq2seq.decoding.translator import Translator
+    from seq2seq.decoding.translator import Translator, check_attention_choice
 
     check_device(args.device, "--device")
     folders = _model_dirs(args)
@@ -336,7 +346,12 @@ def _load(args: argparse.Namespace):
         translator = Translator.load_ensemble(folders, weights, **options)
     _apply_flags(translator.config, [("--beam", "decode.beam", args.beam),
                                      ("--n-best", "decode.n_best", getattr(args, "n_best", None)),
-                                     ("--batch-size", "decode.batch_size", args.batch_size)])
+                                     ("--batch-size", "decode.batch_size", args.batch_size),
+                                     ("--attention-layer", "decode.attention_layer",
+                                      getattr(args, "attention_layer", None)),
+                                     ("--attention-head", "decode.attention_head",
+                                      getattr(args, "attention_head", None))])
+    check_attention_choice(translator)
     return translator
 
 

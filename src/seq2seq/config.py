@@ -270,6 +270,10 @@ class DecodeConfig:
     # auto | fp32 | bf16, as train.precision but for decoding (an RNN's bf16 on a CPU is its
     # output layer's products, which decoding gains little from: see benchmarks/RESULTS.md)
     precision: str = "fp32"
+    # The Transformer's attention to show (heatmaps, the API's attention field): the cross-attention
+    # of decoder layer attention_layer (-1: the last), of head attention_head (-1: their mean).
+    attention_layer: int = -1
+    attention_head: int = -1
     # Tokens per sentence to translate; a longer one is cut or refused as data.long_pairs says.
     # Decoding time grows with the square of the length: this bounds it.
     max_input_len: int = 5000
@@ -282,6 +286,9 @@ class DecodeConfig:
             raise ConfigError(f"decode.n_best ({self.n_best}) must be <= decode.beam ({self.beam})")
         _positive("decode.max_len_ratio", self.max_len_ratio)
         _at_most("decode.max_len_ratio", self.max_len_ratio, MAX_LEN_RATIO)
+        if self.attention_head < -1:
+            raise ConfigError(f"decode.attention_head must be a head's index or -1 (their mean), got "
+                              f"{self.attention_head}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"decode.precision must be 'auto', 'fp32' or 'bf16', got "
                               f"{quote(self.precision)}")

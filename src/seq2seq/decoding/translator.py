@@ -33,6 +33,7 @@ from seq2seq.model_dir import AVERAGED, BEST, CONFIG_FILE, LAST
 from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model
 from seq2seq.models.rnn.model import Seq2Seq
+from seq2seq.models.transformer.model import Transformer
 
 CHUNK_LINES = 1000  # sentences per chunk of hypothesis_chunks: sorted by length within each
 
@@ -102,6 +103,7 @@ class Translator:
             translator.model = _quantized(translator.model)
         kernels_apply(translator.model, config.train.kernels, translator.device,
                       config.decode.precision)
+        check_attention_choice(translator)
         return translator
 
     @classmethod
@@ -224,6 +226,23 @@ class Translator:
         alignment = self.attention(text, beam=beam)
         return plot_attention(alignment.weights, alignment.source_pieces, alignment.target_pieces,
                               path, title=f"{text}  →  {alignment.translation}")
+
+
+def check_attention_choice(translator: Translator) -> None:
+    """Refuse ``decode.attention_layer`` or ``attention_head`` outside a Transformer's layers or
+    heads (each member's, for an ensemble), naming the setting, before any decoding."""
+    decode = translator.config.decode
+    members = translator.model.members if isinstance(translator.model, Ensemble) else [translator.model]
+    for model in members:
+        if not isinstance(model, Transformer):
+            continue
+        layers, heads = len(model.decoder), model.config.heads
+        if not -layers <= decode.attention_layer < layers:
+            raise ConfigError(f"decode.attention_layer must be in [{-layers}, {layers}) for this "
+                              f"model's {layers} decoder layers, got {decode.attention_layer}")
+        if decode.attention_head >= heads:
+            raise ConfigError(f"decode.attention_head must be in [0, {heads}) for this model's "
+                              f"{heads} heads, or -1 (their mean), got {decode.attention_head}")
 
 
 def _has_attention(model: torch.nn.Module) -> bool:

@@ -120,13 +120,15 @@ def policy(model: Seq2Seq) -> FastPaths:
                         for f in fields(FastPaths)})
 
 
-def decoding_session(model: Seq2Seq, expected_rows: int = 0) -> DecodingSession:
+def decoding_session(model: Seq2Seq, expected_rows: int = 0, attention_layer: int = -1,
+                     attention_head: int = -1) -> DecodingSession:
     """A session for one decoding call of ``model`` (in eval mode): ``FastRNNSession`` where
     ``policy(model)`` has decoding paths, else the plain ``RNNSession``. ``expected_rows``:
     about how many rows x steps the call decodes (source tokens x beam). A ``Transformer``'s is
-    its ``TransformerSession``."""
+    its ``TransformerSession``, whose attention is that of ``attention_layer`` and
+    ``attention_head`` (-1: the mean of the heads); an RNN has one attention."""
     if isinstance(model, Transformer):
-        return TransformerSession(model)
+        return TransformerSession(model, attention_layer, None if attention_head == -1 else attention_head)
     paths = policy(model)
     if paths.decodes_fast():
         return FastRNNSession(model, paths, expected_rows)

@@ -370,6 +370,10 @@ def load_data(config: Config, model_dir: Path, resume: bool, dist: Distributed,
     return RunData(src_tok, tgt_tok, train, valid_src, valid_ref, valid)
 
 
+SIZE_KEYS = {"rnn": "model.embed_size, model.hidden_size or the layers",
+             "transformer": "model.d_model, model.ff_size or the layers"}
+
+
 def check_model_size(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
     """Refuse a model that the device's memory cannot train, before allocating any of it."""
     try:
@@ -384,5 +388,4 @@ def check_model_size(config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer, dev
         raise ConfigError(
             f"the model section describes {parameters:,} parameters, "
             f"{parameters * BYTES_PER_PARAMETER / 2**30:,.1f} GiB to train with Adam, more than the "
-            f"{memory / 2**30:,.1f} GiB of {device}: lower model.embed_size, model.hidden_size "
-            f"or the layers")
+            f"{memory / 2**30:,.1f} GiB of {device}: lower {SIZE_KEYS[config.model.arch]}")
