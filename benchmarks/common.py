@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from seq2seq.device import cpu_fields
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DATA_DIR = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k"))
@@ -27,16 +29,8 @@ CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
 def machine_facts() -> dict[str, str]:
     """The CPU model, its speed-relevant flags, the threads and the torch version, by name."""
-    cpu, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not cpu:
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    fields = cpu_fields()
+    cpu, flags = fields.get("model name", ""), set(fields.get("flags", "").split())
     cpu = cpu or platform.processor() or "unknown CPU"
     present = [flag for flag in CPU_FLAGS if flag in flags]
     facts = {

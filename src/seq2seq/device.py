@@ -21,19 +21,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute in bf16
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of CPUs that compute in bf16
 
 
-@functools.cache
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU computes bf16 products natively (AVX-512 BF16 or AMX), read from the
-    kernel's CPU flags; False where they cannot be read (not Linux)."""
+def cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
+    """The first CPU's fields in the kernel's ``cpuinfo`` ('model name', 'flags', ...), by
+    name; empty where it cannot be read (not Linux)."""
+    fields: dict[str, str] = {}
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
+        return fields
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether this CPU computes bf16 products natively (AVX-512 BF16 or AMX), read from its
+    flags (``cpu_fields``); False where they cannot be read."""
+    flags = cpu_fields(cpuinfo).get("flags", "").split()
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 

@@ -29,6 +29,7 @@ from seq2seq.decoding.scores import score_translations
 from seq2seq.decoding.search import Hypothesis
 from seq2seq.device import resolve_device, resolve_precision
 from seq2seq.kernels import apply as kernels_apply
+from seq2seq.kernels import decoding_session
 from seq2seq.model_dir import AVERAGED, BEST, CONFIG_FILE, LAST
 from seq2seq.models.builder import build_model
 from seq2seq.models.checkpoint import CheckpointError, check_shapes, load_model
@@ -230,19 +231,16 @@ class Translator:
 
 def check_attention_choice(translator: Translator) -> None:
     """Refuse ``decode.attention_layer`` or ``attention_head`` outside a Transformer's layers or
-    heads (each member's, for an ensemble), naming the setting, before any decoding."""
+    heads (each member's, for an ensemble), naming the setting, before any decoding: the
+    bounds are its decoding session's."""
     decode = translator.config.decode
     members = translator.model.members if isinstance(translator.model, Ensemble) else [translator.model]
     for model in members:
-        if not isinstance(model, Transformer):
-            continue
-        layers, heads = len(model.decoder), model.config.heads
-        if not -layers <= decode.attention_layer < layers:
-            raise ConfigError(f"decode.attention_layer must be in [{-layers}, {layers}) for this "
-                              f"model's {layers} decoder layers, got {decode.attention_layer}")
-        if decode.attention_head >= heads:
-            raise ConfigError(f"decode.attention_head must be in [0, {heads}) for this model's "
-                              f"{heads} heads, or -1 (their mean), got {decode.attention_head}")
+        if isinstance(model, Transformer):
+            try:
+                decoding_session(model, 0, decode.attention_layer, decode.attention_head)
+            except ValueError as error:
+                raise ConfigError(f"decode.{error}") from None
 
 
 def _has_attention(model: torch.nn.Module) -> bool:

@@ -60,7 +60,8 @@ class TransformerSession:
         if not -layers <= attention_layer < layers:
             raise ValueError(f"attention_layer must be in [{-layers}, {layers}), got {attention_layer}")
         if attention_head is not None and not 0 <= attention_head < heads:
-            raise ValueError(f"attention_head must be in [0, {heads}) or None, got {attention_head}")
+            raise ValueError(f"attention_head must be one of the {heads} heads, 0 to {heads - 1}, "
+                             f"or their mean, got {attention_head}")
         self.model, self.layer, self.head = model, attention_layer % layers, attention_head
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, Cache]:
