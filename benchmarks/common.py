@@ -81,6 +81,30 @@ def matmul_peak(seconds: float = 2.0, size: int = 2048, device: str = "cpu",
     return best
 
 
+def turn_off_paths(names: list[str]) -> None:
+    """Run this process with the fast paths ``names`` (``seq2seq.kernels.FastPaths`` fields)
+    off and every other one as the policy decides: what each path buys is measured against
+    its absence, the others on (``kernel_share.py``). Wraps the policy's ``resolve``, which
+    ``seq2seq.kernels.apply`` and ``policy`` call; a benchmark-only switch."""
+    import dataclasses
+
+    import seq2seq.kernels as kernels
+
+    known = {field.name for field in dataclasses.fields(kernels.FastPaths)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise SystemExit(f"--without: no fast path named {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    if not names:
+        return
+    resolve = kernels.resolve
+
+    def resolve_without(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return dataclasses.replace(resolve(*args, **kwargs), **dict.fromkeys(names, False))
+
+    kernels.resolve = resolve_without
+
+
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

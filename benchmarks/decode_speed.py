@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, record
+from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, record, turn_off_paths
 
 # name: (beam, int8 dynamic quantization, bf16)
 VARIANTS = {"greedy": (1, False, False), "beam5": (5, False, False),
@@ -64,16 +64,19 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the fastest counts")
+    parser.add_argument("--without", default="", help="fast paths to turn off, comma-separated "
+                        "(seq2seq.kernels.FastPaths fields; kernel_share.py uses this)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print_header()
     if args.one:
+        turn_off_paths([name for name in args.without.split(",") if name])
         print(json.dumps(measure(args.model_dir, args.one, args.batch_size, args.repeat)))
         return
+    print_header()
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--model-dir", args.model_dir, "--one", variant,
-               "--batch-size", str(args.batch_size), "--repeat", str(args.repeat)]
+               "--batch-size", str(args.batch_size), "--repeat", str(args.repeat), "--without", args.without]
         results.append(json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                                  text=True).stdout.strip().splitlines()[-1]))
     peak = matmul_peak()
@@ -86,7 +89,8 @@ def main() -> None:
             bound = r["output_layer_flops"] / peak
             rows.append(("beam5: output-layer compute bound", f"{bound:.2f} s, i.e. "
                          f"{1000 / bound:.0f} sentences/s; reached {100 * bound / r['seconds']:.0f}%"))
-    record(f"Decoding test_2016_flickr, {args.model_dir}", rows)
+    without = f", without {args.without}" if args.without else ""
+    record(f"Decoding test_2016_flickr, {args.model_dir}{without}", rows)
 
 
 if __name__ == "__main__":

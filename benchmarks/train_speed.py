@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, record
+from common import DATA_DIR, ROOT, matmul_peak, peak_rss_gib, print_header, record, turn_off_paths
 
 from seq2seq.config import Config
 from seq2seq.data.batches import encode_corpus, make_batches
@@ -35,9 +35,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--without", default="", help="fast paths to turn off, comma-separated "
+                        "(seq2seq.kernels.FastPaths fields; kernel_share.py uses this)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line, record nothing")
     args = parser.parse_args()
-    print_header()
+    if not args.json:
+        print_header()
     keep_freed_memory()  # as the seq2seq command does
+    turn_off_paths([name for name in args.without.split(",") if name])
 
     config = Config.load(args.config).override(args.overrides)
     config.train.max_steps = args.warmup + args.steps
@@ -69,10 +74,16 @@ def main() -> None:
         tgt_len = max(len(corpus.tgt[i]) for i in indices) + 1
         n = len(indices)
         flops += 3 * model.estimate_flops(n * src_len, n * tgt_len, n * src_len * tgt_len)
+    if args.json:
+        print(json.dumps({"sentences_per_s": sentences / seconds, "tokens_per_s": tokens / seconds,
+                          "peak_rss_gib": train_rss}))
+        return
     peak = matmul_peak()
     achieved = flops / seconds
     m = saved.model
     title = f"Training throughput, {Path(args.config).name} {' '.join(args.overrides)}".strip()
+    if args.without:
+        title += f", without {args.without}"
     shape = (f"{m.cell}, {m.encoder_layers}x{m.hidden_size} {'bi-' if m.bidirectional else ''}encoder, "
              f"attention {m.attention}, input feeding {m.input_feeding}, embed {m.embed_size}"
              if m.arch == "rnn" else

@@ -1,0 +1,115 @@
+"""What each fast path buys end to end: training and decoding with it off, the others on.
+
+    python benchmarks/kernel_share.py --config configs/multi30k_en_de_joey.yaml \
+        --model-dir runs/joey [--rounds 2] [--steps 120]
+
+For every fast path (``seq2seq.kernels.FastPaths``) that the policy turns on for the config on
+this CPU, in the precision ``train.precision`` resolves to here, it trains ``--steps`` updates
+(``train_speed.py --without PATH``) and decodes test_2016_flickr greedily and with beam 5
+(``decode_speed.py --without PATH``, fp32 as ``decode.precision`` is by default) with that
+path off, each in its own process, against the same with every path on. Runs alternate in
+rounds (the order reversed each round) so that the machine's drift hits every variant alike;
+a variant's figure is the mean of its rounds. A path's gain is all-on over all-but-it.
+``--model-dir``: a model trained with the config, for decoding (without it: training only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from common import ROOT, print_header, record
+
+# the paths that run while training (train mode) and while decoding (eval mode)
+TRAINING = ("fused_gru", "stepwise", "fused_loss", "fast_tanh", "fast_dropout", "bf16_output")
+DECODING = ("fused_gru", "fast_tanh", "onednn_step", "onednn_output", "input_tables", "combined_values")
+BENCHMARKS = Path(__file__).resolve().parent
+
+
+def paths_on(config_path: str, overrides: list[str]) -> tuple[list[str], str]:
+    """The fast paths the policy turns on for the config on this CPU, and the precision."""
+    import torch
+
+    from seq2seq import kernels
+    from seq2seq.config import Config
+    from seq2seq.device import resolve_precision
+    from seq2seq.models.builder import build_model
+
+    config = Config.load(config_path).override(overrides)
+    precision = resolve_precision(config.train.precision, torch.device("cpu"))
+    model = build_model(config.model, 64, 64, 0)
+    policy = kernels.resolve("fast", "cpu", precision, model)
+    return [f.name for f in fields(policy) if getattr(policy, f.name)], precision
+
+
+def run(command: list[str]) -> dict:
+    out = subprocess.run([sys.executable, *command], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def alternate(variants: list[str], rounds: int, measure) -> dict[str, list[dict]]:  # noqa: ANN001
+    """``measure(without)`` for every variant ('' is all on), in rounds of alternating order."""
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for number in range(rounds):
+        for variant in variants if number % 2 == 0 else variants[::-1]:
+            results[variant].append(measure(variant))
+            print(f"round {number + 1}, without {variant or 'nothing'}: {results[variant][-1]}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/multi30k_en_de.yaml"))
+    parser.add_argument("--model-dir", default="", help="a model of the config, for decoding")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    print_header()
+    on, precision = paths_on(args.config, args.overrides)
+    print(f"paths on: {', '.join(on)}; training precision {precision}", flush=True)
+    sets = [x for item in args.overrides for x in ("--set", item)]
+
+    def train(without: str) -> dict:
+        return run([str(BENCHMARKS / "train_speed.py"), "--config", args.config, "--steps",
+                    str(args.steps), "--json", "--without", without, *sets])
+
+    rows = [("paths on", ", ".join(on)), ("training precision", precision)]
+    training = alternate([""] + [p for p in TRAINING if p in on], args.rounds, train)
+    base = statistics.mean(r["sentences_per_s"] for r in training[""])
+    rows.append(("training, every path on: sentences/s",
+                 " / ".join(f"{r['sentences_per_s']:.0f}" for r in training[""]) + f" (mean {base:.0f})"))
+    for path, runs in list(training.items())[1:]:
+        mean = statistics.mean(r["sentences_per_s"] for r in runs)
+        rows.append((f"training without {path}: sentences/s",
+                     " / ".join(f"{r['sentences_per_s']:.0f}" for r in runs)
+                     + f" (mean {mean:.0f}); **the path's gain {100 * (base / mean - 1):+.1f}%**"))
+
+    if args.model_dir:
+        for variant in ("greedy", "beam5"):
+            def decode(without: str, variant: str = variant) -> dict:
+                return run([str(BENCHMARKS / "decode_speed.py"), "--model-dir", args.model_dir,
+                            "--one", variant, "--batch-size", "0", "--repeat", "3", "--without", without])
+
+            decoding = alternate([""] + [p for p in DECODING if p in on], args.rounds, decode)
+            base = statistics.mean(r["sentences_per_s"] for r in decoding[""])
+            rows.append((f"decoding {variant} (fp32), every path on: sentences/s",
+                         " / ".join(f"{r['sentences_per_s']:.0f}" for r in decoding[""])
+                         + f" (mean {base:.0f}; BLEU {decoding[''][0]['bleu']:.2f})"))
+            for path, runs in list(decoding.items())[1:]:
+                mean = statistics.mean(r["sentences_per_s"] for r in runs)
+                rows.append((f"decoding {variant} without {path}: sentences/s",
+                             " / ".join(f"{r['sentences_per_s']:.0f}" for r in runs)
+                             + f" (mean {mean:.0f}; BLEU {runs[0]['bleu']:.2f}); "
+                             f"**the path's gain {100 * (base / mean - 1):+.1f}%**"))
+    title = f"What each fast path buys, {Path(args.config).name} {' '.join(args.overrides)}".strip()
+    record(title, rows)
+
+
+if __name__ == "__main__":
+    main()
