@@ -9,12 +9,18 @@ JoeyNMT and OpenNMT-py), it compares the same work across toolkits. FLOPs are co
 analytically from the matrix products of the batches actually trained
 (``Seq2Seq.estimate_flops``, x3 for forward and backward) and set against the fp32
 matrix-product peak measured in the same run, as nanoGPT's estimate_mfu does.
+
+Processes against threads: ``torchrun --standalone --nproc_per_node=2 benchmarks/train_speed.py
+--model-dir DIR --set train.max_sentences=32 ...`` trains data-parallel, one thread a process,
+the same 64 sentences an update as one process with batches of 64 (rank 0 reports, its memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,8 +44,13 @@ def main() -> None:
     parser.add_argument("--without", default="", help="fast paths to turn off, comma-separated "
                         "(seq2seq.kernels.FastPaths fields; kernel_share.py uses this)")
     parser.add_argument("--json", action="store_true", help="print one JSON line, record nothing")
+    parser.add_argument("--model-dir", default="", help="train there (default: a temporary folder); "
+                        "needed under torchrun, where every process must train into one folder")
     args = parser.parse_args()
-    if not args.json:
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world_size > 1 and not args.model_dir:
+        parser.error("under torchrun give --model-dir: every process trains into that one folder")
+    if not args.json and rank == 0:
         print_header()
     keep_freed_memory()  # as the seq2seq command does
     turn_off_paths([name for name in args.without.split(",") if name])
@@ -48,8 +59,11 @@ def main() -> None:
     config.train.max_steps = args.warmup + args.steps
     config.train.log_every = 1
     config.data.valid_src = config.data.valid_tgt = ""
-    with tempfile.TemporaryDirectory() as model_dir:
-        train(config, model_dir, data_dir=DATA_DIR)
+    with contextlib.ExitStack() as stack:
+        model_dir = args.model_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        train(config, model_dir, data_dir=DATA_DIR, overwrite=True)
+        if rank != 0:  # rank 0 counts and reports for all
+            return
         saved = Config.load(Path(model_dir) / "config.yaml")
         lines = [json.loads(x) for x in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
         src_tok, tgt_tok = load_tokenizers(Path(model_dir))
@@ -64,11 +78,12 @@ def main() -> None:
     corpus = encode_corpus(src_lines, tgt_lines, src_tok, tgt_tok, saved.data.max_len,
                            saved.data.long_pairs, log=lambda _m: None)
     t = saved.train
+    group = world_size * t.accumulate  # the batches of one update, rank r's the r-th of them
     batches = make_batches([len(s) for s in corpus.src], [len(s) for s in corpus.tgt],
                            t.batch_tokens, t.max_sentences, seed=t.seed, epoch=0)
     model = build_model(saved.model, len(src_tok), len(tgt_tok), PAD_ID)
     flops, sentences = 0.0, 0
-    for indices in batches[args.warmup:args.warmup + args.steps]:
+    for indices in batches[args.warmup * group:(args.warmup + args.steps) * group]:
         sentences += len(indices)
         src_len = max(len(corpus.src[i]) for i in indices)
         tgt_len = max(len(corpus.tgt[i]) for i in indices) + 1
@@ -91,7 +106,8 @@ def main() -> None:
              f"{m.heads} heads, FFN {m.ff_size}, {m.norm}-norm")
     record(title, [
         ("model", f"{shape}, vocab {len(src_tok)}/{len(tgt_tok)}, {model.num_parameters():,} parameters"),
-        ("batch", f"{t.batch_tokens} target tokens, {args.steps} timed steps after {args.warmup}"),
+        ("batch", f"{world_size} process(es) x {t.batch_tokens} target tokens, at most {t.max_sentences} "
+                  f"sentences; {args.steps} timed updates after {args.warmup}"),
         ("precision", f"{t.precision} (train.precision {config.train.precision!r} as given)"),
         ("sentences/s", f"{sentences / seconds:,.0f}"),
         ("target tokens/s", f"{tokens / seconds:,.0f} ({tokens / sentences:.2f} a sentence)"),
