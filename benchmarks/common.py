@@ -57,28 +57,17 @@ def print_header() -> None:
 
 def matmul_peak(seconds: float = 2.0, size: int = 2048, device: str = "cpu",
                 dtype: torch.dtype = torch.float32) -> float:
-    """Measured FLOP/s of a square matrix product: the machine's practical peak.
-
-    On CPU in float32 the faster of two libraries counts: ``torch.mm`` (MKL) and oneDNN
-    (``ops.cpu_linear``, which decoding uses; about 20% faster than MKL on this AMD CPU)."""
-    from seq2seq.kernels.ops import cpu_linear
-
+    """Measured FLOP/s of a square matrix product (``torch.mm``): the machine's practical peak."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    products = [torch.mm]
-    if device == "cpu" and dtype == torch.float32:
-        products.append(cpu_linear)
-    best = 0.0
-    for product in products:
-        product(a, b)
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / len(products):
-            product(a, b)
-            runs += 1
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = max(best, 2 * size**3 * runs / (time.perf_counter() - start))
-    return best
+    torch.mm(a, b)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
 def turn_off_paths(names: list[str]) -> None:

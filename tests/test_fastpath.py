@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 from conftest import autograd_nodes
+from torch.nn import functional as F
 
 from seq2seq.config import Config, ModelConfig, packaged_configs
 from seq2seq.decoding.search import beam_search, greedy_search, max_output_lengths
 from seq2seq.kernels import apply as apply_kernels
 from seq2seq.kernels import decoding_session, policy
 from seq2seq.kernels.gru import FusedGRU
-from seq2seq.kernels.ops import dropout_scale
 from seq2seq.kernels.policy import REFERENCE, FastPaths, Twin, private_ops, resolve
 from seq2seq.models.rnn.model import Seq2Seq
 
@@ -105,29 +105,28 @@ def test_long_sequences_in_float32():
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name, want in ref_grads.items():
         torch.testing.assert_close(fast_grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
-    with torch.no_grad():  # and 60 decoding steps through a session, tables and oneDNN
+    with torch.no_grad():  # and 60 decoding steps through a session (the fused encoder's)
         model.eval()
         src, lengths, tgt_in, _ = batch
         scores = []
         for kernels in ("fast", "reference"):
             apply_kernels(model, kernels)
-            session = decoding_session(model, expected_rows=10 ** 6)
+            session = decoding_session(model)
             memory, state = session.encode(src, lengths)
             steps = []
             for t in range(tgt_in.size(1)):
                 step, state, _ = session.step(tgt_in[:, t:t + 1], state, memory)
                 steps.append(step)
-            assert (getattr(session, "gru_input", None) is not None) == (kernels == "fast")
             scores.append(torch.cat(steps, 1))
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_between_gru_layers():
-    """The fused two-layer GRU drops its first layer's outputs with the mask that
-    ``dropout_scale`` draws: the same as two nn.GRU layers given that mask."""
+    """The fused two-layer GRU drops its first layer's outputs with ``F.dropout``'s mask:
+    the same as two nn.GRU layers given that mask."""
     torch.manual_seed(0)
     gru = torch.nn.GRU(5, 7, num_layers=2, batch_first=True, dropout=0.4).double()
-    FusedGRU.install(gru, FastPaths(fused_gru=True, fast_dropout=True), "cpu")
+    FusedGRU.install(gru, FastPaths(fused_gru=True), "cpu")
     first = torch.nn.GRU(5, 7, batch_first=True).double()
     second = torch.nn.GRU(7, 7, batch_first=True).double()
     with torch.no_grad():
@@ -138,7 +137,7 @@ def test_dropout_between_gru_layers():
     torch.manual_seed(7)
     fused, _ = gru.forward_padded(x)
     torch.manual_seed(7)
-    keep = dropout_scale((6, 3, 7), 0.4, torch.float64).transpose(0, 1)  # (T, B, H) drawn
+    keep = F.dropout(torch.ones(6, 3, 7, dtype=torch.float64), 0.4).transpose(0, 1)  # (T, B, H) drawn
     assert 0 < int((keep == 0).sum()) < keep.numel()
     plain, _ = second(first(x)[0] * keep)
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
@@ -161,34 +160,31 @@ def test_dropout_keeps_expected_values():
 
 def test_resolve_by_device_precision_and_model():
     model = make_model(torch.float32, **STEPWISE)
-    ops = frozenset({"onednn_linear", "grad_input"})
+    ops = frozenset({"grad_input"})
     assert resolve("reference", "cpu", "fp32", model, ops) == REFERENCE
     cpu = resolve("fast", "cpu", "fp32", model, ops)
     assert all(dataclasses.astuple(dataclasses.replace(cpu, bf16_output=True)))
     assert resolve("fast", "cpu", "bf16", model, ops).bf16_output
     gpu = resolve("fast", "cuda", "bf16", model, ops)  # autocast does the precision there
-    assert gpu == FastPaths(fused_loss=True, combined_values=True)
-    assert resolve("fast", "cuda", "fp32", model, ops).input_tables
+    assert gpu == FastPaths(fused_loss=True)
     with pytest.raises(ValueError, match="kernels must be 'fast' or 'reference'"):
         resolve("fastest", "cpu", "fp32", model, ops)
     lstm = make_model(torch.float32, cell="lstm", attention="general", input_feeding=True)
     lstm_paths = resolve("fast", "cpu", "fp32", lstm, ops)
-    assert not (lstm_paths.fused_gru or lstm_paths.stepwise or lstm_paths.input_tables)
+    assert not (lstm_paths.fused_gru or lstm_paths.stepwise) and lstm_paths.fused_loss
     int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     int8_paths = resolve("fast", "cpu", "bf16", int8, ops)
-    assert int8_paths.onednn_step and int8_paths.input_tables
-    assert not (int8_paths.onednn_output or int8_paths.bf16_output or int8_paths.combined_values)
+    assert int8_paths.fused_gru and not int8_paths.bf16_output  # its output layer is int8
     assert "fast paths: fused_gru, stepwise" in cpu.describe()
     assert REFERENCE.describe() == "fast paths: none (plain PyTorch)"
 
 
 def test_without_private_ops_their_paths_stay_off_and_the_rest_runs():
-    """A torch without oneDNN or ``aten.*_backward.grad_input``: the paths that need them
-    are off, the others on, and training and decoding give the reference's results."""
+    """A torch without ``aten.*_backward.grad_input``: the paths that need them are off, the
+    others on, and training gives the reference's results."""
     model = make_model(torch.float64, **STEPWISE)
     paths = resolve("fast", "cpu", "fp32", model, available=frozenset())
-    assert not (paths.fused_gru or paths.stepwise or paths.onednn_step or paths.onednn_output)
-    assert paths.fused_loss and paths.fast_tanh and paths.input_tables
+    assert not (paths.fused_gru or paths.stepwise) and paths.fused_loss
     batch = make_batch()
     loss, grads, nodes, _ = training_step(model, paths, batch)
     ref_loss, ref_grads, _, _ = training_step(model, "reference", batch)
@@ -196,22 +192,7 @@ def test_without_private_ops_their_paths_stay_off_and_the_rest_runs():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
     for name, want in ref_grads.items():
         torch.testing.assert_close(grads[name], want, rtol=1e-10, atol=1e-10)
-    assert private_ops() <= {"onednn_linear", "grad_input"}
-
-
-def test_decoding_runs_onednn_only_in_fast_sessions():
-    if "onednn_linear" not in private_ops():
-        pytest.skip("this torch has no oneDNN")
-    model = make_model(torch.float32, **GENERAL).eval()
-    src, lengths, tgt_in, _ = make_batch()
-    ran = {}
-    for kernels in ("fast", "reference"):
-        apply_kernels(model, kernels)
-        with torch.no_grad(), torch.autograd.profiler.profile() as prof:
-            greedy_search(model, src, lengths, bos=BOS, eos=EOS, max_lengths=lengths + 3)
-        ran[kernels] = {event.name for event in prof.function_events}
-    assert "mkldnn::_linear_pointwise" in ran["fast"]
-    assert "mkldnn::_linear_pointwise" not in ran["reference"]
+    assert private_ops() <= {"grad_input"}
 
 
 def test_search_gives_the_reference_outputs(translator):
@@ -269,7 +250,7 @@ def test_translator_load_takes_the_kernels(trained_model_dir):
     assert policy(Translator.load(trained_model_dir, device="cpu", kernels="reference").model) \
         == REFERENCE
     fast = policy(Translator.load(trained_model_dir, device="cpu").model)  # train.kernels: fast
-    assert fast.fused_gru and fast.onednn_output == ("onednn_linear" in private_ops())
+    assert fast.fused_gru and fast.fused_loss
     with pytest.raises(ConfigError, match="train.kernels must be 'fast' or 'reference'"):
         Translator.load(trained_model_dir, device="cpu", kernels="turbo")
 
@@ -282,8 +263,7 @@ def test_twins_keep_the_models_parameters_and_reference_swaps_them_back():
     model = make_model(torch.float32, **STEPWISE)
     state, parameters = model.state_dict(), list(model.parameters())
     apply_kernels(model, "fast")
-    assert _twins(model) == {"FusedGRU", "FusedEncoder", "StepwiseDecoder", "FusedOutputLoss",
-                             "FastDropout", "FastTanh"}
+    assert _twins(model) == {"FusedGRU", "FusedEncoder", "StepwiseDecoder", "FusedOutputLoss"}
     assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
     assert model.state_dict().keys() == state.keys()
     assert apply_kernels(model, "reference") == REFERENCE == policy(model)
@@ -296,10 +276,10 @@ def test_moving_the_model_decides_the_policy_again():
     model = make_model(torch.float32, **STEPWISE)
     cpu = apply_kernels(model, "fast")
     batch = make_batch()
-    assert cpu.fused_gru and cpu.stepwise and cpu.fast_tanh
+    assert cpu.fused_gru and cpu.stepwise and cpu.fused_loss
     model.to("meta")
     assert policy(model) == resolve("fast", "meta", "fp32", model)
-    assert not (policy(model).fused_gru or policy(model).onednn_output)
+    assert not (policy(model).fused_gru or policy(model).stepwise)
     assert all(not m.on_cpu for m in model.modules() if isinstance(m, Twin))
     model.to_empty(device="cpu")
     assert policy(model) == cpu
@@ -316,7 +296,7 @@ def test_moving_the_model_decides_the_policy_again():
     torch.manual_seed(5)
     loss, _ = model(*batch[:3], tgt_out=batch[3], label_smoothing=0.1)
     nodes = autograd_nodes(loss)
-    assert not nodes & {"_GRULayerFunctionBackward", "_StepwiseGRUFunctionBackward", "_TanhBackward"}
+    assert not nodes & {"_GRULayerFunctionBackward", "_StepwiseGRUFunctionBackward"}
     torch.testing.assert_close(loss, ref_loss)
 
 
@@ -337,7 +317,7 @@ def test_cuda_runs_cudnn_and_matches_the_cpu_reference(layout):
     batch = make_batch()
     ref_loss, ref_grads, _, _ = training_step(model, "reference", batch)
     paths = apply_kernels(model, "fast", "cuda")
-    assert not (paths.fused_gru or paths.stepwise or paths.fast_tanh or paths.onednn_output)
+    assert not (paths.fused_gru or paths.stepwise)
     assert all(not m.on_cpu for m in model.modules() if isinstance(m, Twin))
     model.train().zero_grad()
     src, lengths, tgt_in, tgt_out = (t.cuda() for t in batch)

@@ -1,6 +1,6 @@
 """The fused step-wise decoder (FastPaths.stepwise) must match the decoder's plain step loop:
-the loss, the attention weights and the gradient of every parameter; its dropout mask is the
-one ``dropout_scale`` draws; it runs in training mode only."""
+the loss, the attention weights and the gradient of every parameter; its dropout mask is
+``F.dropout``'s, one for all steps; it runs in training mode only."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 import torch
 from conftest import autograd_nodes
 from torch import nn
+from torch.nn import functional as F
 
 from seq2seq.config import ModelConfig
 from seq2seq.kernels import apply as apply_kernels
-from seq2seq.kernels.ops import dropout_scale
 from seq2seq.kernels.policy import REFERENCE, FastPaths
 from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB, LENGTHS, TGT_LEN = 13, [7, 3, 5, 1], 6
-STEPWISE = FastPaths(stepwise=True, fast_dropout=True)
+STEPWISE = FastPaths(stepwise=True)
 
 
 def _model(attention: str, dropout: float, **kwargs) -> Seq2Seq:
@@ -74,7 +74,7 @@ def test_fused_matches_step_loop(attention, dropout):
     fused = _loss_and_grads(model, STEPWISE)
     if dropout:  # the fused path's mask, drawn under the same seed, given to the plain loop
         torch.manual_seed(3)
-        keep = dropout_scale((TGT_LEN, len(LENGTHS), 8), dropout, torch.float64)
+        keep = F.dropout(torch.ones(TGT_LEN, len(LENGTHS), 8, dtype=torch.float64), dropout)
         model.decoder.dropout = _FixedDropout(keep)
     plain = _loss_and_grads(model, REFERENCE)
     torch.testing.assert_close(fused[0], plain[0])

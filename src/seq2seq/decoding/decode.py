@@ -80,9 +80,8 @@ def decode_ids(model: nn.Module, src_ids: Sequence[list[int]], settings: DecodeC
             results[i] = [Hypothesis([], 0.0, torch.ones(1, 1) if return_attention else None)
                           for _ in range(n_best)]
     order = sorted((i for i, ids in enumerate(src_ids) if len(ids) > 1), key=lambda i: len(src_ids[i]))
-    expected_rows = beam * sum(len(src_ids[i]) for i in order)  # target ~ source length
-    session = session_for(model, expected_rows, settings.attention_layer,  # this call's, for all its
-                          settings.attention_head)  # batches (an ensemble's too)
+    session = session_for(model, settings.attention_layer,  # this call's, for all its batches
+                          settings.attention_head)  # (an ensemble's too)
     with torch.inference_mode(), precision_autocast(precision, device.type, model):
         for start in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():

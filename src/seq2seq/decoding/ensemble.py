@@ -102,10 +102,9 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.weights = ensemble_weights(weights, len(self.members))
 
-    def session(self, expected_rows: int = 0, attention_layer: int = -1,
-                attention_head: int = -1) -> EnsembleSession:
+    def session(self, attention_layer: int = -1, attention_head: int = -1) -> EnsembleSession:
         """A session for one decoding call: each member's own (``kernels.decoding_session``)."""
-        return EnsembleSession([decoding_session(m, expected_rows, attention_layer, attention_head)
+        return EnsembleSession([decoding_session(m, attention_layer, attention_head)
                                 for m in self.members], self.weights)
 
     def num_parameters(self) -> int:
@@ -115,12 +114,11 @@ class Ensemble(nn.Module):
         raise TypeError("an Ensemble decodes only (through its session); train its members one by one")
 
 
-def session_for(model: nn.Module, expected_rows: int = 0, attention_layer: int = -1,
-                attention_head: int = -1) -> DecodingSession:
+def session_for(model: nn.Module, attention_layer: int = -1, attention_head: int = -1) -> DecodingSession:
     """The decoding session of ``model``: an ensemble's own, else ``kernels.decoding_session``."""
     if isinstance(model, Ensemble):
-        return model.session(expected_rows, attention_layer, attention_head)
-    return decoding_session(model, expected_rows, attention_layer, attention_head)
+        return model.session(attention_layer, attention_head)
+    return decoding_session(model, attention_layer, attention_head)
 
 
 def tokenizer_paths(model_dir: Path) -> tuple[Path, Path]:

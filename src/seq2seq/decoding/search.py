@@ -185,7 +185,7 @@ def greedy_search(model: nn.Module, src: Tensor, src_lengths: Tensor, *, bos: in
         one Hypothesis per sentence, in batch order; score is the summed log-probability.
     """
     batch, device = src.size(0), src.device
-    session = session or decoding_session(model, int(src_lengths.sum()))  # target ~ source
+    session = session or decoding_session(model)
     memory, state = session.encode(src, src_lengths)
     limits = max_lengths.to(device)
     steps = int(limits.max())
@@ -273,7 +273,7 @@ def beam_search(model: nn.Module, src: Tensor, src_lengths: Tensor, *, beam: int
     """
     batch, k = src.size(0), beam
     device = src.device
-    session = session or decoding_session(model, beam * int(src_lengths.sum()))
+    session = session or decoding_session(model)
     memory, state = session.encode(src, src_lengths)
     active = torch.arange(batch, device=device)
     limits = max_lengths.to(device)

@@ -238,7 +238,7 @@ def check_attention_choice(translator: Translator) -> None:
     for model in members:
         if isinstance(model, Transformer):
             try:
-                decoding_session(model, 0, decode.attention_layer, decode.attention_head)
+                decoding_session(model, decode.attention_layer, decode.attention_head)
             except ValueError as error:
                 raise ConfigError(f"decode.{error}") from None
 

@@ -1,15 +1,15 @@
 """Kernels applied to the plain models from outside, as ``torch.ao.quantization.quantize_dynamic``
 applies int8: the policy that picks them for a device (``policy.py``), the fused twins of
 modules (``FusedGRU`` and ``FusedEncoder``: gru.py; ``StepwiseDecoder``: stepwise.py;
-``FusedOutputLoss``: loss.py; ``FastTanh``, ``FastDropout``: ops.py) and the fast decoding
-session (session.py).
+``FusedOutputLoss``: loss.py) and the fast decoding session (session.py: the output layer in
+bf16).
 
 The entry points:
 
 - ``apply(model, kernels, device, precision)``: swap a model's modules for their twins
   (``reference``: swap nothing, undo earlier swaps) and return the policy chosen;
 - ``policy(model)``: the policy in force for the device the model is on now;
-- ``decoding_session(model, expected_rows)``: a decoding session (``models/interface.py``)
+- ``decoding_session(model)``: a decoding session (``models/interface.py``)
   for one decoding call: the fast one where the policy has decoding paths.
 
 Twins re-decide when the model moves (``policy.Twin``): on CUDA they are the plain modules
@@ -27,7 +27,6 @@ from torch import nn
 
 from seq2seq.kernels.gru import FusedEncoder, FusedGRU
 from seq2seq.kernels.loss import FusedOutputLoss
-from seq2seq.kernels.ops import FastDropout, FastTanh
 from seq2seq.kernels.policy import KINDS, REFERENCE, FastPaths, Twin, resolve
 from seq2seq.kernels.session import FastRNNSession
 from seq2seq.kernels.stepwise import StepwiseDecoder
@@ -45,8 +44,6 @@ TWINS: dict[type[nn.Module], tuple[type[Twin], str]] = {
     FusedEncoder.plain: (FusedEncoder, "fused_gru"),
     StepwiseDecoder.plain: (StepwiseDecoder, "stepwise"),
     FusedOutputLoss.plain: (FusedOutputLoss, "fused_loss"),
-    FastDropout.plain: (FastDropout, "fast_dropout"),
-    FastTanh.plain: (FastTanh, "fast_tanh"),
 }
 
 
@@ -120,18 +117,16 @@ def policy(model: Seq2Seq) -> FastPaths:
                         for f in fields(FastPaths)})
 
 
-def decoding_session(model: Seq2Seq, expected_rows: int = 0, attention_layer: int = -1,
+def decoding_session(model: Seq2Seq, attention_layer: int = -1,
                      attention_head: int = -1) -> DecodingSession:
     """A session for one decoding call of ``model`` (in eval mode): ``FastRNNSession`` where
-    ``policy(model)`` has decoding paths, else the plain ``RNNSession``. ``expected_rows``:
-    about how many rows x steps the call decodes (source tokens x beam). A ``Transformer``'s is
+    ``policy(model)`` has decoding paths, else the plain ``RNNSession``. A ``Transformer``'s is
     its ``TransformerSession``, whose attention is that of ``attention_layer`` and
     ``attention_head`` (-1: the mean of the heads); an RNN has one attention."""
     if isinstance(model, Transformer):
         return TransformerSession(model, attention_layer, None if attention_head == -1 else attention_head)
-    paths = policy(model)
-    if paths.decodes_fast():
-        return FastRNNSession(model, paths, expected_rows)
+    if policy(model).decodes_fast():
+        return FastRNNSession(model)
     return RNNSession(model)
 
 

@@ -14,9 +14,7 @@ parameters and results and, in training mode on the CPU, changes how they are co
   padded batches need no packing.
 
 Otherwise it is ``nn.GRU``. ``FusedEncoder``, the twin of the ``Encoder``, runs a padded
-batch through it with masks instead of packing it. Decoding one token at a time runs
-``gru_step`` from a table of input projections (``gru_input_table``, see
-``session.FastRNNSession``).
+batch through it with masks instead of packing it.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.kernels.ops import cpu_linear, dropout, tanh_
+from seq2seq.kernels.ops import tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.encoder import Encoder, State, run_padded
 
@@ -200,8 +198,7 @@ class FusedGRU(Twin, nn.GRU):
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
-                layer_input = dropout(layer_input, self.dropout, self.training,
-                                      self.cpu_policy.fast_dropout)
+                layer_input = F.dropout(layer_input, self.dropout, self.training)
             weights = [self._weights(layer, d) for d in range(directions)]
             gi = [F.linear(layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
             if directions == 2:  # the backward direction reads each sequence reversed
@@ -239,29 +236,3 @@ class FusedEncoder(Twin, Encoder):
         if isinstance(self.rnn, FusedGRU) and self.on_cpu:
             return self.rnn.forward_padded(inputs, lengths)
         return super().run_rnn(inputs, lengths)
-
-
-def gru_input_table(rnn: nn.GRU, embedding: Tensor) -> Tensor:
-    """(vocab, 3 * hidden): the first layer's input projection (with bias) of every
-    (vocab, embed) embedding row, for decoding one token at a time (a row lookup instead of
-    a matrix product). Inputs beyond the embedding (input feeding) are not included."""
-    w_ih = rnn.weight_ih_l0[:, :embedding.size(1)]
-    return torch.addmm(rnn.bias_ih_l0, embedding, w_ih.t())
-
-
-def gru_step(rnn: nn.GRU, gates: Tensor, hx: Tensor, onednn: bool) -> Tensor:
-    """One step of a one-layer, one-direction GRU from its input projection.
-
-    Args:
-        gates: (batch, 3 * hidden) ``W_ih x + b_ih``.
-        hx: (1, batch, hidden).
-        onednn: the recurrent product through oneDNN (``cpu_linear``).
-
-    Returns:
-        (1, batch, hidden), the new state (also the output).
-    """
-    h = hx[0].contiguous()
-    linear = cpu_linear if onednn else F.linear
-    gh = linear(h, rnn.weight_hh_l0, rnn.bias_hh_l0)
-    rz, n = gh.new_empty(h.size(0), 2 * rnn.hidden_size), torch.empty_like(h)
-    return gru_cell(gates, gh, h, rz, n).unsqueeze(0)

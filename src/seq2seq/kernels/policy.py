@@ -2,11 +2,14 @@
 ``Twin`` base of the fused modules that carry them out.
 
 The model (``seq2seq.models``) is plain PyTorch: ``nn.GRU``, the decoder's step loop,
-``F.linear`` and ``F.cross_entropy``, ``nn.Dropout``, ``nn.Tanh``. That is ``reference``.
+``F.linear`` and ``F.cross_entropy``. That is ``reference``.
 ``fast`` (the default, ``train.kernels``) swaps modules for twins where ``FastPaths`` says
 so (``seq2seq.kernels.apply``) and decodes through ``session.FastRNNSession``. The training
 paths run in training mode (``model.train()``). Each gives the reference's results to
-rounding (tests/test_fastpath.py); what each gains is measured in benchmarks/RESULTS.md.
+rounding (tests/test_fastpath.py). Each path earns its place: with the others on, it buys at
+least 5% of training or decoding speed in one of the shipped RNN configs
+(``benchmarks/kernel_share.py``; the figures, and the paths dropped for buying less, are in
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 KINDS = ("fast", "reference")
 
@@ -29,12 +31,6 @@ class FastPaths:
     fused_gru: bool = False  # GRU training, one autograd Function per layer (gru.py)
     stepwise: bool = False  # the input-feeding decoder's training in one Function (stepwise.py)
     fused_loss: bool = False  # output layer and cross-entropy in one pass (loss.py)
-    fast_tanh: bool = False  # tanh as 2 sigmoid(2x) - 1 (ops.tanh_)
-    fast_dropout: bool = False  # masks from 16-bit uniforms (ops.dropout_scale)
-    onednn_step: bool = False  # decoding's GRU step through oneDNN (ops.cpu_linear)
-    onednn_output: bool = False  # decoding's output layer through oneDNN
-    input_tables: bool = False  # decoding reads the GRU input projection of a token from a table
-    combined_values: bool = False  # decoding's values through the combine layer once (Memory)
     bf16_output: bool = False  # CPU bf16: output products in bf16, candidates rescored (search)
 
     def describe(self) -> str:
@@ -45,8 +41,7 @@ class FastPaths:
 
     def decodes_fast(self) -> bool:
         """Whether decoding has a path of its own (``session.FastRNNSession``)."""
-        return (self.onednn_step or self.onednn_output or self.input_tables
-                or self.combined_values or self.bf16_output)
+        return self.bf16_output
 
 
 REFERENCE = FastPaths()
@@ -65,7 +60,7 @@ class Twin:
     ``.cuda()``, ``.cpu()``), and elsewhere is the plain module (cuDNN on CUDA).
 
     ``cpu_policy``: the paths of the model's layout on a CPU, which the twin reads its
-    options from (``fast_dropout``, ``bf16_output``).
+    options from (``bf16_output``).
     """
 
     plain: ClassVar[type[nn.Module]]
@@ -111,17 +106,10 @@ def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,
     one_layer_gru = config.cell == "gru" and config.decoder_layers == 1
     linear_output = isinstance(model.generator, nn.Linear)  # not int8
     tokens = model.tgt_embed is not None
-    autocast = precision == "bf16" and not cpu
     return FastPaths(
         fused_gru=cpu and config.cell == "gru" and "grad_input" in ops,
         stepwise=cpu and one_layer_gru and decoder.input_feeding and "grad_input" in ops,
         fused_loss=tokens,
-        fast_tanh=cpu,
-        fast_dropout=cpu,
-        onednn_step=cpu and one_layer_gru and tokens and "onednn_linear" in ops,
-        onednn_output=cpu and linear_output and "onednn_linear" in ops,
-        input_tables=one_layer_gru and tokens and not autocast,
-        combined_values=decoder.attention is not None and isinstance(decoder.combine, nn.Linear),
         bf16_output=cpu and precision == "bf16" and linear_output and tokens,
     )
 
@@ -129,34 +117,14 @@ def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,
 @functools.cache
 def private_ops() -> frozenset[str]:
     """The private torch ops of the fast paths that work here, checked once against public
-    ones: 'onednn_linear' (``onednn_linear``) and 'grad_input' (``aten.tanh_backward`` and
-    ``aten.sigmoid_backward.grad_input`` of the hand-written backward passes)."""
+    ones: 'grad_input' (``aten.tanh_backward`` and ``aten.sigmoid_backward.grad_input`` of the
+    hand-written backward passes)."""
     x = torch.linspace(-1.0, 1.0, 128, device="cpu").view(8, 16)
-    w, b = x[:4].flip(1), torch.linspace(-0.25, 0.25, 4, device="cpu")
     y, out = torch.tanh(x), torch.empty_like(x)
-    aten, op = torch.ops.aten, onednn_linear()
-    checks = {
-        "onednn_linear": lambda: op is not None and torch.allclose(
-            op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-4),
-        "grad_input": lambda: torch.allclose(
-            aten.tanh_backward.grad_input(x, y, grad_input=out), x * (1 - y * y))
-        and torch.allclose(aten.sigmoid_backward.grad_input(x, y, grad_input=out), x * y * (1 - y)),
-    }
-    found = set()
-    for name, check in checks.items():
-        try:
-            if check():
-                found.add(name)
-        except (AttributeError, RuntimeError):
-            pass
-    return frozenset(found)
-
-
-@functools.cache
-def onednn_linear():
-    """oneDNN's fp32 ``x @ w.T + bias`` (``torch.ops.mkldnn._linear_pointwise``, the op
-    that TorchInductor's CPU backend calls), or None where this build has no oneDNN."""
+    aten = torch.ops.aten
     try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+        works = (torch.allclose(aten.tanh_backward.grad_input(x, y, grad_input=out), x * (1 - y * y))
+                 and torch.allclose(aten.sigmoid_backward.grad_input(x, y, grad_input=out), x * y * (1 - y)))
     except (AttributeError, RuntimeError):
-        return None
+        works = False
+    return frozenset({"grad_input"} if works else ())

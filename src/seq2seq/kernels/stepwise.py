@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
-from seq2seq.kernels.ops import dropout_scale, tanh_
+from seq2seq.kernels.ops import tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
@@ -73,8 +73,7 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     keep = None  # the query's dropout scale, one mask for all steps
     if decoder.training and decoder.dropout.p > 0:
         shape, p = (inputs.size(1), inputs.size(0), decoder.hidden_size), decoder.dropout.p
-        keep = (dropout_scale(shape, p, inputs.dtype, inputs.device)
-                if decoder.cpu_policy.fast_dropout else F.dropout(inputs.new_ones(shape), p))
+        keep = F.dropout(inputs.new_ones(shape), p)
     w_query = energy = None  # Luong: the keys are all there is
     if isinstance(attention, BahdanauAttention):
         w_query, energy = attention.query_layer.weight, attention.energy_layer.weight.view(-1)

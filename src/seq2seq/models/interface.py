@@ -6,10 +6,10 @@ the call. It owns everything a call computes and reuses (tables, caches, buffers
 model's modules hold parameters only and threads may share one model. Implementations:
 
 - ``seq2seq.models.rnn.session.RNNSession``: the plain RNN, in plain PyTorch;
-- ``seq2seq.kernels.session.FastRNNSession``: the same RNN through the decoding kernels
-  (token tables, oneDNN, bf16 products with exact rescoring); chosen by
-  ``seq2seq.kernels.decoding_session``;
-- a Transformer will add a third, whose state is its key/value cache.
+- ``seq2seq.kernels.session.FastRNNSession``: the same RNN with the output layer's products
+  in bf16 and exact rescoring, on a CPU in bf16; chosen by ``seq2seq.kernels.decoding_session``;
+- ``seq2seq.models.transformer.session.TransformerSession``: the Transformer, whose state is
+  its key/value cache.
 
 Shapes: ``sentences`` source sentences, ``rows = sentences * beams`` decoder rows (a
 sentence's beams adjacent), ``src_len`` source positions, ``vocab`` output scores.
