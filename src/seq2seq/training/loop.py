@@ -220,6 +220,13 @@ def handling(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> I
             signal.signal(signum, old)
 
 
+def phase(name: str) -> torch.profiler.record_function:
+    """A labelled part of a training step (``seq2seq.batch``, ``.forward``, ``.backward``,
+    ``.clip``, ``.optimizer``) for ``torch.profiler``; nearly free when no profiler runs
+    (benchmarks/profile_step.py)."""
+    return torch.profiler.record_function(f"seq2seq.{name}")
+
+
 class _Run:
     """One training session of a run (a resume is a new session of the same run)."""
 
@@ -362,19 +369,22 @@ class _Run:
         loss_total, tokens_total, finite = 0.0, 0, True
         for i, indices in enumerate(batches):
             torch.manual_seed(t.seed * 1_000_003 + first_index + i)  # dropout masks per micro-batch
-            batch = collate(indices, self.data.train.src, self.data.train.tgt).to(self.device)
+            with phase("batch"):
+                batch = collate(indices, self.data.train.src, self.data.train.tgt).to(self.device)
             sync = i == len(batches) - 1 or not self.dist.enabled
             context = contextlib.nullcontext() if sync else self.net.no_sync()
             with context:
-                with self._autocast():
+                with self._autocast(), phase("forward"):
                     loss = self._loss(batch)
-                (loss / (batch.n_tokens * len(batches))).backward()
+                with phase("backward"):
+                    (loss / (batch.n_tokens * len(batches))).backward()
             value = float(loss.detach())
             finite = finite and math.isfinite(value)
             loss_total += value
             tokens_total += batch.n_tokens
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad or float("inf"))
-        finite = finite and bool(torch.isfinite(norm))
+        with phase("clip"):
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad or float("inf"))
+            finite = finite and bool(torch.isfinite(norm))
         if self.dist.any(not finite, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             state.bad_steps += 1
@@ -386,8 +396,9 @@ class _Run:
                     f"{self.model_dir / LAST}. Lower train.lr or check the data.")
             return 0.0, 0
         state.bad_steps = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss_total, tokens_total
 
     def _loss(self, batch: Batch) -> torch.Tensor:
