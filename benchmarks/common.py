@@ -100,13 +100,15 @@ def peak_rss_gib() -> float:
 
 
 def git_commit() -> str:
-    """The checkout's commit, with "+ uncommitted changes" when tracked files differ from it."""
+    """The checkout's commit, with "+ uncommitted changes" when tracked files other than
+    RESULTS.md (which the runs themselves append to) differ from it."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
 
     try:
         head = git("rev-parse", "--short=7", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    f":!{RESULTS.relative_to(ROOT)}")
     except OSError:
         return "unknown (git not found)"
     if head.returncode != 0:
