@@ -47,10 +47,7 @@ for key, value in common.machine_facts().items(): print(f"- {key}: {value}")')"
 echo "$machine_lines"
 started="$(date -u '+%Y-%m-%d %H:%M UTC')"
 anchor="e$(date -u '+%Y%m%d-%H%M')-multi30k-$(basename "$CONFIG" .yaml | tr -c 'a-z0-9\n' '-')"
-commit="$(git rev-parse --short=7 HEAD 2>/dev/null || echo 'unknown (not a git checkout)')"
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
-  commit="$commit + uncommitted changes"
-fi
+commit="$(cd benchmarks && "$PYTHON" -c 'import common; print(common.git_commit())')"
 
 train_cmd=("$PYTHON" -m seq2seq train --config "$CONFIG" --data-dir "$DATA_DIR" --model-dir "$MODEL_DIR"
            --max-minutes "$MAX_MINUTES")
