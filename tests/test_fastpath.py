@@ -24,21 +24,28 @@ from seq2seq.models.rnn.model import Seq2Seq
 
 VOCAB, PAD, BOS, EOS = 17, 0, 1, 2
 LAYOUT = ("cell", "attention", "input_feeding", "bidirectional", "encoder_layers",
-          "decoder_layers", "tie_embeddings")
+          "decoder_layers", "tie_embeddings", "encoder_hidden_size")
+NARROW = 4  # make_model's encoder width, per direction, for a layout whose encoder is set narrower
 GENERAL = dict(cell="gru", attention="general", input_feeding=False, tie_embeddings=True)
 STEPWISE = dict(cell="gru", attention="bahdanau", input_feeding=True, tie_embeddings=True)
 
 
 def shipped_layouts() -> list[dict]:
-    """Each distinct layout of the shipped configs, and two more that the fast paths skip."""
+    """Each distinct layout of the shipped configs (an encoder set narrower than the decoder
+    made ``NARROW`` wide), two more that the fast paths skip, and the step-wise decoder over a
+    narrow encoder."""
     configs = packaged_configs()
     assert configs, "no shipped configs found"
     layouts = [{key: getattr(Config.load(configs[name]).model, key) for key in LAYOUT}
                for name in sorted(configs)]
+    for layout in layouts:
+        layout["encoder_hidden_size"] = NARROW if layout["encoder_hidden_size"] else 0
     layouts += [dict(cell="lstm", attention="general", input_feeding=True, bidirectional=True,
-                     encoder_layers=2, decoder_layers=2, tie_embeddings=False),
+                     encoder_layers=2, decoder_layers=2, tie_embeddings=False, encoder_hidden_size=0),
                 dict(cell="gru", attention="dot", input_feeding=True, bidirectional=False,
-                     encoder_layers=2, decoder_layers=1, tie_embeddings=False)]
+                     encoder_layers=2, decoder_layers=1, tie_embeddings=False, encoder_hidden_size=0),
+                dict(STEPWISE, bidirectional=True, encoder_layers=1, decoder_layers=1,
+                     encoder_hidden_size=NARROW)]
     return [dict(t) for t in dict.fromkeys(tuple(d.items()) for d in layouts)]
 
 
@@ -72,7 +79,7 @@ def training_step(model: Seq2Seq, kernels: str, batch, seed: int = 5):
 
 
 @pytest.mark.parametrize("layout", shipped_layouts(), ids=lambda d: "-".join(
-    str(d[k]) for k in ("cell", "attention", "input_feeding", "decoder_layers")))
+    str(d[k]) for k in ("cell", "attention", "input_feeding", "decoder_layers", "encoder_hidden_size")))
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_training_step_matches_reference(layout, dtype, tol):
     model = make_model(dtype, **layout)

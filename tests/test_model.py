@@ -259,3 +259,19 @@ def test_plain_and_fast_sessions_decode_alike(attention, feeding):
     torch.testing.assert_close(exact, want[0][rows, -1, tokens], atol=1e-5, rtol=1e-5)
     if attention is not None:
         torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+def test_encoder_hidden_size_sets_the_encoder_width_apart_from_the_decoder():
+    """OpenNMT-py's brnn layout: a bidirectional encoder of 2 x 6 under a decoder of 10."""
+    torch.manual_seed(0)
+    model = Seq2Seq(config(hidden_size=10, encoder_hidden_size=6, attention="general",
+                           input_feeding=False), src_vocab=VOCAB, tgt_vocab=VOCAB)
+    assert model.encoder.rnn.hidden_size == 6 and model.encoder.output_size == 12
+    assert model.decoder.rnn.hidden_size == 10
+    src, lengths, tgt_in = token_batch()
+    scores, weights = model(src, lengths, tgt_in)
+    assert scores.shape == (3, TGT_LEN, VOCAB) and weights.shape == (3, TGT_LEN, max(LENGTHS))
+    with pytest.raises(ConfigError, match="model.encoder_hidden_size"):
+        config(encoder_hidden_size=-1).validate()
+    with pytest.raises(ConfigError, match="model.encoder_hidden_size is a setting of model.arch=rnn"):
+        ModelConfig(arch="transformer", encoder_hidden_size=6).validate()

@@ -114,7 +114,8 @@ class ModelConfig:
 
     cell: str = "gru"  # rnn | gru | lstm
     embed_size: int = 256
-    hidden_size: int = 256  # per direction in the encoder; the decoder's state size
+    hidden_size: int = 256  # the decoder's state size; per direction in the encoder unless...
+    encoder_hidden_size: int = 0  # ...this is set: the encoder's, per direction (0: hidden_size)
     encoder_layers: int = 1
     decoder_layers: int = 1
     bidirectional: bool = True
@@ -146,6 +147,7 @@ class ModelConfig:
         for name in ("encoder_layers", "decoder_layers"):
             _at_most(f"model.{name}", getattr(self, name), MAX_LAYERS)
         _non_negative("model.attention_size", self.attention_size)
+        _non_negative("model.encoder_hidden_size", self.encoder_hidden_size)
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -178,8 +180,8 @@ NORMS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned")
 # The keys only one family reads; the others (layers, dropout, tie_embeddings) are shared.
 ARCH_KEYS = {
-    "rnn": ("cell", "embed_size", "hidden_size", "bidirectional", "attention", "attention_size",
-            "input_feeding"),
+    "rnn": ("cell", "embed_size", "hidden_size", "encoder_hidden_size", "bidirectional", "attention",
+            "attention_size", "input_feeding"),
     "transformer": ("d_model", "heads", "ff_size", "attention_dropout", "norm", "positions",
                     "max_positions", "share_embeddings"),
 }

@@ -44,8 +44,9 @@ class Seq2Seq(nn.Module):
 
         self.src_embed = nn.Embedding(src_vocab, embed, padding_idx=pad_id) if src_vocab else None
         self.tgt_embed = nn.Embedding(tgt_vocab, embed, padding_idx=pad_id) if tgt_vocab else None
-        self.encoder = Encoder(config.cell, embed if src_vocab else src_features, hidden,
-                               config.encoder_layers, config.bidirectional, config.dropout)
+        self.encoder = Encoder(config.cell, embed if src_vocab else src_features,
+                               config.encoder_hidden_size or hidden, config.encoder_layers,
+                               config.bidirectional, config.dropout)
         tie = bool(config.tie_embeddings and tgt_vocab)
         output_size = embed if tie else hidden
         self.decoder = Decoder(
