@@ -99,7 +99,8 @@ def main() -> None:
     title = f"Training throughput, {Path(args.config).name} {' '.join(args.overrides)}".strip()
     if args.without:
         title += f", without {args.without}"
-    shape = (f"{m.cell}, {m.encoder_layers}x{m.hidden_size} {'bi-' if m.bidirectional else ''}encoder, "
+    shape = (f"{m.cell}, {m.encoder_layers}x{m.encoder_hidden_size or m.hidden_size} "
+             f"{'bi-' if m.bidirectional else ''}encoder, decoder {m.hidden_size}, "
              f"attention {m.attention}, input feeding {m.input_feeding}, embed {m.embed_size}"
              if m.arch == "rnn" else
              f"transformer {m.encoder_layers}+{m.decoder_layers} layers, d_model {m.d_model}, "
