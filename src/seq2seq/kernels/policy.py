@@ -4,7 +4,8 @@
 The model (``seq2seq.models``) is plain PyTorch: ``nn.GRU``, the decoder's step loop,
 ``F.linear`` and ``F.cross_entropy``. That is ``reference``.
 ``fast`` (the default, ``train.kernels``) swaps modules for twins where ``FastPaths`` says
-so (``seq2seq.kernels.apply``) and decodes through ``session.FastRNNSession``. The training
+so (``seq2seq.kernels.apply``) and, in bf16 on a CPU, decodes through
+``session.FastRNNSession`` (the output layer's products in bf16). The training
 paths run in training mode (``model.train()``). Each gives the reference's results to
 rounding (tests/test_fastpath.py). Each path earns its place: with the others on, it buys at
 least 5% of training or decoding speed in one of the shipped RNN configs
