@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +52,25 @@ def test_the_flags_are_read_from_the_cpu(common, monkeypatch):
     assert facts["cpu"].startswith("Some CPU, ")
     assert facts["flags"].startswith("avx512f amx_tile avx2 (torch uses ")
     assert "avx512_bf16" not in facts["flags"]
+
+
+def test_the_commit_is_dirty_for_any_tracked_file_but_results(common, monkeypatch, tmp_path):
+    """The runs append to benchmarks/RESULTS.md, so a change there alone leaves the commit
+    clean; a change to any other tracked file is named."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("# Benchmark results\n")
+    (tmp_path / "train.py").write_text("print(1)\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "start")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    head = common.git_commit()
+    assert len(head) == 7 and "uncommitted" not in head
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("# Benchmark results\n\nan entry\n")
+    assert common.git_commit() == head
+    (tmp_path / "train.py").write_text("print(2)\n")
+    assert common.git_commit() == head + " + uncommitted changes"
