@@ -171,7 +171,7 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_never_changes(corp
 
 
 def test_the_lock_note_is_written_without_truncating_and_a_held_lock_refuses(corpus, tmp_path, capsys):
-    from seq2seq.files import FileLock
+    from seq2seq.files import LOCK_NOTE_BYTES, FileLock
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -179,12 +179,20 @@ def test_the_lock_note_is_written_without_truncating_and_a_held_lock_refuses(cor
     with FileLock(model_dir / "train.lock"):  # another process, as far as the run can tell
         note = (model_dir / "train.lock").read_text()
         assert note.startswith(f"pid {os.getpid()} on {socket.gethostname()} ") and note.endswith(" \n")
-        assert len(note) == len("pid 1234567 on an-old-host-with-a-long-name\n")  # written over, not cut
+        assert len(note) == LOCK_NOTE_BYTES  # written over at full width, never cut
         assert cli.main(args(corpus, model_dir, "--overwrite")) == cli.EXIT_ERROR
         holder = f"pid {os.getpid()} on {socket.gethostname()}"
         assert f"is in use: {holder} is training" in capsys.readouterr().err
     assert sorted(p.name for p in model_dir.iterdir()) == ["train.lock"]
     assert (model_dir / "train.lock").read_text().strip() == ""
+    # whoever holds it next, however many digits its pid has, leaves the file as it found it
+    released = (model_dir / "train.lock").read_bytes()
+    assert len(released) == LOCK_NOTE_BYTES
+    done = subprocess.run([sys.executable, "-c", "import sys; from seq2seq.files import FileLock\n"
+                           "FileLock(sys.argv[1]).release()", str(model_dir / "train.lock")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (model_dir / "train.lock").read_bytes() == released
 
 
 def test_overwrite_deletes_only_files_a_training_wrote(corpus, tmp_path, capsys):

@@ -289,7 +289,8 @@ class FileLock:
     open file is a regular file with one link and no more than a note's bytes: a hard link to
     a user's file, a FIFO or a folder is refused, and nothing is written. It is never
     truncated: the note is written over the old one (padded with blanks to its length), and
-    blanked on release. The OS releases the lock when its holder dies, however it dies, so no lock goes
+    blanked on release; the note is padded to ``LOCK_NOTE_BYTES``, so every holder leaves the
+    file the same size. The OS releases the lock when its holder dies, however it dies, so no lock goes
     stale; the file itself stays (a deleted lock file lets two processes lock two files).
 
     Raises ``LockBusy`` when another process holds it, ``FileError`` when the path is not a
@@ -314,8 +315,9 @@ class FileLock:
                             f"removing it?")
         note = f"pid {os.getpid()} on {socket.gethostname()}".encode()[:LOCK_NOTE_BYTES - 1] + b"\n"
         with contextlib.suppress(OSError):  # the note is for another's error alone: a full disk may refuse it
-            old = os.fstat(self.fd).st_size  # a longer old note is blanked, not cut off
-            os.pwrite(self.fd, note[:-1].ljust(old - 1) + b"\n", 0)
+            # always the full width: an old note is blanked, not cut off, and the file's size
+            # does not depend on how many digits the holder's pid has
+            os.pwrite(self.fd, note[:-1].ljust(LOCK_NOTE_BYTES - 1) + b"\n", 0)
 
     def release(self) -> None:
         """Blank the note and let the lock go (closing the file releases it)."""
