@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from seq2seq.kernels.loss import reduced_precision_scores
-from seq2seq.models.rnn.decoder import DecoderState, Memory
 from seq2seq.models.rnn.session import RNNSession
 
 
@@ -27,17 +26,14 @@ class FastRNNSession(RNNSession):
         self.reduced_weight: Tensor | None = None  # the output layer's weight in bf16
         self.outputs: Tensor | None = None  # (rows, output_size) the last step's outputs
 
-    def step(self, prev: Tensor, state: DecoderState, memory: Memory,
-             beams: int = 1) -> tuple[Tensor, DecoderState, Tensor | None]:
-        """``RNNSession.step``: (rows, 1) tokens -> (rows, 1, tgt_vocab) float32 scores, the
-        new state, (rows, 1, src_len) weights or None."""
-        outputs, state, weights = self.model.decoder.step(self.model.embed_target(prev), state,
-                                                          memory, beams)
+    def generate(self, outputs: Tensor) -> Tensor:
+        """(rows, 1, output_size) decoder outputs -> (rows, 1, tgt_vocab) float32 scores from
+        a bf16 product; the outputs are kept for ``exact_logits``."""
         generator = self.model.generator
         if self.reduced_weight is None:
             self.reduced_weight = generator.weight.detach().to(torch.bfloat16)
         self.outputs = outputs.reshape(-1, outputs.size(-1))
-        return reduced_precision_scores(outputs, self.reduced_weight, generator.bias), state, weights
+        return reduced_precision_scores(outputs, self.reduced_weight, generator.bias)
 
     def exact_logits(self, rows: Tensor, tokens: Tensor) -> Tensor | None:
         """Float32 ``outputs[rows] . weight[tokens] + bias[tokens]`` for (row, token) pairs of

@@ -29,7 +29,12 @@ class RNNSession:
         tgt_features) scores, the new state, (rows, 1, src_len) weights or None."""
         outputs, state, weights = self.model.decoder.step(self.model.embed_target(prev), state,
                                                           memory, beams)
-        return self.model.generator(outputs), state, weights
+        return self.generate(outputs), state, weights
+
+    def generate(self, outputs: Tensor) -> Tensor:
+        """(rows, 1, output_size) decoder outputs -> (rows, 1, tgt_vocab or tgt_features)
+        scores: the output layer."""
+        return self.model.generator(outputs)
 
     def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:
         return state.select(index)
