@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,18 @@ from hypothesis import settings
 settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the commands that the tests start. A shell that starts the suite in the
+    background (``pytest &``, ``nohup``) has it ignore SIGINT, an ignored signal stays ignored
+    in every child, and a Python that starts with SIGINT ignored never raises
+    KeyboardInterrupt: the tests that press Ctrl-C on a real ``seq2seq`` would fail. A handled
+    signal is reset to the default in a child, so the children's Python handles it again."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 LETTERS = "abcdefgh"
 SPLITS = {"train": 3000, "valid": 200, "test": 200}
