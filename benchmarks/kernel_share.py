@@ -27,7 +27,7 @@ from common import ROOT, print_header, record
 
 # the paths that run while training (train mode) and while decoding (eval mode, fp32); six
 # more were measured with this script on 2026-12-04 and removed (benchmarks/RESULTS.md)
-TRAINING = ("fused_gru", "stepwise", "fused_loss", "bf16_output")
+TRAINING = ("fused_gru", "stepwise", "fused_loss", "bf16_output", "bf16_products")
 DECODING = ("fused_gru",)
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--paths", default="", help="measure only these paths, comma-separated "
+                        "(default: every one the policy turns on)")
     args = parser.parse_args()
+    only = [name for name in args.paths.split(",") if name]
     print_header()
     on, precision = paths_on(args.config, args.overrides)
     print(f"paths on: {', '.join(on)}; training precision {precision}", flush=True)
@@ -81,7 +84,8 @@ def main() -> None:
                     str(args.steps), "--json", "--without", without, *sets])
 
     rows = [("paths on", ", ".join(on)), ("training precision", precision)]
-    training = alternate([""] + [p for p in TRAINING if p in on], args.rounds, train)
+    measured = [p for p in TRAINING if p in on and (not only or p in only)]
+    training = alternate([""] + measured, args.rounds, train)
     base = statistics.mean(r["sentences_per_s"] for r in training[""])
     rows.append(("training, every path on: sentences/s",
                  " / ".join(f"{r['sentences_per_s']:.0f}" for r in training[""]) + f" (mean {base:.0f})"))
@@ -97,7 +101,8 @@ def main() -> None:
                 return run([str(BENCHMARKS / "decode_speed.py"), "--model-dir", args.model_dir,
                             "--one", variant, "--batch-size", "0", "--repeat", "3", "--without", without])
 
-            decoding = alternate([""] + [p for p in DECODING if p in on], args.rounds, decode)
+            decoding = alternate([""] + [p for p in DECODING if p in on and (not only or p in only)],
+                                 args.rounds, decode)
             base = statistics.mean(r["sentences_per_s"] for r in decoding[""])
             rows.append((f"decoding {variant} (fp32), every path on: sentences/s",
                          " / ".join(f"{r['sentences_per_s']:.0f}" for r in decoding[""])

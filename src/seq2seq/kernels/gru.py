@@ -11,7 +11,9 @@ parameters and results and, in training mode on the CPU, changes how they are co
   instead of T small ones;
 - both directions of a bidirectional layer step together, as one batched product;
 - padding is handled with masks (a sequence's state freezes after its last position), so
-  padded batches need no packing.
+  padded batches need no packing;
+- in bf16 (``FastPaths.bf16_products``) the input projections and the weight gradient are
+  products of bf16 operands; the recurrence stays float32.
 
 Otherwise it is ``nn.GRU``. ``FusedEncoder``, the twin of the ``Encoder``, runs a padded
 batch through it with masks instead of packing it.
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.kernels.ops import tanh_
+from seq2seq.kernels.ops import matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.encoder import Encoder, State, run_padded
 
@@ -84,12 +86,13 @@ class _GRULayerFunction(torch.autograd.Function):
     Inputs: gi (T, D, B, 3H) input projections with their bias (direction d's sequence
     already in its own reading order), h0 (D, B, H), w_hh (D, 3H, H), b_hh (D, 3H),
     mask (T, B) bool or None (True at real positions, in each direction's reading order
-    it is the same: real positions first). Output: hs (T, D, B, H), the state after each step.
+    it is the same: real positions first), products: the dtype of the weight gradient's
+    product (``matmul_in``; None: float32). Output: hs (T, D, B, H), the state after each step.
     """
 
     @staticmethod
     def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, products: torch.dtype | None) -> Tensor:
         steps, size = gi.size(0), h0.size(-1)
         w_t = w_hh.transpose(1, 2)  # (D, H, 3H)
         bias = b_hh.unsqueeze(1)  # (D, 1, 3H)
@@ -108,6 +111,7 @@ class _GRULayerFunction(torch.autograd.Function):
                             out=hs[t])
             h = hs[t]
         ctx.save_for_backward(h0, w_hh, hs, rz, ns, gh[..., 2 * size:], mask)
+        ctx.products = products
         return hs
 
     @staticmethod
@@ -135,11 +139,12 @@ class _GRULayerFunction(torch.autograd.Function):
         prev[:, 0] = h0
         prev[:, 1:] = hs[:-1].transpose(0, 1)
         flat_gh = grad_gh.view(directions, -1, 3 * size)  # (D, T*B, 3H)
-        grad_w = torch.bmm(flat_gh.transpose(1, 2), prev.view(directions, -1, size))  # (D, 3H, H)
+        grad_w = matmul_in(ctx.products, flat_gh.transpose(1, 2),
+                           prev.view(directions, -1, size))  # (D, 3H, H)
         grad_b = flat_gh.sum(1)
         grad_gh[..., 2 * size:] = grad_gin  # grad gi: grad gh but for the candidate part
         grad_gi = grad_gh.transpose(0, 1)  # (T, D, B, 3H)
-        return grad_gi, dh, grad_w, grad_b, None
+        return grad_gi, dh, grad_w, grad_b, None, None
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:
@@ -195,12 +200,14 @@ class FusedGRU(Twin, nn.GRU):
         if hx is None:
             hx = inputs.new_zeros(self.num_layers * directions, batch, self.hidden_size)
         layer_input = inputs.transpose(0, 1)  # (T, B, input_size)
+        products = torch.bfloat16 if self.cpu_policy.bf16_products else None
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
             weights = [self._weights(layer, d) for d in range(directions)]
-            gi = [F.linear(layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
+            with torch.autocast(device.type, torch.bfloat16, enabled=products is not None):
+                gi = [F.linear(layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
             if directions == 2:  # the backward direction reads each sequence reversed
                 gi[1] = gi[1].gather(0, index.unsqueeze(-1).expand_as(gi[1]))
             h0 = hx[layer * directions:(layer + 1) * directions]
@@ -208,7 +215,7 @@ class FusedGRU(Twin, nn.GRU):
                 dtype = torch.promote_types(gi[0].dtype, torch.float32)
                 hs = _GRULayerFunction.apply(
                     torch.stack(gi, 1).to(dtype), h0.to(dtype), torch.stack([w[1] for w in weights]),
-                    torch.stack([w[3] for w in weights]), mask)  # (T, D, B, H)
+                    torch.stack([w[3] for w in weights]), mask, products)  # (T, D, B, H)
             finals.append(hs[-1])
             outs = [hs[:, 0]]
             if directions == 2:

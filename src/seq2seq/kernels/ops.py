@@ -2,6 +2,7 @@
 
 - ``tanh_``: ``tanh(x) = 2 sigmoid(2x) - 1`` in place, within 2e-7 of ``torch.tanh`` in
   float32, inside the fused GRU and step-wise kernels.
+- ``matmul_in``: a matrix product with its operands rounded to bf16 (``FastPaths.bf16_products``).
 - ``precision_autocast``: the autocast context of a training or decoding precision.
 - ``keep_freed_memory``: glibc keeps freed memory for reuse. It changes the whole process, so
   only the ``seq2seq`` command calls it; an application calls it itself if it wants it.
@@ -22,6 +23,15 @@ from torch import Tensor
 def tanh_(x: Tensor) -> Tensor:
     """tanh in place, as ``2 sigmoid(2x) - 1`` (no autograd); returns ``x``."""
     return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
+def matmul_in(dtype: torch.dtype | None, a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (``torch.matmul``: mm or bmm) with both operands rounded to ``dtype`` first, the
+    result in ``a``'s dtype; ``None``: as given. In bf16 a CPU with AMX or AVX-512 BF16 multiplies
+    large matrices several times faster, accumulating in float32."""
+    if dtype is None:
+        return torch.matmul(a, b)
+    return torch.matmul(a.to(dtype), b.to(dtype)).to(a.dtype)
 
 
 def precision_autocast(precision: str, device_type: str, model: object = None) -> torch.autocast:

@@ -5,7 +5,9 @@ The model (``seq2seq.models``) is plain PyTorch: ``nn.GRU``, the decoder's step 
 ``F.linear`` and ``F.cross_entropy``. That is ``reference``.
 ``fast`` (the default, ``train.kernels``) swaps modules for twins where ``FastPaths`` says
 so (``seq2seq.kernels.apply``) and, in bf16 on a CPU, decodes through
-``session.FastRNNSession`` (the output layer's products in bf16). The training
+``session.FastRNNSession`` (the output layer's products in bf16) and trains the fused GRUs
+with their whole-sequence products in bf16 (``bf16_products``: the input projections and the
+weight gradients, one large product each; every step's recurrence stays float32). The training
 paths run in training mode (``model.train()``). Each gives the reference's results to
 rounding (tests/test_fastpath.py). Each path earns its place: with the others on, it buys at
 least 5% of training or decoding speed in one of the shipped RNN configs
@@ -33,6 +35,7 @@ class FastPaths:
     stepwise: bool = False  # the input-feeding decoder's training in one Function (stepwise.py)
     fused_loss: bool = False  # output layer and cross-entropy in one pass (loss.py)
     bf16_output: bool = False  # CPU bf16: output products in bf16, candidates rescored (search)
+    bf16_products: bool = False  # CPU bf16: the fused GRUs' whole-sequence products in bf16
 
     def describe(self) -> str:
         """One line for the training log, e.g. ``fast paths: fused_gru, fused_loss``."""
@@ -112,6 +115,7 @@ def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,
         stepwise=cpu and one_layer_gru and decoder.input_feeding and "grad_input" in ops,
         fused_loss=tokens,
         bf16_output=cpu and precision == "bf16" and linear_output and tokens,
+        bf16_products=cpu and precision == "bf16" and config.cell == "gru" and "grad_input" in ops,
     )
 
 

@@ -12,7 +12,9 @@ it was measured), with a hand-written backward:
 - one step's forward writes into buffers kept for the backward (no per-step allocations
   recorded by autograd, no concatenations);
 - the weight gradients (GRU input and recurrent weights, attention query layer, combine
-  layer) are one product each over all T * batch rows, after the backward loop.
+  layer) are one product each over all T * batch rows, after the backward loop;
+- in bf16 (``FastPaths.bf16_products``) that first product and these weight gradients are
+  products of bf16 operands; the steps stay float32.
 
 Target padding is not masked, as in the plain step loop: its outputs meet no loss.
 """
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
-from seq2seq.kernels.ops import tanh_
+from seq2seq.kernels.ops import matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
@@ -69,7 +71,9 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     rnn, attention = decoder.rnn, decoder.attention
     embed = inputs.size(-1)
     w_ih = rnn.weight_ih_l0
-    gates_embed = F.linear(inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
+    products = torch.bfloat16 if decoder.cpu_policy.bf16_products else None
+    with torch.autocast(inputs.device.type, torch.bfloat16, enabled=products is not None):
+        gates_embed = F.linear(inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
     keep = None  # the query's dropout scale, one mask for all steps
     if decoder.training and decoder.dropout.p > 0:
         shape, p = (inputs.size(1), inputs.size(0), decoder.hidden_size), decoder.dropout.p
@@ -78,9 +82,9 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     if isinstance(attention, BahdanauAttention):
         w_query, energy = attention.query_layer.weight, attention.energy_layer.weight.view(-1)
     outputs, final, weights = _StepwiseGRUFunction.apply(
-        gates_embed.contiguous(), hidden[0], feed, w_ih[:, embed:], rnn.weight_hh_l0,
-        rnn.bias_hh_l0, keep, proj_keys, values, mask, w_query, energy,
-        decoder.combine.weight, decoder.combine.bias)
+        gates_embed.to(hidden.dtype).contiguous(), hidden[0], feed, w_ih[:, embed:],
+        rnn.weight_hh_l0, rnn.bias_hh_l0, keep, proj_keys, values, mask, w_query, energy,
+        decoder.combine.weight, decoder.combine.bias, products)
     return outputs.transpose(0, 1), final.unsqueeze(0), weights.transpose(0, 1)
 
 
@@ -90,7 +94,8 @@ class _StepwiseGRUFunction(torch.autograd.Function):
     w_feed (3H, O) the input weights of the fed vector; w_hh (3H, H); b_hh (3H); keep
     (T, B, H) dropout scale of the query, or None; proj_keys (B, S, A or H); values
     (B, S, K); mask (B, S); w_query (A, H) and energy (A) for Bahdanau, or None and None for
-    Luong (keys already projected); w_combine (O, H + K); b_combine (O).
+    Luong (keys already projected); w_combine (O, H + K); b_combine (O); products: the dtype
+    of the weight gradients' products (``matmul_in``; None: the inputs').
 
     Outputs: the attentional vectors (T, B, O), the final state (B, H), the attention
     weights (T, B, S) (not differentiable).
@@ -98,7 +103,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates_embed, h0, f0, w_feed, w_hh, b_hh, keep, proj_keys, values, mask,
-                w_query, energy, w_combine, b_combine):
+                w_query, energy, w_combine, b_combine, products):
         steps, batch = gates_embed.shape[:2]
         size, src_len = h0.size(1), values.size(1)
         bahdanau = w_query is not None
@@ -140,6 +145,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
                               w_combine, hs, rz, ns, gh[..., 2 * size:], query_context, outs,
                               weights, gates)
         ctx.mark_non_differentiable(weights)
+        ctx.products = products
         return outs, hs[-1].clone(), weights
 
     @staticmethod
@@ -190,24 +196,27 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         def rows(x: Tensor) -> Tensor:  # (T, B, n) -> (T * B, n)
             return x.reshape(-1, x.size(-1))
 
+        def weight_grad(grad: Tensor, x: Tensor) -> Tensor:  # sum over steps of grad^T x
+            return matmul_in(ctx.products, rows(grad).t(), rows(x))
+
         prev_h = torch.cat([h0.unsqueeze(0), hs[:-1]], 0)
         prev_f = torch.cat([f0.unsqueeze(0), outs[:-1]], 0)
         query = query_context[..., :size]
         grads = dict(
             gates_embed=d_gates_in, h0=dh, f0=df,
-            w_feed=rows(d_gates_in).t().mm(rows(prev_f)),
-            w_hh=rows(d_gates_hh).t().mm(rows(prev_h)), b_hh=rows(d_gates_hh).sum(0),
+            w_feed=weight_grad(d_gates_in, prev_f),
+            w_hh=weight_grad(d_gates_hh, prev_h), b_hh=rows(d_gates_hh).sum(0),
             values=torch.bmm(weights.permute(1, 2, 0), d_context.transpose(0, 1)),
-            w_combine=rows(d_pre_combine).t().mm(rows(query_context)),
+            w_combine=weight_grad(d_pre_combine, query_context),
             b_combine=rows(d_pre_combine).sum(0))
         if bahdanau:
             grads["proj_keys"] = d_proj_keys
-            grads["w_query"] = rows(d_projected).t().mm(rows(query))
+            grads["w_query"] = weight_grad(d_projected, query)
             d = d_scores.reshape(-1)  # v's gradient: sum of tanh * d, tanh = 2 sigmoid - 1
             grads["energy"] = 2 * rows(gates).t().mv(d) - d.sum()
         else:
             grads["proj_keys"] = torch.bmm(d_scores.permute(1, 2, 0), query.transpose(0, 1))
         names = ("gates_embed", "h0", "f0", "w_feed", "w_hh", "b_hh", "keep", "proj_keys",
-                 "values", "mask", "w_query", "energy", "w_combine", "b_combine")
+                 "values", "mask", "w_query", "energy", "w_combine", "b_combine", "products")
         return tuple(grads.get(name) if needed else None
                      for name, needed in zip(names, ctx.needs_input_grad))
