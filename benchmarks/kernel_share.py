@@ -74,6 +74,10 @@ def main() -> None:
                         "(default: every one the policy turns on)")
     args = parser.parse_args()
     only = [name for name in args.paths.split(",") if name]
+    unknown = sorted(set(only) - set(TRAINING) - set(DECODING))
+    if unknown:
+        parser.error(f"--paths: no fast path named {', '.join(unknown)} "
+                     f"(measured: {', '.join(dict.fromkeys(TRAINING + DECODING))})")
     print_header()
     on, precision = paths_on(args.config, args.overrides)
     print(f"paths on: {', '.join(on)}; training precision {precision}", flush=True)
@@ -83,9 +87,11 @@ def main() -> None:
         return run([str(BENCHMARKS / "train_speed.py"), "--config", args.config, "--steps",
                     str(args.steps), "--json", "--without", without, *sets])
 
+    def measured(paths: tuple[str, ...]) -> list[str]:  # '' (all on), then each path to turn off
+        return [""] + [p for p in paths if p in on and (not only or p in only)]
+
     rows = [("paths on", ", ".join(on)), ("training precision", precision)]
-    measured = [p for p in TRAINING if p in on and (not only or p in only)]
-    training = alternate([""] + measured, args.rounds, train)
+    training = alternate(measured(TRAINING), args.rounds, train)
     base = statistics.mean(r["sentences_per_s"] for r in training[""])
     rows.append(("training, every path on: sentences/s",
                  " / ".join(f"{r['sentences_per_s']:.0f}" for r in training[""]) + f" (mean {base:.0f})"))
@@ -101,8 +107,7 @@ def main() -> None:
                 return run([str(BENCHMARKS / "decode_speed.py"), "--model-dir", args.model_dir,
                             "--one", variant, "--batch-size", "0", "--repeat", "3", "--without", without])
 
-            decoding = alternate([""] + [p for p in DECODING if p in on and (not only or p in only)],
-                                 args.rounds, decode)
+            decoding = alternate(measured(DECODING), args.rounds, decode)
             base = statistics.mean(r["sentences_per_s"] for r in decoding[""])
             rows.append((f"decoding {variant} (fp32), every path on: sentences/s",
                          " / ".join(f"{r['sentences_per_s']:.0f}" for r in decoding[""])

@@ -33,7 +33,6 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Ctrl-C reaches the commands that the tests start. A shell that starts the suite in the
     background (``pytest &``, ``nohup``) has it ignore SIGINT, an ignored signal stays ignored

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from seq2seq.kernels.ops import matmul_in, tanh_
+from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.encoder import Encoder, State, run_padded
 
@@ -200,14 +200,13 @@ class FusedGRU(Twin, nn.GRU):
         if hx is None:
             hx = inputs.new_zeros(self.num_layers * directions, batch, self.hidden_size)
         layer_input = inputs.transpose(0, 1)  # (T, B, input_size)
-        products = torch.bfloat16 if self.cpu_policy.bf16_products else None
+        products = self.cpu_policy.products_dtype()
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
             weights = [self._weights(layer, d) for d in range(directions)]
-            with torch.autocast(device.type, torch.bfloat16, enabled=products is not None):
-                gi = [F.linear(layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
+            gi = [linear_in(products, layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
             if directions == 2:  # the backward direction reads each sequence reversed
                 gi[1] = gi[1].gather(0, index.unsqueeze(-1).expand_as(gi[1]))
             h0 = hx[layer * directions:(layer + 1) * directions]

@@ -2,7 +2,8 @@
 
 - ``tanh_``: ``tanh(x) = 2 sigmoid(2x) - 1`` in place, within 2e-7 of ``torch.tanh`` in
   float32, inside the fused GRU and step-wise kernels.
-- ``matmul_in``: a matrix product with its operands rounded to bf16 (``FastPaths.bf16_products``).
+- ``matmul_in``, ``linear_in``: a matrix product or a linear layer with its operands rounded
+  to bf16 (``FastPaths.bf16_products``).
 - ``precision_autocast``: the autocast context of a training or decoding precision.
 - ``keep_freed_memory``: glibc keeps freed memory for reuse. It changes the whole process, so
   only the ``seq2seq`` command calls it; an application calls it itself if it wants it.
@@ -18,6 +19,7 @@ import sys
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 
 def tanh_(x: Tensor) -> Tensor:
@@ -32,6 +34,14 @@ def matmul_in(dtype: torch.dtype | None, a: Tensor, b: Tensor) -> Tensor:
     if dtype is None:
         return torch.matmul(a, b)
     return torch.matmul(a.to(dtype), b.to(dtype)).to(a.dtype)
+
+
+def linear_in(dtype: torch.dtype | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` with its operands rounded to ``dtype`` (differentiably: the gradients are
+    products in ``dtype`` too), the result in ``dtype``; ``None``: as given."""
+    if dtype is None:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def precision_autocast(precision: str, device_type: str, model: object = None) -> torch.autocast:

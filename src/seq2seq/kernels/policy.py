@@ -43,6 +43,11 @@ class FastPaths:
         return "fast paths: " + (", ".join(on) if on else "none (plain PyTorch)")
 
 
+    def products_dtype(self) -> torch.dtype | None:
+        """The dtype of the fused GRUs' whole-sequence products (``ops.matmul_in``,
+        ``ops.linear_in``): bf16 under ``bf16_products``, else None (the inputs')."""
+        return torch.bfloat16 if self.bf16_products else None
+
     def decodes_fast(self) -> bool:
         """Whether decoding has a path of its own (``session.FastRNNSession``)."""
         return self.bf16_output
@@ -110,12 +115,13 @@ def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,
     one_layer_gru = config.cell == "gru" and config.decoder_layers == 1
     linear_output = isinstance(model.generator, nn.Linear)  # not int8
     tokens = model.tgt_embed is not None
+    fused_gru = cpu and config.cell == "gru" and "grad_input" in ops
     return FastPaths(
-        fused_gru=cpu and config.cell == "gru" and "grad_input" in ops,
+        fused_gru=fused_gru,
         stepwise=cpu and one_layer_gru and decoder.input_feeding and "grad_input" in ops,
         fused_loss=tokens,
         bf16_output=cpu and precision == "bf16" and linear_output and tokens,
-        bf16_products=cpu and precision == "bf16" and config.cell == "gru" and "grad_input" in ops,
+        bf16_products=fused_gru and precision == "bf16",
     )
 
 

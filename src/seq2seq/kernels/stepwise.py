@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
-from seq2seq.kernels.ops import matmul_in, tanh_
+from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
@@ -71,9 +71,8 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     rnn, attention = decoder.rnn, decoder.attention
     embed = inputs.size(-1)
     w_ih = rnn.weight_ih_l0
-    products = torch.bfloat16 if decoder.cpu_policy.bf16_products else None
-    with torch.autocast(inputs.device.type, torch.bfloat16, enabled=products is not None):
-        gates_embed = F.linear(inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
+    products = decoder.cpu_policy.products_dtype()
+    gates_embed = linear_in(products, inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
     keep = None  # the query's dropout scale, one mask for all steps
     if decoder.training and decoder.dropout.p > 0:
         shape, p = (inputs.size(1), inputs.size(0), decoder.hidden_size), decoder.dropout.p
