@@ -294,7 +294,8 @@ def test_twins_keep_the_models_parameters_and_reference_swaps_them_back():
     model = make_model(torch.float32, **STEPWISE)
     state, parameters = model.state_dict(), list(model.parameters())
     apply_kernels(model, "fast")
-    assert _twins(model) == {"FusedGRU", "FusedEncoder", "StepwiseDecoder", "FusedOutputLoss"}
+    assert _twins(model) == {"FusedGRU", "FusedEncoder", "StepwiseDecoder", "FusedOutputLoss",
+                             "UniformDropout"}
     assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
     assert model.state_dict().keys() == state.keys()
     assert apply_kernels(model, "reference") == REFERENCE == policy(model)

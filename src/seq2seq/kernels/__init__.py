@@ -1,8 +1,8 @@
 """Kernels applied to the plain models from outside, as ``torch.ao.quantization.quantize_dynamic``
 applies int8: the policy that picks them for a device (``policy.py``), the fused twins of
 modules (``FusedGRU`` and ``FusedEncoder``: gru.py; ``StepwiseDecoder``: stepwise.py;
-``FusedOutputLoss``: loss.py) and the fast decoding session (session.py: the output layer in
-bf16).
+``FusedOutputLoss``: loss.py; ``UniformDropout``: dropout.py) and the fast decoding session
+(session.py: the output layer in bf16).
 
 The entry points:
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from seq2seq.kernels.dropout import UniformDropout
 from seq2seq.kernels.gru import FusedEncoder, FusedGRU
 from seq2seq.kernels.loss import FusedOutputLoss
 from seq2seq.kernels.policy import KINDS, REFERENCE, FastPaths, Twin, resolve
@@ -44,6 +45,7 @@ TWINS: dict[type[nn.Module], tuple[type[Twin], str]] = {
     FusedEncoder.plain: (FusedEncoder, "fused_gru"),
     StepwiseDecoder.plain: (StepwiseDecoder, "stepwise"),
     FusedOutputLoss.plain: (FusedOutputLoss, "fused_loss"),
+    UniformDropout.plain: (UniformDropout, "uniform_dropout"),
 }
 
 

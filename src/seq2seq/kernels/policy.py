@@ -7,9 +7,11 @@ The model (``seq2seq.models``) is plain PyTorch: ``nn.GRU``, the decoder's step 
 so (``seq2seq.kernels.apply``) and, in bf16 on a CPU, decodes through
 ``session.FastRNNSession`` (the output layer's products in bf16) and trains the fused GRUs
 with their whole-sequence products in bf16 (``bf16_products``: the input projections and the
-weight gradients, one large product each; every step's recurrence stays float32). The training
-paths run in training mode (``model.train()``). Each gives the reference's results to
-rounding (tests/test_fastpath.py). Each path earns its place: with the others on, it buys at
+weight gradients, one large product each; every step's recurrence stays float32). On a CPU,
+``uniform_dropout`` draws dropout masks from uniform floats instead of ``bernoulli_``. The
+training paths run in training mode (``model.train()``). Each gives the reference's results to
+rounding (tests/test_fastpath.py), except that ``uniform_dropout``'s masks are another draw
+from the same distribution (tests/test_dropout.py). Each path earns its place: with the others on, it buys at
 least 5% of training or decoding speed in one of the shipped RNN configs
 (``benchmarks/kernel_share.py``; the figures, and the paths dropped for buying less, are in
 benchmarks/RESULTS.md).
@@ -36,6 +38,7 @@ class FastPaths:
     fused_loss: bool = False  # output layer and cross-entropy in one pass (loss.py)
     bf16_output: bool = False  # CPU bf16: output products in bf16, candidates rescored (search)
     bf16_products: bool = False  # CPU bf16: the fused GRUs' whole-sequence products in bf16
+    uniform_dropout: bool = False  # CPU training: dropout masks from uniform draws (dropout.py)
 
     def describe(self) -> str:
         """One line for the training log, e.g. ``fast paths: fused_gru, fused_loss``."""
@@ -122,6 +125,7 @@ def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,
         fused_loss=tokens,
         bf16_output=cpu and precision == "bf16" and linear_output and tokens,
         bf16_products=fused_gru and precision == "bf16",
+        uniform_dropout=cpu,
     )
 
 

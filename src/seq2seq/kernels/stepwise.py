@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
 from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
@@ -75,8 +74,8 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     gates_embed = linear_in(products, inputs.transpose(0, 1), w_ih[:, :embed], rnn.bias_ih_l0)  # (T, B, 3H)
     keep = None  # the query's dropout scale, one mask for all steps
     if decoder.training and decoder.dropout.p > 0:
-        shape, p = (inputs.size(1), inputs.size(0), decoder.hidden_size), decoder.dropout.p
-        keep = F.dropout(inputs.new_ones(shape), p)
+        shape = (inputs.size(1), inputs.size(0), decoder.hidden_size)
+        keep = decoder.dropout(inputs.new_ones(shape))  # nn.Dropout or its twin draws it
     w_query = energy = None  # Luong: the keys are all there is
     if isinstance(attention, BahdanauAttention):
         w_query, energy = attention.query_layer.weight, attention.energy_layer.weight.view(-1)
@@ -113,12 +112,9 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         query_context = h0.new_empty(steps, batch, size + values.size(2))  # [q; c]
         outs = h0.new_empty(steps, batch, w_combine.size(0))  # attentional vectors
         weights = h0.new_empty(steps, batch, src_len)
-        # Bahdanau: tanh(k + q) = 2 sigmoid(2k + 2q) - 1; the sigmoid is kept (``gates``), and
-        # the scores are v . sigmoid(...) * 2, short of a constant that the softmax ignores
-        gates = None
+        gates = None  # Bahdanau: tanh(keys + W_q q), kept for the backward
         if bahdanau:
             gates = h0.new_empty(steps, batch, src_len, w_query.size(0))
-            keys2, w_query2, energy2 = 2 * proj_keys, 2 * w_query, 2 * energy
         padding = ~mask
         h, f = h0, f0
         for t in range(steps):
@@ -131,11 +127,11 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             else:
                 torch.mul(h, keep[t], out=query)
             if bahdanau:
-                projected2 = torch.mm(query, w_query2.t())  # (B, A)
-                torch.add(keys2, projected2.unsqueeze(1), out=gates[t]).sigmoid_()
-                scores = torch.matmul(gates[t], energy2)  # (B, S)
-            else:  # a batched product with one column is slow: multiply and sum
-                scores = (proj_keys * query.unsqueeze(1)).sum(2)
+                projected = torch.mm(query, w_query.t())  # (B, A)
+                torch.add(proj_keys, projected.unsqueeze(1), out=gates[t]).tanh_()
+                scores = torch.matmul(gates[t], energy)  # (B, S)
+            else:  # a row times the keys transposed (a product with one column is slow)
+                scores = torch.bmm(query.unsqueeze(1), proj_keys.transpose(1, 2)).squeeze(1)
             weights[t] = torch.softmax(scores.masked_fill_(padding, float("-inf")), -1)
             query_context[t, :, size:] = torch.bmm(weights[t].unsqueeze(1), values).squeeze(1)
             tanh_(torch.addmm(b_combine, query_context[t], w_combine.t(), out=outs[t]))
@@ -164,7 +160,6 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         d_scores = torch.empty_like(weights)
         d_projected = h0.new_empty(steps, batch, w_query.size(0)) if bahdanau else None
         d_proj_keys = torch.zeros_like(proj_keys) if bahdanau else None
-        energy4 = 4 * energy if bahdanau else None  # tanh' = 4 sigmoid' of the doubled input
         for t in range(steps - 1, -1, -1):
             torch.ops.aten.tanh_backward.grad_input(grad_outs[t] + df, outs[t],
                                                     grad_input=d_pre_combine[t])
@@ -172,14 +167,15 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             d_query = d_query_context[:, :size]
             d_context[t] = d_query_context[:, size:]
             w = weights[t]
-            d_w = (values * d_context[t].unsqueeze(1)).sum(2)  # (B, S)
+            d_w = torch.bmm(d_context[t].unsqueeze(1), values.transpose(1, 2)).squeeze(1)  # (B, S)
             d_w -= (w * d_w).sum(1, keepdim=True)
             torch.mul(w, d_w, out=d_scores[t])  # softmax backward; 0 at padding
             if bahdanau:
-                d_pre = torch.ops.aten.sigmoid_backward(
-                    d_scores[t].unsqueeze(2) * energy4, gates[t])  # (B, S, A)
+                # d_pre = d_scores * v * tanh', with v applied after the sums
+                d_pre = torch.ops.aten.tanh_backward(d_scores[t].unsqueeze(2), gates[t])  # (B, S, A)
                 d_proj_keys += d_pre
                 torch.sum(d_pre, 1, out=d_projected[t])
+                d_projected[t] *= energy
                 d_query = torch.addmm(d_query, d_projected[t], w_query)
             else:
                 d_query = d_query + torch.bmm(d_scores[t].unsqueeze(1), proj_keys).squeeze(1)
@@ -209,10 +205,9 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             w_combine=weight_grad(d_pre_combine, query_context),
             b_combine=rows(d_pre_combine).sum(0))
         if bahdanau:
-            grads["proj_keys"] = d_proj_keys
+            grads["proj_keys"] = d_proj_keys.mul_(energy)
             grads["w_query"] = weight_grad(d_projected, query)
-            d = d_scores.reshape(-1)  # v's gradient: sum of tanh * d, tanh = 2 sigmoid - 1
-            grads["energy"] = 2 * rows(gates).t().mv(d) - d.sum()
+            grads["energy"] = rows(gates).t().mv(d_scores.reshape(-1))  # v's: sum of tanh * d
         else:
             grads["proj_keys"] = torch.bmm(d_scores.permute(1, 2, 0), query.transpose(0, 1))
         names = ("gates_embed", "h0", "f0", "w_feed", "w_hh", "b_hh", "keep", "proj_keys",
