@@ -11,6 +11,7 @@ from torch import nn
 from seq2seq.config import ModelConfig
 from seq2seq.kernels import apply as apply_kernels
 from seq2seq.kernels.dropout import UniformDropout, dropout_scale
+from seq2seq.kernels.gru import FusedGRU
 from seq2seq.kernels.policy import FastPaths
 from seq2seq.models.rnn.model import Seq2Seq
 
@@ -79,3 +80,24 @@ def test_model_dropouts_are_swapped_and_reference_swaps_them_back():
     assert len(swapped) == sum(1 for m in model.modules() if isinstance(m, nn.Dropout)) >= 3
     apply_kernels(model, "reference")
     assert not any(isinstance(m, UniformDropout) for m in model.modules())
+
+
+def test_fused_gru_drops_between_layers_with_the_uniform_mask():
+    """With the path on, the fused two-layer GRU drops its first layer's outputs with
+    ``dropout_scale``'s mask: the same as two nn.GRU layers given that mask."""
+    torch.manual_seed(0)
+    gru = nn.GRU(5, 7, num_layers=2, batch_first=True, dropout=0.4).double()
+    FusedGRU.install(gru, FastPaths(fused_gru=True, uniform_dropout=True), "cpu")
+    first, second = nn.GRU(5, 7, batch_first=True).double(), nn.GRU(7, 7, batch_first=True).double()
+    with torch.no_grad():
+        for name, value in gru.named_parameters():
+            layer = first if name.endswith("l0") else second
+            getattr(layer, name[:-1] + "0").copy_(value)
+    x = torch.randn(3, 6, 5, dtype=torch.double)
+    torch.manual_seed(7)
+    fused, _ = gru.forward_padded(x)
+    torch.manual_seed(7)
+    keep = dropout_scale((6, 3, 7), 0.4, x).transpose(0, 1)  # (T, B, H) as drawn
+    assert 0 < int((keep == 0).sum()) < keep.numel()
+    plain, _ = second(first(x)[0] * keep)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from seq2seq.kernels.policy import Twin
 
@@ -23,6 +24,15 @@ def dropout_scale(shape: tuple[int, ...] | torch.Size, p: float, like: Tensor) -
     return uniform.ge_(p).mul_(1.0 / (1.0 - p)).to(like.dtype)
 
 
+def dropout(x: Tensor, p: float, training: bool, uniform: bool, inplace: bool = False) -> Tensor:
+    """``F.dropout``; with ``uniform`` (``FastPaths.uniform_dropout``), in training, with the
+    mask of ``dropout_scale`` instead."""
+    if not (uniform and training and 0.0 < p < 1.0):
+        return F.dropout(x, p, training, inplace)
+    scale = dropout_scale(x.shape, p, x)
+    return x.mul_(scale) if inplace else x * scale
+
+
 class UniformDropout(Twin, nn.Dropout):
     """The twin of ``nn.Dropout``: in training on the CPU, the mask of ``dropout_scale``;
     otherwise (evaluation, another device, p of 0 or 1) ``nn.Dropout``."""
@@ -30,7 +40,4 @@ class UniformDropout(Twin, nn.Dropout):
     plain = nn.Dropout
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Dropout's name)
-        if not (self.training and self.on_cpu) or not 0.0 < self.p < 1.0:
-            return super().forward(input)
-        scale = dropout_scale(input.shape, self.p, input)
-        return input.mul_(scale) if self.inplace else input * scale
+        return dropout(input, self.p, self.training, self.on_cpu, self.inplace)

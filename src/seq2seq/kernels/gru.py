@@ -14,6 +14,8 @@ parameters and results and, in training mode on the CPU, changes how they are co
   padded batches need no packing;
 - in bf16 (``FastPaths.bf16_products``) the input projections and the weight gradient are
   products of bf16 operands; the recurrence stays float32.
+- between layers it drops with ``dropout.dropout``: ``FastPaths.uniform_dropout``'s masks
+  where that path is on, ``F.dropout``'s otherwise.
 
 Otherwise it is ``nn.GRU``. ``FusedEncoder``, the twin of the ``Encoder``, runs a padded
 batch through it with masks instead of packing it.
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from seq2seq.kernels.dropout import dropout
 from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.encoder import Encoder, State, run_padded
@@ -204,7 +206,8 @@ class FusedGRU(Twin, nn.GRU):
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
-                layer_input = F.dropout(layer_input, self.dropout, self.training)
+                layer_input = dropout(layer_input, self.dropout, self.training,
+                                      self.cpu_policy.uniform_dropout)
             weights = [self._weights(layer, d) for d in range(directions)]
             gi = [linear_in(products, layer_input, w_ih, b_ih) for w_ih, _, b_ih, _ in weights]
             if directions == 2:  # the backward direction reads each sequence reversed
