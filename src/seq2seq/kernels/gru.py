@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq.kernels.dropout import dropout
-from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
+from seq2seq.kernels.ops import linear_in, matmul_in
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.encoder import Encoder, State, run_padded
 
@@ -47,7 +47,7 @@ def gru_cell(gi: Tensor, gh: Tensor, h: Tensor, rz: Tensor, n: Tensor,
     """
     size = h.size(-1)
     torch.add(gi[..., :2 * size], gh[..., :2 * size], out=rz).sigmoid_()
-    tanh_(torch.addcmul(gi[..., 2 * size:], rz[..., :size], gh[..., 2 * size:], out=n))
+    torch.addcmul(gi[..., 2 * size:], rz[..., :size], gh[..., 2 * size:], out=n).tanh_()
     if out is None:
         return torch.lerp(n, h, rz[..., size:])
     return torch.lerp(n, h, rz[..., size:], out=out)

@@ -1,7 +1,5 @@
 """Small pieces of the fast paths, and process-wide tuning.
 
-- ``tanh_``: ``tanh(x) = 2 sigmoid(2x) - 1`` in place, within 2e-7 of ``torch.tanh`` in
-  float32, inside the fused GRU and step-wise kernels.
 - ``matmul_in``, ``linear_in``: a matrix product or a linear layer with its operands rounded
   to bf16 (``FastPaths.bf16_products``).
 - ``precision_autocast``: the autocast context of a training or decoding precision.
@@ -20,11 +18,6 @@ import sys
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-
-
-def tanh_(x: Tensor) -> Tensor:
-    """tanh in place, as ``2 sigmoid(2x) - 1`` (no autograd); returns ``x``."""
-    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
 
 
 def matmul_in(dtype: torch.dtype | None, a: Tensor, b: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
-from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
+from seq2seq.kernels.ops import linear_in, matmul_in
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
@@ -134,7 +134,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
                 scores = torch.bmm(query.unsqueeze(1), proj_keys.transpose(1, 2)).squeeze(1)
             weights[t] = torch.softmax(scores.masked_fill_(padding, float("-inf")), -1)
             query_context[t, :, size:] = torch.bmm(weights[t].unsqueeze(1), values).squeeze(1)
-            tanh_(torch.addmm(b_combine, query_context[t], w_combine.t(), out=outs[t]))
+            torch.addmm(b_combine, query_context[t], w_combine.t(), out=outs[t]).tanh_()
             f = outs[t]
         ctx.save_for_backward(h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy,
                               w_combine, hs, rz, ns, gh[..., 2 * size:], query_context, outs,
