@@ -14,7 +14,12 @@ it was measured), with a hand-written backward:
 - the weight gradients (GRU input and recurrent weights, attention query layer, combine
   layer) are one product each over all T * batch rows, after the backward loop;
 - in bf16 (``FastPaths.bf16_products``) that first product and these weight gradients are
-  products of bf16 operands; the steps stay float32.
+  products of bf16 operands, and (``FastPaths.bf16_steps``) so are each step's products with
+  the GRU, feed and combine weights, forward and backward; sums and states stay float32;
+- Bahdanau's ``tanh(x)`` is kept as ``s = sigmoid(2x)`` (``tanh(x) = 2s - 1``): the energy
+  ``v . tanh(x)`` becomes ``2v . s`` (the constant ``-sum(v)`` it drops is the same at every
+  source position, so the softmax does not see it) and ``tanh'(x) = 4s(1 - s)``. A sigmoid
+  costs a fraction of PyTorch's tanh kernel on some CPUs (benchmarks/RESULTS.md).
 
 Target padding is not masked, as in the plain step loop: its outputs meet no loss.
 """
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
-from seq2seq.kernels.ops import linear_in, matmul_in
+from seq2seq.kernels.ops import add_product, linear_in, matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
@@ -82,7 +87,7 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     outputs, final, weights = _StepwiseGRUFunction.apply(
         gates_embed.to(hidden.dtype).contiguous(), hidden[0], feed, w_ih[:, embed:],
         rnn.weight_hh_l0, rnn.bias_hh_l0, keep, proj_keys, values, mask, w_query, energy,
-        decoder.combine.weight, decoder.combine.bias, products)
+        decoder.combine.weight, decoder.combine.bias, products, decoder.cpu_policy.steps_dtype())
     return outputs.transpose(0, 1), final.unsqueeze(0), weights.transpose(0, 1)
 
 
@@ -93,7 +98,9 @@ class _StepwiseGRUFunction(torch.autograd.Function):
     (T, B, H) dropout scale of the query, or None; proj_keys (B, S, A or H); values
     (B, S, K); mask (B, S); w_query (A, H) and energy (A) for Bahdanau, or None and None for
     Luong (keys already projected); w_combine (O, H + K); b_combine (O); products: the dtype
-    of the weight gradients' products (``matmul_in``; None: the inputs').
+    of the weight gradients' products (``matmul_in``; None: the inputs'); step_products:
+    the dtype of each step's products with w_feed, w_hh and w_combine (``add_product``; None:
+    the inputs').
 
     Outputs: the attentional vectors (T, B, O), the final state (B, H), the attention
     weights (T, B, S) (not differentiable).
@@ -101,7 +108,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates_embed, h0, f0, w_feed, w_hh, b_hh, keep, proj_keys, values, mask,
-                w_query, energy, w_combine, b_combine, products):
+                w_query, energy, w_combine, b_combine, products, step_products):
         steps, batch = gates_embed.shape[:2]
         size, src_len = h0.size(1), values.size(1)
         bahdanau = w_query is not None
@@ -112,14 +119,17 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         query_context = h0.new_empty(steps, batch, size + values.size(2))  # [q; c]
         outs = h0.new_empty(steps, batch, w_combine.size(0))  # attentional vectors
         weights = h0.new_empty(steps, batch, src_len)
-        gates = None  # Bahdanau: tanh(keys + W_q q), kept for the backward
+        gates = None  # Bahdanau: sigmoid(2 (keys + W_q q)), kept for the backward
         if bahdanau:
             gates = h0.new_empty(steps, batch, src_len, w_query.size(0))
+            keys2, w_query2_t, energy2 = 2 * proj_keys, 2 * w_query.t(), 2 * energy
+        dtype = step_products or h0.dtype
+        w_feed_t, w_hh_t, w_combine_t = (w.t().to(dtype) for w in (w_feed, w_hh, w_combine))
         padding = ~mask
         h, f = h0, f0
         for t in range(steps):
-            gi = torch.addmm(gates_embed[t], f, w_feed.t())  # (B, 3H)
-            torch.addmm(b_hh, h, w_hh.t(), out=gh[t])
+            gi = add_product(gates_embed[t], f, w_feed_t)  # (B, 3H)
+            add_product(b_hh, h, w_hh_t, out=gh[t])
             h = gru_cell(gi, gh[t], h, rz[t], ns[t], out=hs[t])
             query = query_context[t, :, :size]
             if keep is None:
@@ -127,20 +137,20 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             else:
                 torch.mul(h, keep[t], out=query)
             if bahdanau:
-                projected = torch.mm(query, w_query.t())  # (B, A)
-                torch.add(proj_keys, projected.unsqueeze(1), out=gates[t]).tanh_()
-                scores = torch.matmul(gates[t], energy)  # (B, S)
+                projected2 = torch.mm(query, w_query2_t)  # (B, A)
+                torch.add(keys2, projected2.unsqueeze(1), out=gates[t]).sigmoid_()
+                scores = torch.matmul(gates[t], energy2)  # (B, S), less sum(v)
             else:  # a row times the keys transposed (a product with one column is slow)
                 scores = torch.bmm(query.unsqueeze(1), proj_keys.transpose(1, 2)).squeeze(1)
             weights[t] = torch.softmax(scores.masked_fill_(padding, float("-inf")), -1)
             query_context[t, :, size:] = torch.bmm(weights[t].unsqueeze(1), values).squeeze(1)
-            torch.addmm(b_combine, query_context[t], w_combine.t(), out=outs[t]).tanh_()
+            tanh_(add_product(b_combine, query_context[t], w_combine_t, out=outs[t]))
             f = outs[t]
         ctx.save_for_backward(h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy,
                               w_combine, hs, rz, ns, gh[..., 2 * size:], query_context, outs,
                               weights, gates)
         ctx.mark_non_differentiable(weights)
-        ctx.products = products
+        ctx.products, ctx.step_products = products, step_products
         return outs, hs[-1].clone(), weights
 
     @staticmethod
@@ -160,10 +170,13 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         d_scores = torch.empty_like(weights)
         d_projected = h0.new_empty(steps, batch, w_query.size(0)) if bahdanau else None
         d_proj_keys = torch.zeros_like(proj_keys) if bahdanau else None
+        energy4 = 4 * energy if bahdanau else None
+        dtype = ctx.step_products
+        w_feed_s, w_hh_s, w_combine_s = (w.to(dtype or w.dtype) for w in (w_feed, w_hh, w_combine))
         for t in range(steps - 1, -1, -1):
             torch.ops.aten.tanh_backward.grad_input(grad_outs[t] + df, outs[t],
                                                     grad_input=d_pre_combine[t])
-            d_query_context = torch.mm(d_pre_combine[t], w_combine)  # (B, H + K)
+            d_query_context = matmul_in(dtype, d_pre_combine[t], w_combine_s)  # (B, H + K)
             d_query = d_query_context[:, :size]
             d_context[t] = d_query_context[:, size:]
             w = weights[t]
@@ -171,11 +184,11 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             d_w -= (w * d_w).sum(1, keepdim=True)
             torch.mul(w, d_w, out=d_scores[t])  # softmax backward; 0 at padding
             if bahdanau:
-                # d_pre = d_scores * v * tanh', with v applied after the sums
-                d_pre = torch.ops.aten.tanh_backward(d_scores[t].unsqueeze(2), gates[t])  # (B, S, A)
+                # d_pre = d_scores * v * tanh' = d_scores * 4v * s(1 - s), 4v applied after the sums
+                d_pre = torch.ops.aten.sigmoid_backward(d_scores[t].unsqueeze(2), gates[t])  # (B, S, A)
                 d_proj_keys += d_pre
                 torch.sum(d_pre, 1, out=d_projected[t])
-                d_projected[t] *= energy
+                d_projected[t] *= energy4
                 d_query = torch.addmm(d_query, d_projected[t], w_query)
             else:
                 d_query = d_query + torch.bmm(d_scores[t].unsqueeze(1), proj_keys).squeeze(1)
@@ -185,8 +198,8 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], d_gates_hh[t],
                                        d_gates_in[t, :, 2 * size:])
             d_gates_in[t, :, :2 * size] = d_gates_hh[t, :, :2 * size]
-            dh = torch.addmm(direct, d_gates_hh[t], w_hh)
-            df = torch.mm(d_gates_in[t], w_feed)
+            dh = add_product(direct, d_gates_hh[t], w_hh_s)
+            df = matmul_in(dtype, d_gates_in[t], w_feed_s)
 
         def rows(x: Tensor) -> Tensor:  # (T, B, n) -> (T * B, n)
             return x.reshape(-1, x.size(-1))
@@ -205,12 +218,14 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             w_combine=weight_grad(d_pre_combine, query_context),
             b_combine=rows(d_pre_combine).sum(0))
         if bahdanau:
-            grads["proj_keys"] = d_proj_keys.mul_(energy)
+            grads["proj_keys"] = d_proj_keys.mul_(energy4)
             grads["w_query"] = weight_grad(d_projected, query)
-            grads["energy"] = rows(gates).t().mv(d_scores.reshape(-1))  # v's: sum of tanh * d
+            # v's: the sum of tanh * d_scores, tanh = 2s - 1
+            grads["energy"] = rows(gates).t().mv(d_scores.reshape(-1)).mul_(2).sub_(d_scores.sum())
         else:
             grads["proj_keys"] = torch.bmm(d_scores.permute(1, 2, 0), query.transpose(0, 1))
         names = ("gates_embed", "h0", "f0", "w_feed", "w_hh", "b_hh", "keep", "proj_keys",
-                 "values", "mask", "w_query", "energy", "w_combine", "b_combine", "products")
+                 "values", "mask", "w_query", "energy", "w_combine", "b_combine", "products",
+                 "step_products")
         return tuple(grads.get(name) if needed else None
                      for name, needed in zip(names, ctx.needs_input_grad))
