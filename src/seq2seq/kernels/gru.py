@@ -216,7 +216,7 @@ class FusedGRU(Twin, nn.GRU):
             if directions == 2:  # the backward direction reads each sequence reversed
                 gi[1] = gi[1].gather(0, index.unsqueeze(-1).expand_as(gi[1]))
             h0 = hx[layer * directions:(layer + 1) * directions]
-            with torch.autocast(device.type, enabled=False):  # the recurrence stays float32
+            with torch.autocast(device.type, enabled=False):  # states and sums stay float32
                 dtype = torch.promote_types(gi[0].dtype, torch.float32)
                 hs = _GRULayerFunction.apply(
                     torch.stack(gi, 1).to(dtype), h0.to(dtype), torch.stack([w[1] for w in weights]),
