@@ -27,8 +27,7 @@ from common import ROOT, print_header, record
 
 # the paths that run while training (train mode) and while decoding (eval mode, fp32); six
 # more were measured with this script on 2026-12-04 and removed (benchmarks/RESULTS.md)
-TRAINING = ("fused_gru", "stepwise", "fused_loss", "bf16_output", "bf16_products", "bf16_steps",
-            "uniform_dropout")
+TRAINING = ("fused_gru", "stepwise", "fused_loss", "bf16_output", "bf16_products", "uniform_dropout")
 DECODING = ("fused_gru",)
 BENCHMARKS = Path(__file__).resolve().parent
 

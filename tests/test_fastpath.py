@@ -128,19 +128,15 @@ def test_long_sequences_in_float32():
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("paths", [dict(bf16_products=True), dict(bf16_steps=True)],
-                         ids=["products", "steps"])
 @pytest.mark.parametrize("layout", [STEPWISE, GENERAL], ids=["stepwise", "general"])
-def test_bf16_products_train_as_float32_to_bf16_rounding(layout, paths):
+def test_bf16_products_train_as_float32_to_bf16_rounding(layout):
     """``bf16_products``: the fused GRUs' input projections and weight gradients from bf16
-    operands; ``bf16_steps``: each time step's products (GRU recurrences, the step-wise
-    decoder's feed and combine layers) from bf16 operands. The loss and every gradient stay
-    within bf16's rounding of the float32 path's (relative error of each gradient under 2%),
-    and the products did change them."""
+    operands. The loss and every gradient stay within bf16's rounding of the float32 path's
+    (relative error of each gradient under 2%), and the products did change them."""
     model = make_model(torch.float32, bidirectional=True, encoder_layers=2, **layout)
     batch = make_batch(tgt_len=12)
     float32 = resolve("fast", "cpu", "fp32", model)
-    loss, grads, nodes, _ = training_step(model, dataclasses.replace(float32, **paths), batch)
+    loss, grads, nodes, _ = training_step(model, dataclasses.replace(float32, bf16_products=True), batch)
     ref_loss, ref_grads, _, _ = training_step(model, float32, batch)
     assert "_GRULayerFunctionBackward" in nodes
     assert ("_StepwiseGRUFunctionBackward" in nodes) == layout["input_feeding"]
@@ -196,10 +192,9 @@ def test_resolve_by_device_precision_and_model():
     ops = frozenset({"grad_input"})
     assert resolve("reference", "cpu", "fp32", model, ops) == REFERENCE
     cpu = resolve("fast", "cpu", "fp32", model, ops)
-    assert all(dataclasses.astuple(dataclasses.replace(cpu, bf16_output=True, bf16_products=True,
-                                                       bf16_steps=True)))
+    assert all(dataclasses.astuple(dataclasses.replace(cpu, bf16_output=True, bf16_products=True)))
     bf16 = resolve("fast", "cpu", "bf16", model, ops)
-    assert bf16.bf16_output and bf16.bf16_products and bf16.bf16_steps
+    assert bf16.bf16_output and bf16.bf16_products
     gpu = resolve("fast", "cuda", "bf16", model, ops)  # autocast does the precision there
     assert gpu == FastPaths(fused_loss=True)
     with pytest.raises(ValueError, match="kernels must be 'fast' or 'reference'"):
@@ -207,8 +202,7 @@ def test_resolve_by_device_precision_and_model():
     lstm = make_model(torch.float32, cell="lstm", attention="general", input_feeding=True)
     lstm_paths = resolve("fast", "cpu", "fp32", lstm, ops)
     assert not (lstm_paths.fused_gru or lstm_paths.stepwise) and lstm_paths.fused_loss
-    lstm_bf16 = resolve("fast", "cpu", "bf16", lstm, ops)
-    assert not (lstm_bf16.bf16_products or lstm_bf16.bf16_steps)  # no fused LSTM
+    assert not resolve("fast", "cpu", "bf16", lstm, ops).bf16_products  # no fused LSTM
     int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     int8_paths = resolve("fast", "cpu", "bf16", int8, ops)
     assert int8_paths.fused_gru and not int8_paths.bf16_output  # its output layer is int8

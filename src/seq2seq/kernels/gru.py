@@ -13,8 +13,7 @@ parameters and results and, in training mode on the CPU, changes how they are co
 - padding is handled with masks (a sequence's state freezes after its last position), so
   padded batches need no packing;
 - in bf16 (``FastPaths.bf16_products``) the input projections and the weight gradient are
-  products of bf16 operands, and (``FastPaths.bf16_steps``) so are each step's recurrent
-  products, forward and backward: bf16 operands, float32 sums; the states stay float32.
+  products of bf16 operands; the recurrence stays float32.
 - between layers it drops with ``dropout.dropout``: ``FastPaths.uniform_dropout``'s masks
   where that path is on, ``F.dropout``'s otherwise.
 
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq.kernels.dropout import dropout
-from seq2seq.kernels.ops import add_product, linear_in, matmul_in, tanh_
+from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.encoder import Encoder, State, run_padded
 
@@ -90,15 +89,14 @@ class _GRULayerFunction(torch.autograd.Function):
     already in its own reading order), h0 (D, B, H), w_hh (D, 3H, H), b_hh (D, 3H),
     mask (T, B) bool or None (True at real positions, in each direction's reading order
     it is the same: real positions first), products: the dtype of the weight gradient's
-    product (``matmul_in``; None: float32), steps: the dtype of each step's recurrent product
-    (``add_product``; None: float32). Output: hs (T, D, B, H), the state after each step.
+    product (``matmul_in``; None: float32). Output: hs (T, D, B, H), the state after each step.
     """
 
     @staticmethod
-    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, mask: Tensor | None,
-                products: torch.dtype | None, step_products: torch.dtype | None) -> Tensor:
+    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor,
+                mask: Tensor | None, products: torch.dtype | None) -> Tensor:
         steps, size = gi.size(0), h0.size(-1)
-        w_t = w_hh.transpose(1, 2).to(step_products or w_hh.dtype)  # (D, H, 3H)
+        w_t = w_hh.transpose(1, 2)  # (D, H, 3H)
         bias = b_hh.unsqueeze(1)  # (D, 1, 3H)
         hs = gi.new_empty(steps, *h0.shape)
         rz = gi.new_empty(steps, h0.size(0), h0.size(1), 2 * size)
@@ -107,7 +105,7 @@ class _GRULayerFunction(torch.autograd.Function):
         h = h0
         padded = _padded_steps(mask, steps)
         for t in range(steps):  # results go straight into the saved buffers (out=)
-            add_product(bias, h, w_t, out=gh[t])  # (D, B, 3H)
+            torch.baddbmm(bias, h, w_t, out=gh[t])  # (D, B, 3H)
             if not padded[t]:
                 gru_cell(gi[t], gh[t], h, rz[t], ns[t], out=hs[t])
             else:  # padding: the state stays
@@ -115,7 +113,7 @@ class _GRULayerFunction(torch.autograd.Function):
                             out=hs[t])
             h = hs[t]
         ctx.save_for_backward(h0, w_hh, hs, rz, ns, gh[..., 2 * size:], mask)
-        ctx.products, ctx.step_products = products, step_products
+        ctx.products = products
         return hs
 
     @staticmethod
@@ -127,7 +125,6 @@ class _GRULayerFunction(torch.autograd.Function):
         grad_gin = grad_hs.new_empty(directions, steps, batch, size)  # n-gate part of grad gi
         dh = torch.zeros_like(h0)
         padded = _padded_steps(mask, steps)
-        w_step = w_hh.to(ctx.step_products or w_hh.dtype)
         for t in range(steps - 1, -1, -1):
             dh = dh + grad_hs[t]
             h_prev = hs[t - 1] if t > 0 else h0
@@ -137,7 +134,7 @@ class _GRULayerFunction(torch.autograd.Function):
                 dh = torch.where(real, dh, 0.0)
             direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], grad_gh[:, t],
                                        grad_gin[:, t])
-            dh = add_product(direct, grad_gh[:, t], w_step)  # (D, B, H)
+            dh = torch.baddbmm(direct, grad_gh[:, t], w_hh)  # (D, B, H)
             if padded[t]:
                 dh = dh + frozen
         prev = hs.new_empty(directions, steps, batch, size)  # the state before each step
@@ -149,7 +146,7 @@ class _GRULayerFunction(torch.autograd.Function):
         grad_b = flat_gh.sum(1)
         grad_gh[..., 2 * size:] = grad_gin  # grad gi: grad gh but for the candidate part
         grad_gi = grad_gh.transpose(0, 1)  # (T, D, B, 3H)
-        return grad_gi, dh, grad_w, grad_b, None, None, None
+        return grad_gi, dh, grad_w, grad_b, None, None
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:
@@ -216,12 +213,11 @@ class FusedGRU(Twin, nn.GRU):
             if directions == 2:  # the backward direction reads each sequence reversed
                 gi[1] = gi[1].gather(0, index.unsqueeze(-1).expand_as(gi[1]))
             h0 = hx[layer * directions:(layer + 1) * directions]
-            with torch.autocast(device.type, enabled=False):  # states and sums stay float32
+            with torch.autocast(device.type, enabled=False):  # the recurrence stays float32
                 dtype = torch.promote_types(gi[0].dtype, torch.float32)
                 hs = _GRULayerFunction.apply(
                     torch.stack(gi, 1).to(dtype), h0.to(dtype), torch.stack([w[1] for w in weights]),
-                    torch.stack([w[3] for w in weights]), mask, products,
-                    self.cpu_policy.steps_dtype())  # (T, D, B, H)
+                    torch.stack([w[3] for w in weights]), mask, products)  # (T, D, B, H)
             finals.append(hs[-1])
             outs = [hs[:, 0]]
             if directions == 2:

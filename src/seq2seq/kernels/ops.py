@@ -2,11 +2,9 @@
 
 - ``tanh_``: ``tanh(x) = 2 sigmoid(2x) - 1`` in place, within 2e-7 of ``torch.tanh`` in
   float32, inside the fused GRU and step-wise kernels: PyTorch's own tanh kernel costs several
-  times its sigmoid on some CPUs (AMD EPYC) and about the same on others.
+  times its sigmoid on some CPUs (an AMD EPYC) and about the same on others.
 - ``matmul_in``, ``linear_in``: a matrix product or a linear layer with its operands rounded
   to bf16 (``FastPaths.bf16_products``).
-- ``add_product``: ``input + x @ w`` with ``x`` rounded to the dtype ``w`` is given in, for the
-  products of each time step (``FastPaths.bf16_steps``).
 - ``precision_autocast``: the autocast context of a training or decoding precision.
 - ``keep_freed_memory``: glibc keeps freed memory for reuse. It changes the whole process, so
   only the ``seq2seq`` command calls it; an application calls it itself if it wants it.
@@ -37,15 +35,6 @@ def matmul_in(dtype: torch.dtype | None, a: Tensor, b: Tensor) -> Tensor:
     if dtype is None:
         return torch.matmul(a, b)
     return torch.matmul(a.to(dtype), b.to(dtype)).to(a.dtype)
-
-
-def add_product(input: Tensor, x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:  # noqa: A002
-    """``input + x @ w`` (``addmm``, or ``baddbmm`` for batches of matrices) in ``input``'s
-    dtype. A ``w`` in bf16 (cast once for all steps by the caller) makes it a product of bf16
-    operands, ``x`` rounded to bf16, accumulated and added in float32."""
-    if w.dtype == x.dtype:
-        return (torch.addmm if x.dim() == 2 else torch.baddbmm)(input, x, w, out=out)
-    return torch.add(input, torch.matmul(x.to(w.dtype), w), out=out)
 
 
 def linear_in(dtype: torch.dtype | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

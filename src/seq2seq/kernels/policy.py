@@ -7,8 +7,7 @@ The model (``seq2seq.models``) is plain PyTorch: ``nn.GRU``, the decoder's step 
 so (``seq2seq.kernels.apply``) and, in bf16 on a CPU, decodes through
 ``session.FastRNNSession`` (the output layer's products in bf16) and trains the fused GRUs
 with their whole-sequence products in bf16 (``bf16_products``: the input projections and the
-weight gradients, one large product each) and the products of each time step too
-(``bf16_steps``: bf16 operands, float32 sums; the states stay float32). On a CPU,
+weight gradients, one large product each; every step's recurrence stays float32). On a CPU,
 ``uniform_dropout`` draws dropout masks from uniform floats instead of ``bernoulli_``. The
 training paths run in training mode (``model.train()``). Each gives the reference's results to
 rounding (tests/test_fastpath.py), except that ``uniform_dropout``'s masks are another draw
@@ -39,7 +38,6 @@ class FastPaths:
     fused_loss: bool = False  # output layer and cross-entropy in one pass (loss.py)
     bf16_output: bool = False  # CPU bf16: output products in bf16, candidates rescored (search)
     bf16_products: bool = False  # CPU bf16: the fused GRUs' whole-sequence products in bf16
-    bf16_steps: bool = False  # CPU bf16: each time step's products in bf16 (gru.py, stepwise.py)
     uniform_dropout: bool = False  # CPU training: dropout masks from uniform draws (dropout.py)
 
     def describe(self) -> str:
@@ -52,11 +50,6 @@ class FastPaths:
         """The dtype of the fused GRUs' whole-sequence products (``ops.matmul_in``,
         ``ops.linear_in``): bf16 under ``bf16_products``, else None (the inputs')."""
         return torch.bfloat16 if self.bf16_products else None
-
-    def steps_dtype(self) -> torch.dtype | None:
-        """The dtype of the weights in each time step's products (``ops.add_product``): bf16
-        under ``bf16_steps``, else None (float32)."""
-        return torch.bfloat16 if self.bf16_steps else None
 
     def decodes_fast(self) -> bool:
         """Whether decoding has a path of its own (``session.FastRNNSession``)."""
@@ -132,7 +125,6 @@ def resolve(kernels: str, device_type: str, precision: str, model: nn.Module,
         fused_loss=tokens,
         bf16_output=cpu and precision == "bf16" and linear_output and tokens,
         bf16_products=fused_gru and precision == "bf16",
-        bf16_steps=fused_gru and precision == "bf16",  # the step-wise decoder is a GRU's too
         uniform_dropout=cpu,
     )
 

@@ -14,8 +14,7 @@ it was measured), with a hand-written backward:
 - the weight gradients (GRU input and recurrent weights, attention query layer, combine
   layer) are one product each over all T * batch rows, after the backward loop;
 - in bf16 (``FastPaths.bf16_products``) that first product and these weight gradients are
-  products of bf16 operands, and (``FastPaths.bf16_steps``) so are each step's products with
-  the GRU, feed and combine weights, forward and backward; sums and states stay float32;
+  products of bf16 operands; the steps stay float32;
 - Bahdanau's ``tanh(x)`` is kept as ``s = sigmoid(2x)`` (``tanh(x) = 2s - 1``): the energy
   ``v . tanh(x)`` becomes ``2v . s`` (the constant ``-sum(v)`` it drops is the same at every
   source position, so the softmax does not see it) and ``tanh'(x) = 4s(1 - s)``. A sigmoid
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.kernels.gru import gru_cell, gru_cell_backward
-from seq2seq.kernels.ops import add_product, linear_in, matmul_in, tanh_
+from seq2seq.kernels.ops import linear_in, matmul_in, tanh_
 from seq2seq.kernels.policy import Twin
 from seq2seq.models.rnn.attention import BahdanauAttention
 from seq2seq.models.rnn.decoder import Decoder, DecoderState, Memory
@@ -87,7 +86,7 @@ def run_stepwise(decoder: StepwiseDecoder, inputs: Tensor, hidden: Tensor, feed:
     outputs, final, weights = _StepwiseGRUFunction.apply(
         gates_embed.to(hidden.dtype).contiguous(), hidden[0], feed, w_ih[:, embed:],
         rnn.weight_hh_l0, rnn.bias_hh_l0, keep, proj_keys, values, mask, w_query, energy,
-        decoder.combine.weight, decoder.combine.bias, products, decoder.cpu_policy.steps_dtype())
+        decoder.combine.weight, decoder.combine.bias, products)
     return outputs.transpose(0, 1), final.unsqueeze(0), weights.transpose(0, 1)
 
 
@@ -98,9 +97,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
     (T, B, H) dropout scale of the query, or None; proj_keys (B, S, A or H); values
     (B, S, K); mask (B, S); w_query (A, H) and energy (A) for Bahdanau, or None and None for
     Luong (keys already projected); w_combine (O, H + K); b_combine (O); products: the dtype
-    of the weight gradients' products (``matmul_in``; None: the inputs'); step_products:
-    the dtype of each step's products with w_feed, w_hh and w_combine (``add_product``; None:
-    the inputs').
+    of the weight gradients' products (``matmul_in``; None: the inputs').
 
     Outputs: the attentional vectors (T, B, O), the final state (B, H), the attention
     weights (T, B, S) (not differentiable).
@@ -108,7 +105,7 @@ class _StepwiseGRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates_embed, h0, f0, w_feed, w_hh, b_hh, keep, proj_keys, values, mask,
-                w_query, energy, w_combine, b_combine, products, step_products):
+                w_query, energy, w_combine, b_combine, products):
         steps, batch = gates_embed.shape[:2]
         size, src_len = h0.size(1), values.size(1)
         bahdanau = w_query is not None
@@ -123,13 +120,11 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         if bahdanau:
             gates = h0.new_empty(steps, batch, src_len, w_query.size(0))
             keys2, w_query2_t, energy2 = 2 * proj_keys, 2 * w_query.t(), 2 * energy
-        dtype = step_products or h0.dtype
-        w_feed_t, w_hh_t, w_combine_t = (w.t().to(dtype) for w in (w_feed, w_hh, w_combine))
         padding = ~mask
         h, f = h0, f0
         for t in range(steps):
-            gi = add_product(gates_embed[t], f, w_feed_t)  # (B, 3H)
-            add_product(b_hh, h, w_hh_t, out=gh[t])
+            gi = torch.addmm(gates_embed[t], f, w_feed.t())  # (B, 3H)
+            torch.addmm(b_hh, h, w_hh.t(), out=gh[t])
             h = gru_cell(gi, gh[t], h, rz[t], ns[t], out=hs[t])
             query = query_context[t, :, :size]
             if keep is None:
@@ -144,13 +139,13 @@ class _StepwiseGRUFunction(torch.autograd.Function):
                 scores = torch.bmm(query.unsqueeze(1), proj_keys.transpose(1, 2)).squeeze(1)
             weights[t] = torch.softmax(scores.masked_fill_(padding, float("-inf")), -1)
             query_context[t, :, size:] = torch.bmm(weights[t].unsqueeze(1), values).squeeze(1)
-            tanh_(add_product(b_combine, query_context[t], w_combine_t, out=outs[t]))
+            tanh_(torch.addmm(b_combine, query_context[t], w_combine.t(), out=outs[t]))
             f = outs[t]
         ctx.save_for_backward(h0, f0, w_feed, w_hh, keep, proj_keys, values, w_query, energy,
                               w_combine, hs, rz, ns, gh[..., 2 * size:], query_context, outs,
                               weights, gates)
         ctx.mark_non_differentiable(weights)
-        ctx.products, ctx.step_products = products, step_products
+        ctx.products = products
         return outs, hs[-1].clone(), weights
 
     @staticmethod
@@ -171,12 +166,10 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         d_projected = h0.new_empty(steps, batch, w_query.size(0)) if bahdanau else None
         d_proj_keys = torch.zeros_like(proj_keys) if bahdanau else None
         energy4 = 4 * energy if bahdanau else None
-        dtype = ctx.step_products
-        w_feed_s, w_hh_s, w_combine_s = (w.to(dtype or w.dtype) for w in (w_feed, w_hh, w_combine))
         for t in range(steps - 1, -1, -1):
             torch.ops.aten.tanh_backward.grad_input(grad_outs[t] + df, outs[t],
                                                     grad_input=d_pre_combine[t])
-            d_query_context = matmul_in(dtype, d_pre_combine[t], w_combine_s)  # (B, H + K)
+            d_query_context = torch.mm(d_pre_combine[t], w_combine)  # (B, H + K)
             d_query = d_query_context[:, :size]
             d_context[t] = d_query_context[:, size:]
             w = weights[t]
@@ -198,8 +191,8 @@ class _StepwiseGRUFunction(torch.autograd.Function):
             direct = gru_cell_backward(dh, h_prev, rz[t], ns[t], ghn[t], d_gates_hh[t],
                                        d_gates_in[t, :, 2 * size:])
             d_gates_in[t, :, :2 * size] = d_gates_hh[t, :, :2 * size]
-            dh = add_product(direct, d_gates_hh[t], w_hh_s)
-            df = matmul_in(dtype, d_gates_in[t], w_feed_s)
+            dh = torch.addmm(direct, d_gates_hh[t], w_hh)
+            df = torch.mm(d_gates_in[t], w_feed)
 
         def rows(x: Tensor) -> Tensor:  # (T, B, n) -> (T * B, n)
             return x.reshape(-1, x.size(-1))
@@ -225,7 +218,6 @@ class _StepwiseGRUFunction(torch.autograd.Function):
         else:
             grads["proj_keys"] = torch.bmm(d_scores.permute(1, 2, 0), query.transpose(0, 1))
         names = ("gates_embed", "h0", "f0", "w_feed", "w_hh", "b_hh", "keep", "proj_keys",
-                 "values", "mask", "w_query", "energy", "w_combine", "b_combine", "products",
-                 "step_products")
+                 "values", "mask", "w_query", "energy", "w_combine", "b_combine", "products")
         return tuple(grads.get(name) if needed else None
                      for name, needed in zip(names, ctx.needs_input_grad))
