@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from common import print_header, record
+from torch.utils.benchmark import Timer
 
 from seq2seq.kernels.ops import tanh_
 
 
 def microseconds(fn: Callable[[], object], calls: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    """One call's mean time over ``calls`` calls (torch.utils.benchmark, all torch threads)."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(calls).mean * 1e6
 
 
 def main() -> None:
