@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 
 def concurrency(calls: int = 40) -> float:
     """Sequential over concurrent time of two one-thread loops of (576, 256) x (256, 4000) products."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     a, b = torch.randn(576, 256), torch.randn(256, 4000)
 
@@ -55,7 +56,9 @@ def concurrency(calls: int = 40) -> float:
     other.start()
     work()
     other.join()
-    return sequential / (time.perf_counter() - start)
+    concurrent = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return sequential / concurrent
 
 
 def train_in_halves(argv: list[str]) -> None:
