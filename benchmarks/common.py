@@ -1,8 +1,9 @@
-"""Shared by the benchmark scripts: machine facts, the matmul peak, and RESULTS.md."""
+"""Shared by the benchmark scripts: machine facts, the matmul peak, alternating runs, and RESULTS.md."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -11,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,6 +94,24 @@ def turn_off_paths(names: list[str]) -> None:
         return dataclasses.replace(resolve(*args, **kwargs), **dict.fromkeys(names, False))
 
     kernels.resolve = resolve_without
+
+
+def run_json(command: list[str]) -> dict:
+    """Run ``python command`` in its own process; the JSON object its last output line prints."""
+    out = subprocess.run([sys.executable, *command], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def alternate(variants: list[str], rounds: int, measure: Callable[[str], dict],
+              name: Callable[[str], str] = str) -> dict[str, list[dict]]:
+    """``measure(variant)`` for every variant, in rounds whose order reverses each round, so that
+    the machine's drift hits every variant alike; each result is printed as it comes."""
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for number in range(rounds):
+        for variant in variants if number % 2 == 0 else variants[::-1]:
+            results[variant].append(measure(variant))
+            print(f"round {number + 1}, {name(variant)}: {results[variant][-1]}", flush=True)
+    return results
 
 
 def peak_rss_gib() -> float:

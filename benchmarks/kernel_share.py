@@ -16,14 +16,11 @@ a variant's figure is the mean of its rounds. A path's gain is all-on over all-b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
-from common import ROOT, print_header, record
+from common import ROOT, alternate, print_header, record, run_json
 
 # the paths that run while training (train mode) and while decoding (eval mode, fp32); six
 # more were measured with this script on 2026-12-04 and removed (benchmarks/RESULTS.md)
@@ -48,19 +45,8 @@ def paths_on(config_path: str, overrides: list[str]) -> tuple[list[str], str]:
     return [f.name for f in fields(policy) if getattr(policy, f.name)], precision
 
 
-def run(command: list[str]) -> dict:
-    out = subprocess.run([sys.executable, *command], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def alternate(variants: list[str], rounds: int, measure) -> dict[str, list[dict]]:  # noqa: ANN001
-    """``measure(without)`` for every variant ('' is all on), in rounds of alternating order."""
-    results: dict[str, list[dict]] = {v: [] for v in variants}
-    for number in range(rounds):
-        for variant in variants if number % 2 == 0 else variants[::-1]:
-            results[variant].append(measure(variant))
-            print(f"round {number + 1}, without {variant or 'nothing'}: {results[variant][-1]}", flush=True)
-    return results
+def without(variant: str) -> str:  # alternate()'s label of a variant
+    return f"without {variant or 'nothing'}"
 
 
 def main() -> None:
@@ -84,14 +70,14 @@ def main() -> None:
     sets = [x for item in args.overrides for x in ("--set", item)]
 
     def train(without: str) -> dict:
-        return run([str(BENCHMARKS / "train_speed.py"), "--config", args.config, "--steps",
+        return run_json([str(BENCHMARKS / "train_speed.py"), "--config", args.config, "--steps",
                     str(args.steps), "--json", "--without", without, *sets])
 
     def measured(paths: tuple[str, ...]) -> list[str]:  # '' (all on), then each path to turn off
         return [""] + [p for p in paths if p in on and (not only or p in only)]
 
     rows = [("paths on", ", ".join(on)), ("training precision", precision)]
-    training = alternate(measured(TRAINING), args.rounds, train)
+    training = alternate(measured(TRAINING), args.rounds, train, without)
     base = statistics.mean(r["sentences_per_s"] for r in training[""])
     rows.append(("training, every path on: sentences/s",
                  " / ".join(f"{r['sentences_per_s']:.0f}" for r in training[""]) + f" (mean {base:.0f})"))
@@ -104,10 +90,10 @@ def main() -> None:
     if args.model_dir:
         for variant in ("greedy", "beam5"):
             def decode(without: str, variant: str = variant) -> dict:
-                return run([str(BENCHMARKS / "decode_speed.py"), "--model-dir", args.model_dir,
+                return run_json([str(BENCHMARKS / "decode_speed.py"), "--model-dir", args.model_dir,
                             "--one", variant, "--batch-size", "0", "--repeat", "3", "--without", without])
 
-            decoding = alternate(measured(DECODING), args.rounds, decode)
+            decoding = alternate(measured(DECODING), args.rounds, decode, without)
             base = statistics.mean(r["sentences_per_s"] for r in decoding[""])
             rows.append((f"decoding {variant} (fp32), every path on: sentences/s",
                          " / ".join(f"{r['sentences_per_s']:.0f}" for r in decoding[""])

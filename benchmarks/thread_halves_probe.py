@@ -20,17 +20,15 @@ the medians in RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, print_header, record
+from common import ROOT, alternate, print_header, record, run_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,14 +112,13 @@ def train_in_halves(argv: list[str]) -> None:
     train_speed.main()
 
 
-def speed(halves: bool, args: argparse.Namespace) -> float:
-    """Training sentences/s of one ``train_speed.py --json`` run in its own process."""
+def speed(variant: str, args: argparse.Namespace) -> dict:
+    """One ``train_speed.py --json`` run (``plain``) or the same in halves, in its own process."""
     sets = [x for item in args.overrides for x in ("--set", item)]
     common = ["--config", args.config, "--steps", str(args.steps), "--json", *sets]
-    command = ([sys.executable, str(HERE / "thread_halves_probe.py"), "--run-halves", *common] if halves
-               else [sys.executable, str(HERE / "train_speed.py"), *common])
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["sentences_per_s"]
+    if variant == "halves":
+        return run_json([str(HERE / "thread_halves_probe.py"), "--run-halves", *common])
+    return run_json([str(HERE / "train_speed.py"), *common])
 
 
 def main() -> None:
@@ -137,17 +134,15 @@ def main() -> None:
     print_header()
     ratio = concurrency()
     print(f"two one-thread product loops at once: {ratio:.2f}x their sequential speed")
-    figures: dict[bool, list[float]] = {False: [], True: []}
-    for round_ in range(args.rounds):
-        for halves in ((False, True) if round_ % 2 == 0 else (True, False)):
-            figures[halves].append(speed(halves, args))
-            print(f"round {round_ + 1}, {'halves' if halves else 'plain'}: {figures[halves][-1]:.1f}")
-    plain, split = statistics.median(figures[False]), statistics.median(figures[True])
+    runs = alternate(["plain", "halves"], args.rounds, lambda variant: speed(variant, args))
+    figures = {v: [r["sentences_per_s"] for r in results] for v, results in runs.items()}
+    listed = {v: ", ".join(f"{x:.1f}" for x in xs) for v, xs in figures.items()}
+    plain, split = statistics.median(figures["plain"]), statistics.median(figures["halves"])
     title = f"Two half-batches in two threads, {Path(args.config).name} {' '.join(args.overrides)}".strip()
     record(title, [
         ("the CPU's two-core concurrency (one-thread products, two at once)", f"{ratio:.2f}x"),
-        ("plain loop, one batch on two threads: sentences/s", ", ".join(f"{x:.1f}" for x in figures[False])),
-        ("two half-batches, two threads of one: sentences/s", ", ".join(f"{x:.1f}" for x in figures[True])),
+        ("plain loop, one batch on two threads: sentences/s", listed["plain"]),
+        ("two half-batches, two threads of one: sentences/s", listed["halves"]),
         ("medians", f"{split:.1f} against {plain:.1f} ({100 * (split / plain - 1):+.1f}%)"),
     ])
 
